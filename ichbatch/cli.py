@@ -1,0 +1,295 @@
+"""Command line: parse, call the library, print. Library errors become clear messages here.
+
+Exit codes: 0 every study ok or skipped; 1 some study failed; 2 usage error (bad option, unknown model);
+3 a fatal error that stopped the run (outputs could not be written).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import NOT_FOR_DIAGNOSIS, __version__
+from .errors import BundleError, IchBatchError, OutputError
+
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_FATAL = 0, 1, 2, 3
+CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "ICHBATCH"}
+
+
+def _fatal(message: str, code: int) -> click.ClickException:
+    exc = click.ClickException(message)
+    exc.exit_code = code
+    return exc
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="ichbatch")
+@click.option("-v", "--verbose", is_flag=True, help="Log each stage (no patient identifiers).")
+def main(verbose: bool) -> None:
+    """Flag intracranial hemorrhage on head CT DICOM, in batch. RESEARCH USE ONLY, NOT FOR DIAGNOSIS.
+
+    \b
+    Examples:
+      ichbatch demo --out demo-output
+      ichbatch run /data/studies --out results.csv
+      ichbatch synth phantoms --studies 10 --seed 1
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def default_model() -> str:
+    from .model.bundle import DEFAULT_MODEL, list_bundles
+
+    names = {name for name, _ in list_bundles()}
+    return DEFAULT_MODEL if DEFAULT_MODEL in names else "ich-resnet50-untrained"
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Results CSV (rows for studies already in it are replaced).")
+@click.option("--reports", type=click.Path(file_okay=False, path_type=Path), help="Folder for the PDF reports [default: 'reports' beside the CSV].")
+@click.option("--no-reports", is_flag=True, help="Write the CSV only.")
+@click.option("--model", default=None, help="Bundle name or folder [default: the demo model, else the untrained stand-in].")
+@click.option("--tta", type=click.IntRange(1, 8), default=None, help="Test-time augmentation views per slice [default: 2 on CPU, 8 on GPU].")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True, help="Slices per model call.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
+@click.option("--aggregate", "agg", type=click.Choice(["max", "topk"]), default="max", show_default=True, help="Slice-to-study rule (README: Aggregation).")
+@click.option("--topk", type=click.IntRange(1, 100), default=3, show_default=True, help="k for --aggregate topk.")
+@click.option("--min-slices", type=click.IntRange(1, 10000), default=8, show_default=True, help="Fewest axial slices a usable series has.")
+@click.option("--slices", "slices_csv", type=click.Path(dir_okay=False, path_type=Path), help="Also write per-slice probabilities to this CSV.")
+@click.option("--pseudonymize", is_flag=True, help="Replace patient ID and accession in the CSV by a keyed hash (key from ICHBATCH_PSEUDONYM_KEY).")
+def run(inputs: tuple[Path, ...], out: Path, reports: Path | None, no_reports: bool, model: str | None, tta: int | None,
+        batch_size: int, device: str, agg: str, topk: int, min_slices: int, slices_csv: Path | None, pseudonymize: bool) -> None:
+    """Process every study found under INPUTS (folders or files, nested, any file names).
+
+    \b
+    Examples:
+      ichbatch run /data/export --out results.csv
+      ichbatch run a/ b/ --out results.csv --reports pdfs --tta 4 --slices slices.csv
+    """
+    code = _run(list(inputs), out, None if no_reports else (reports or out.parent / "reports"), model, tta, batch_size,
+                device, agg, topk, min_slices, slices_csv, pseudonymize)
+    sys.exit(code)
+
+
+def _run(inputs, out, reports, model, tta, batch_size, device, agg, topk, min_slices, slices_csv, pseudonymize) -> int:  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    from .config import DEFAULT_RULES
+    from .domain import Status
+    from .pipeline import RunSettings, process_folder
+    from .report.csv_report import write_results, write_slices
+    from .report.pdf_report import write_pdf
+
+    key = _pseudonym_key() if pseudonymize else None
+    if device == "gpu":
+        from .infer import default_device
+
+        if default_device() != "gpu":
+            raise click.UsageError("--device gpu was asked for, but the Keras backend sees no GPU")
+    settings = RunSettings(model=model or default_model(), tta=tta, batch_size=batch_size, device=device,
+                           aggregate=agg, topk=topk, rules=replace(DEFAULT_RULES, min_slices=min_slices),
+                           reports_dir=reports)
+    _check_writable(out.parent)
+    progress = _Progress()
+
+    def on_result(result) -> None:  # type: ignore[no-untyped-def]
+        if reports is not None:
+            try:
+                result.report_pdf = str(write_pdf(result, reports))
+            except OutputError as exc:
+                result.status, result.message = Status.FAILED, f"report not written: {exc}"
+        write_results(out, [result], key)
+
+    try:
+        with progress:
+            summary = process_folder(inputs, settings, on_result=on_result, progress=progress.update)
+    except BundleError as exc:
+        raise _fatal(f"model: {exc}", EXIT_USAGE) from exc
+    except OutputError as exc:
+        raise _fatal(f"{exc} (results written so far are intact)", EXIT_FATAL) from exc
+    if slices_csv:
+        write_slices(slices_csv, summary.results)
+    files_csv = out.with_name(out.stem + "_files.csv")
+    _write_file_issues(files_csv, summary.file_issues)
+    ok, skipped, failed = (summary.count(s) for s in (Status.OK, Status.SKIPPED, Status.FAILED))
+    click.echo(
+        f"{len(summary.results)} studies: {ok} ok, {skipped} skipped, {failed} failed; "
+        f"{len(summary.file_issues)} file(s) not used (see {files_csv.name}); "
+        f"{summary.n_slices} slices in {summary.seconds:.1f} s ({summary.slices_per_second:.1f} slices/s). "
+        f"Results: {out}. {NOT_FOR_DIAGNOSIS}.",
+        err=True,
+    )
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def _pseudonym_key() -> bytes:
+    key = os.environ.get("ICHBATCH_PSEUDONYM_KEY", "")
+    if len(key) < 16:
+        raise click.UsageError("--pseudonymize needs a secret of at least 16 characters in ICHBATCH_PSEUDONYM_KEY")
+    return key.encode()
+
+
+def _check_writable(folder: Path) -> None:
+    folder = folder if str(folder) else Path(".")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _fatal(f"cannot create output folder {folder}: {exc.strerror}", EXIT_FATAL) from exc
+    if not os.access(folder, os.W_OK):
+        raise _fatal(f"output folder {folder} is not writable", EXIT_FATAL)
+
+
+def _write_file_issues(path: Path, issues) -> None:  # type: ignore[no-untyped-def]
+    import io
+
+    import pandas as pd
+
+    from .report.files import atomic_write_bytes
+
+    buf = io.StringIO()
+    pd.DataFrame([{"path": i.path, "status": i.status.value, "message": i.message} for i in issues],
+                 columns=["path", "status", "message"]).to_csv(buf, index=False)
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+class _Progress:
+    """A rich progress bar on a terminal; silent otherwise (logs and CI stay clean)."""
+
+    def __init__(self) -> None:
+        self.bar = None
+        self.tasks: dict[str, int] = {}
+        if sys.stderr.isatty():
+            from rich.progress import Progress
+
+            self.bar = Progress(transient=True)
+
+    def __enter__(self) -> _Progress:
+        if self.bar:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:  # type: ignore[no-untyped-def]
+        if self.bar:
+            self.bar.__exit__(*exc)
+
+    def update(self, stage: str, done: int, total: int) -> None:
+        if not self.bar:
+            return
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bar.add_task(stage, total=total or None)
+        self.bar.update(self.tasks[stage], completed=done, total=total or None)
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--studies", type=click.IntRange(1, 10000), default=4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--slices", "n_slices", type=click.IntRange(8, 400), default=24, show_default=True)
+@click.option("--size", type=click.IntRange(64, 1024), default=256, show_default=True, help="Rows and columns.")
+def synth(out: Path, studies: int, seed: int, n_slices: int, size: int) -> None:
+    """Write generated head-CT phantom studies (DICOM) and a manifest.json of their truth.
+
+    \b
+    Example:
+      ichbatch synth phantoms --studies 10 --seed 1
+    """
+    from .synth import synth_studies
+
+    manifest = synth_studies(out, studies, seed=seed, n_slices=n_slices, size=size)
+    positives = sum(s["labels"]["any"] for s in manifest["studies"])
+    click.echo(f"wrote {studies} phantom studies ({positives} with hemorrhage) to {out}; truth in {out / 'manifest.json'}")
+
+
+@main.command()
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-output"), show_default=True)
+@click.option("--studies", type=click.IntRange(1, 100), default=4, show_default=True)
+@click.option("--model", default=None, help="Bundle name or folder [default: the shipped demo model].")
+def demo(out: Path, studies: int, model: str | None) -> None:
+    """Generate phantom studies in OUT/studies and run the pipeline on them with the shipped model.
+
+    \b
+    Example:
+      ichbatch demo --out demo-output
+    """
+    from .synth import synth_studies
+
+    synth_studies(out / "studies", studies, seed=2026)
+    click.echo(f"generated {studies} phantom studies in {out / 'studies'}", err=True)
+    code = _run([out / "studies"], out / "results.csv", out / "reports", model, None, 16, "auto", "max", 3, 8, None, False)
+    click.echo(f"CSV: {out / 'results.csv'}  PDF reports: {out / 'reports'}", err=True)
+    sys.exit(code)
+
+
+@main.group()
+def models() -> None:
+    """Model bundles: list, show, import."""
+
+
+@models.command("list")
+def models_list() -> None:
+    """List the installed bundles (ICHBATCH_MODELS, the checkout's models/, ./models)."""
+    from .model.bundle import list_bundles, read_card
+
+    rows = list_bundles()
+    if not rows:
+        click.echo("no model bundles found")
+    for name, path in rows:
+        try:
+            card = read_card(path)
+            click.echo(f"{name}\t{card.version}\t{card.architecture}\t{'trained' if card.trained else 'UNTRAINED'}\t{path}")
+        except BundleError as exc:
+            click.echo(f"{name}\tINVALID\t{exc}")
+
+
+@models.command("show")
+@click.argument("name")
+def models_show(name: str) -> None:
+    """Print a bundle's card."""
+    import json
+
+    from .model.bundle import read_card, resolve
+
+    try:
+        card = read_card(resolve(name))
+    except BundleError as exc:
+        raise _fatal(str(exc), EXIT_USAGE) from exc
+    click.echo(json.dumps(card.to_json(), indent=2))
+
+
+@models.command("import")
+@click.argument("model_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--name", required=True, help="Bundle name (folder name).")
+@click.option("--dest", type=click.Path(file_okay=False, path_type=Path), default=Path("models"), show_default=True)
+@click.option("--version", "version", default="1.0.0", show_default=True)
+@click.option("--outputs", default=None, help="Comma-separated labels of the model's outputs, in order [default: 'any' for one output, else all six].")
+@click.option("--windows", default="brain,subdural,bone", show_default=True, help="Three of brain, subdural, bone, one per input channel.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True)
+@click.option("--trained-on", default="", help="What the model was trained on (goes on the card and every report).")
+@click.option("--intended-use", default="Research use only. Not for diagnosis.", show_default=True)
+def models_import(model_file: Path, name: str, dest: Path, version: str, outputs: str | None, windows: str,
+                  threshold: float, trained_on: str, intended_use: str) -> None:
+    """Wrap an existing Keras model (.keras or .h5) into a bundle, loaded in safe mode.
+
+    \b
+    Example (a binary hemorrhage model trained on 224x224 images scaled by 1/255):
+      ichbatch models import colab_model.h5 --name colab-binary --windows brain,brain,brain
+    """
+    from .model.importer import import_keras_model
+
+    try:
+        folder = import_keras_model(model_file, name=name, dest=dest, version=version, outputs=outputs,
+                                    windows=windows, threshold=threshold, trained_on=trained_on,
+                                    intended_use=intended_use)
+    except (BundleError, ValueError) as exc:
+        raise _fatal(str(exc), EXIT_USAGE) from exc
+    click.echo(f"bundle written to {folder}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

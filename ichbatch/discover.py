@@ -1,0 +1,216 @@
+"""Stage 1: roots -> DICOM instances (header only) and recorded problems with every other file.
+
+Files are recognised by content, not name. Nothing here reads pixel data, so grouping a large archive
+costs one small read per file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from .domain import FileIssue, FrameGeometry, InstanceRef, Status, StudyMeta, Vec3
+from .errors import DicomReadError, NotDicomError
+
+DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
+# Names that file managers and PACS viewers leave behind: recorded as skipped without reading.
+KNOWN_JUNK = frozenset({"thumbs.db", ".ds_store", "desktop.ini"})
+
+
+@dataclass
+class Discovery:
+    """What a walk found: usable instances and every file that was not one, with the reason."""
+
+    instances: list[InstanceRef] = field(default_factory=list)
+    issues: list[FileIssue] = field(default_factory=list)
+
+
+def iter_files(roots: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
+    """Every regular file under the roots, each once; follows symlinks but never loops."""
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[tuple[int, int]] = set()
+    for root in roots:
+        root = Path(root)
+        if root.is_file():
+            yield from _once(root, seen_files)
+            continue
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            st = os.stat(dirpath)
+            if (st.st_dev, st.st_ino) in seen_dirs:
+                dirnames[:] = []  # a symlink back into the tree: do not descend again
+                continue
+            seen_dirs.add((st.st_dev, st.st_ino))
+            dirnames.sort()
+            for name in sorted(filenames):
+                yield from _once(Path(dirpath) / name, seen_files)
+
+
+def _once(path: Path, seen: set[tuple[int, int]]) -> Iterator[Path]:
+    try:
+        st = path.stat()
+    except OSError:
+        return  # dangling symlink
+    key = (st.st_dev, st.st_ino)
+    if key not in seen:
+        seen.add(key)
+        yield path
+
+
+def discover(
+    roots: Iterable[str | os.PathLike[str]],
+    progress: Callable[[int], None] | None = None,
+) -> Discovery:
+    """Header-read every file under the roots."""
+    found = Discovery()
+    for n, path in enumerate(iter_files(roots), 1):
+        try:
+            found.instances.append(read_instance(path))
+        except NotDicomError as exc:
+            found.issues.append(FileIssue(str(path), Status.SKIPPED, str(exc)))
+        except DicomReadError as exc:
+            found.issues.append(FileIssue(str(path), Status.FAILED, str(exc)))
+        if progress:
+            progress(n)
+    return found
+
+
+def read_instance(path: Path) -> InstanceRef:
+    """Parse one file's header into an InstanceRef, or raise NotDicomError / DicomReadError."""
+    ds = read_header(path)
+    if ds.file_meta.get("MediaStorageSOPClassUID", "") == DICOMDIR_CLASS or "DirectoryRecordSequence" in ds:
+        raise NotDicomError(f"{path}: DICOMDIR index, not an image (ignored)")
+    study_uid = str(ds.get("StudyInstanceUID", "")).strip()
+    series_uid = str(ds.get("SeriesInstanceUID", "")).strip()
+    if not study_uid or not series_uid:
+        raise DicomReadError(f"{path}: DICOM file without StudyInstanceUID or SeriesInstanceUID")
+    return InstanceRef(
+        path=str(path),
+        study=_study_meta(ds, study_uid),
+        series_uid=series_uid,
+        sop_uid=str(ds.get("SOPInstanceUID", "")),
+        sop_class_uid=str(ds.get("SOPClassUID", ds.file_meta.get("MediaStorageSOPClassUID", ""))),
+        modality=str(ds.get("Modality", "")).upper(),
+        image_type=tuple(str(v).upper() for v in _multi(ds.get("ImageType", ()))),
+        orientation=_floats(ds.get("ImageOrientationPatient"), 6),
+        position=_vec3(ds.get("ImagePositionPatient")),
+        instance_number=_int(ds.get("InstanceNumber")),
+        rows=int(ds.get("Rows", 0) or 0),
+        columns=int(ds.get("Columns", 0) or 0),
+        samples_per_pixel=int(ds.get("SamplesPerPixel", 1) or 1),
+        photometric=str(ds.get("PhotometricInterpretation", "")).upper(),
+        has_pixels=any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")),
+        kernel=" ".join(str(v) for v in _multi(ds.get("ConvolutionKernel", ""))).upper(),
+        series_description=str(ds.get("SeriesDescription", "")),
+        series_number=_int(ds.get("SeriesNumber")),
+        contrast_agent=str(ds.get("ContrastBolusAgent", "")),
+        gantry_tilt=float(ds.get("GantryDetectorTilt", 0) or 0),
+        frames=_enhanced_frames(ds),
+    )
+
+
+def read_header(path: Path) -> Dataset:
+    """Read everything but the pixel values (deferred), recognising DICOM by content."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError as exc:
+        raise DicomReadError(f"{path}: cannot read file ({exc.strerror})") from exc
+    if size == 0:
+        raise NotDicomError(f"{path}: empty file (0 bytes)")
+    if path.name.lower() in KNOWN_JUNK:
+        raise NotDicomError(f"{path}: {path.name} is not DICOM (ignored)")
+    has_preamble = len(head) == 132 and head[128:132] == b"DICM"
+    try:
+        ds = pydicom.dcmread(path, defer_size=4096, force=not has_preamble)
+        ds.get("StudyInstanceUID")  # force parsing of the elements we rely on
+        ds.get("SeriesInstanceUID")
+    except InvalidDicomError as exc:
+        raise NotDicomError(f"{path}: not a DICOM file") from exc
+    except Exception as exc:  # pydicom raises many kinds on corrupt input
+        if not has_preamble:
+            raise NotDicomError(f"{path}: not a DICOM file") from exc
+        raise DicomReadError(f"{path}: truncated or corrupt DICOM header ({type(exc).__name__}: {exc})") from exc
+    if not has_preamble and "SOPInstanceUID" not in ds and "StudyInstanceUID" not in ds:
+        raise NotDicomError(f"{path}: not a DICOM file (no preamble and no DICOM identifiers)")
+    return ds
+
+
+def _study_meta(ds: Dataset, study_uid: str) -> StudyMeta:
+    return StudyMeta(
+        study_uid=study_uid,
+        accession=str(ds.get("AccessionNumber", "") or ""),
+        patient_id=str(ds.get("PatientID", "") or ""),
+        patient_name=str(ds.get("PatientName", "") or ""),
+        study_date=str(ds.get("StudyDate", "") or ""),
+        study_description=str(ds.get("StudyDescription", "") or ""),
+    )
+
+
+def _enhanced_frames(ds: Dataset) -> tuple[FrameGeometry, ...]:
+    """Per-frame geometry and rescale of an Enhanced CT object, from its functional groups."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if not per_frame:
+        return ()
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    shared_item = shared[0] if shared else Dataset()
+    frames = []
+    for item in per_frame:
+        pos = _from_groups(item, shared_item, "PlanePositionSequence", "ImagePositionPatient")
+        ori = _from_groups(item, shared_item, "PlaneOrientationSequence", "ImageOrientationPatient")
+        slope = _from_groups(item, shared_item, "PixelValueTransformationSequence", "RescaleSlope")
+        icpt = _from_groups(item, shared_item, "PixelValueTransformationSequence", "RescaleIntercept")
+        frames.append(
+            FrameGeometry(
+                position=_vec3(pos),
+                orientation=_floats(ori, 6),
+                slope=float(slope) if slope is not None else None,
+                intercept=float(icpt) if icpt is not None else None,
+            )
+        )
+    return tuple(frames)
+
+
+def _from_groups(item: Dataset, shared: Dataset, seq: str, attr: str):  # type: ignore[no-untyped-def]
+    for source in (item, shared):
+        inner = source.get(seq)
+        if inner and attr in inner[0]:
+            return inner[0].get(attr)
+    return None
+
+
+def _multi(value) -> list:  # type: ignore[no-untyped-def]
+    if value is None or value == "":
+        return []
+    if isinstance(value, (str, bytes)):
+        return [value]
+    try:
+        return list(value)
+    except TypeError:
+        return [value]
+
+
+def _floats(value, n: int) -> tuple[float, ...] | None:  # type: ignore[no-untyped-def]
+    try:
+        vals = tuple(float(v) for v in _multi(value))
+    except (TypeError, ValueError):
+        return None
+    return vals if len(vals) == n else None
+
+
+def _vec3(value) -> Vec3 | None:  # type: ignore[no-untyped-def]
+    vals = _floats(value, 3)
+    return (vals[0], vals[1], vals[2]) if vals else None
+
+
+def _int(value) -> int | None:  # type: ignore[no-untyped-def]
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,128 @@
+"""Stage 4: the streaming batched inference engine.
+
+Slices are decoded by a thread pool a bounded distance ahead of the model, so decoding overlaps model
+execution and memory is bounded by batch size and prefetch depth, never by study or folder size.
+Every batch has the same size (the last one is padded) so the compiled predict function is traced once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import numpy as np
+
+from .model.bundle import Bundle
+from .preprocess import MAX_TTA, tta_views, window_ops
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def default_device() -> str:
+    """'gpu' when the Keras backend sees one, else 'cpu'."""
+    import keras
+
+    backend = keras.backend.backend()
+    try:
+        if backend == "jax":
+            import jax
+
+            return "gpu" if any(d.platform == "gpu" for d in jax.devices()) else "cpu"
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            return "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
+    except Exception:  # a broken GPU runtime must not stop a CPU run
+        return "cpu"
+    return "cpu"
+
+
+def default_tta(device: str) -> int:
+    """Fewer views on CPU, where each costs a whole ResNet50 forward pass."""
+    return MAX_TTA if device == "gpu" else 2
+
+
+def prefetch_map(fn: Callable[[T], R], items: Iterable[T], workers: int, depth: int) -> Iterator[R]:
+    """map(fn, items) in order, at most `depth` items in flight (bounded memory)."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ichbatch-decode") as pool:
+        pending: deque[Future[R]] = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2)))
+
+
+class Predictor:
+    """Windowing, TTA views and the network in one compiled call on int16 HU batches."""
+
+    def __init__(self, bundle: Bundle, tta: int, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1. Received: batch_size={batch_size}")
+        self.bundle = bundle
+        self.tta = tta
+        self.batch_size = batch_size
+        self.size = bundle.card.input_size
+        self.serving = build_serving_model(bundle, tta)
+
+    def predict(self, hu_batch: np.ndarray) -> np.ndarray:
+        """(n, S, S) int16 HU, n <= batch_size -> (n, outputs) probabilities averaged over the views."""
+        n = hu_batch.shape[0]
+        if n < self.batch_size:
+            pad = np.full((self.batch_size - n, self.size, self.size), -1024, np.int16)
+            hu_batch = np.concatenate([hu_batch, pad])
+        out = self.serving.predict_on_batch(hu_batch)
+        return np.asarray(out, np.float32)[:n]
+
+    def stream(self, items: Iterable[tuple[Any, np.ndarray]]) -> Iterator[tuple[Any, np.ndarray]]:
+        """(key, int16 slice) -> (key, probabilities), in input order, in fixed-size batches."""
+        keys: list[Any] = []
+        arrays: list[np.ndarray] = []
+        for key, arr in items:
+            keys.append(key)
+            arrays.append(arr)
+            if len(keys) == self.batch_size:
+                yield from zip(keys, self.predict(np.stack(arrays)))
+                keys, arrays = [], []
+        if keys:
+            yield from zip(keys, self.predict(np.stack(arrays)))
+
+
+def build_serving_model(bundle: Bundle, tta: int):  # type: ignore[no-untyped-def]
+    """int16 HU (B, S, S) -> windows -> TTA views -> network -> mean over views, as one Keras model."""
+    import keras
+
+    card = bundle.card
+    size = card.input_size
+
+    class WindowViews(keras.layers.Layer):
+        def call(self, hu):  # type: ignore[no-untyped-def]
+            return tta_views(window_ops(hu, card.windows), tta)
+
+        def compute_output_shape(self, shape):  # type: ignore[no-untyped-def]
+            batch = None if shape[0] is None else shape[0] * tta
+            return (batch, size, size, 3)
+
+    class ViewMean(keras.layers.Layer):
+        def call(self, probs):  # type: ignore[no-untyped-def]
+            k = probs.shape[-1]
+            return keras.ops.mean(keras.ops.reshape(probs, (tta, -1, k)), axis=0)
+
+        def compute_output_shape(self, shape):  # type: ignore[no-untyped-def]
+            return (None, shape[-1])
+
+    hu = keras.Input((size, size), dtype="int16", name="hu")
+    probs = bundle.model(WindowViews(name="window_views")(hu))
+    return keras.Model(hu, ViewMean(name="view_mean")(probs), name="ich_serving")

@@ -1,0 +1,1 @@
+"""Model bundles (card + weights), the ResNet50 architecture, and class-activation maps."""

@@ -1,0 +1,246 @@
+"""Model bundles: a folder with a model.json card and the weights it names, checked by sha256.
+
+Two kinds of weights:
+- architecture "resnet50": the network is built from code and its weights come from an .npz of float16
+  arrays (no pickle, no code in the file). A card with "weights": null is an untrained stand-in that is
+  initialised from its seed and says so in every output.
+- architecture "keras": a user's .keras/.h5 model, loaded with Keras safe mode (no lambda code).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import DEFAULT_WINDOWS, LABELS, Window
+from ..errors import BundleError
+
+CARD = "model.json"
+DEFAULT_MODEL = "ich-resnet50-demo"
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    name: str
+    version: str
+    architecture: str = "resnet50"  # or "keras"
+    input_size: int = 224
+    windows: tuple[Window, ...] = DEFAULT_WINDOWS
+    normalisation: str = "unit"  # each window scaled to [0, 1] (the same as uint8 / 255)
+    labels: tuple[str, ...] = LABELS
+    outputs: tuple[str, ...] = LABELS  # what the network's outputs are, in order
+    thresholds: dict[str, float] = field(default_factory=lambda: {label: 0.5 for label in LABELS})
+    trained: bool = True
+    trained_on: str = ""
+    intended_use: str = "Research and demonstration only. Not for diagnosis."
+    weights: str | None = "weights.npz"
+    weights_sha256: str | None = None
+    seed: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelCard:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise BundleError(f"model.json has unknown field(s) {sorted(unknown)}")
+        data = dict(data)
+        data["windows"] = tuple(Window(**w) for w in data.get("windows", [asdict(w) for w in DEFAULT_WINDOWS]))
+        for key in ("labels", "outputs"):
+            if key in data:
+                data[key] = tuple(data[key])
+        try:
+            card = cls(**data)
+        except TypeError as exc:
+            raise BundleError(f"model.json is missing a required field: {exc}") from exc
+        card.validate()
+        return card
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["windows"] = [asdict(w) for w in self.windows]
+        data["labels"], data["outputs"] = list(self.labels), list(self.outputs)
+        return data
+
+    def validate(self) -> None:
+        if self.architecture not in ("resnet50", "keras"):
+            raise BundleError(f"unknown architecture {self.architecture!r}; expected 'resnet50' or 'keras'")
+        if not set(self.outputs) <= set(self.labels):
+            raise BundleError(f"outputs {list(self.outputs)} are not all among labels {list(self.labels)}")
+        if len(self.windows) != 3:
+            raise BundleError(f"a bundle needs 3 channel windows. Received: {len(self.windows)}")
+        if self.weights is None and (self.trained or self.architecture != "resnet50"):
+            raise BundleError(f"bundle {self.name}: no weights file, but the card does not say it is untrained")
+
+    @property
+    def display_name(self) -> str:
+        return f"{self.name} {self.version}" + ("" if self.trained else " (UNTRAINED)")
+
+
+@dataclass
+class Bundle:
+    card: ModelCard
+    path: Path
+    model: Any  # keras.Model
+
+
+def models_dirs() -> list[Path]:
+    """Where bundle names are looked up: $ICHBATCH_MODELS, the checkout's models/, ./models."""
+    dirs = [Path(p) for p in os.environ.get("ICHBATCH_MODELS", "").split(os.pathsep) if p]
+    dirs += [Path(__file__).resolve().parents[2] / "models", Path.cwd() / "models"]
+    unique: list[Path] = []
+    for d in dirs:
+        if d.resolve() not in [u.resolve() for u in unique]:
+            unique.append(d)
+    return unique
+
+
+def resolve(name_or_path: str) -> Path:
+    """A bundle name (looked up in models_dirs) or a path to a bundle folder."""
+    path = Path(name_or_path)
+    if (path / CARD).is_file():
+        return path
+    for folder in models_dirs():
+        if (folder / name_or_path / CARD).is_file():
+            return folder / name_or_path
+    if path.exists():
+        raise BundleError(f"{path} is not a model bundle: it has no {CARD}")
+    names = ", ".join(sorted(n for n, _ in list_bundles())) or "none"
+    raise BundleError(f"no model bundle named {name_or_path!r} (installed: {names}); pass a name or a folder")
+
+
+def list_bundles() -> list[tuple[str, Path]]:
+    found: dict[str, Path] = {}
+    for folder in models_dirs():
+        if folder.is_dir():
+            for card in sorted(folder.glob(f"*/{CARD}")):
+                found.setdefault(card.parent.name, card.parent)
+    return sorted(found.items())
+
+
+def read_card(folder: Path) -> ModelCard:
+    try:
+        data = json.loads((folder / CARD).read_text())
+    except FileNotFoundError as exc:
+        raise BundleError(f"{folder}: missing {CARD}") from exc
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{folder / CARD}: not valid JSON ({exc})") from exc
+    return ModelCard.from_json(data)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_bundle(name_or_path: str) -> Bundle:
+    folder = resolve(name_or_path)
+    card = read_card(folder)
+    if card.weights is not None:
+        _verify(folder, card)
+    if card.architecture == "resnet50":
+        model = _load_resnet(folder, card)
+    else:
+        model = _load_keras_file(folder / str(card.weights))
+    _check_model_shape(model, card)
+    return Bundle(card, folder, model)
+
+
+def _verify(folder: Path, card: ModelCard) -> None:
+    weights = folder / str(card.weights)
+    if not weights.is_file():
+        raise BundleError(f"bundle {card.name}: weights file {weights} is missing")
+    if not card.weights_sha256:
+        raise BundleError(f"bundle {card.name}: the card has no weights_sha256 to check {weights.name} against")
+    actual = sha256(weights)
+    if actual != card.weights_sha256:
+        raise BundleError(
+            f"bundle {card.name}: {weights.name} has sha256 {actual[:16]}..., the card says "
+            f"{card.weights_sha256[:16]}...; the file is corrupt or not the one the card describes"
+        )
+
+
+def _load_resnet(folder: Path, card: ModelCard):  # type: ignore[no-untyped-def]
+    from .resnet import build_resnet50
+
+    model = build_resnet50(card.input_size, len(card.outputs), seed=card.seed)
+    if card.weights is not None:
+        load_npz_weights(model, folder / card.weights)
+    return model
+
+
+def _load_keras_file(path: Path):  # type: ignore[no-untyped-def]
+    import keras
+
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except ValueError as exc:
+        if "safe_mode" in str(exc) or "lambda" in str(exc).lower():
+            raise BundleError(f"{path}: refused to load a model that contains code (Keras safe mode)") from exc
+        raise BundleError(f"{path}: not a loadable Keras model ({exc})") from exc
+    except Exception as exc:
+        raise BundleError(f"{path}: not a loadable Keras model ({type(exc).__name__}: {exc})") from exc
+
+
+def _check_model_shape(model, card: ModelCard) -> None:  # type: ignore[no-untyped-def]
+    in_shape = tuple(model.inputs[0].shape[1:])
+    if in_shape != (card.input_size, card.input_size, 3):
+        raise BundleError(f"bundle {card.name}: model input {in_shape} does not match the card's input_size")
+    n_out = int(model.outputs[0].shape[-1])
+    if n_out != len(card.outputs):
+        raise BundleError(f"bundle {card.name}: model has {n_out} outputs, the card lists {list(card.outputs)}")
+
+
+def save_npz_weights(model, path: Path) -> None:  # type: ignore[no-untyped-def]
+    """All variables as float16, keyed by order and path (small, and safe to load: no pickle)."""
+    arrays = {f"{i:04d}|{v.path}": np.asarray(v.numpy(), np.float16) for i, v in enumerate(model.weights)}
+    with open(path, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+
+
+def load_npz_weights(model, path: Path) -> None:  # type: ignore[no-untyped-def]
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = [data[k] for k in sorted(data.files)]
+    except Exception as exc:
+        raise BundleError(f"{path}: not a readable weights file ({exc})") from exc
+    if len(arrays) != len(model.weights):
+        raise BundleError(f"{path}: {len(arrays)} arrays for a model with {len(model.weights)} variables")
+    for var, arr in zip(model.weights, arrays):
+        if tuple(var.shape) != arr.shape:
+            raise BundleError(f"{path}: {var.path} has shape {tuple(var.shape)}, the file {arr.shape}")
+        var.assign(arr.astype(var.dtype))
+
+
+def write_bundle(folder: Path, card: ModelCard, model=None, weights_source: Path | None = None) -> Path:  # type: ignore[no-untyped-def]
+    """Write card and weights into folder atomically (a temp folder renamed into place)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        if card.weights is not None:
+            target = tmp / card.weights
+            if weights_source is not None:
+                shutil.copyfile(weights_source, target)
+            else:
+                save_npz_weights(model, target)
+            card = ModelCard(**{**card.__dict__, "weights_sha256": sha256(target)})
+        (tmp / CARD).write_text(json.dumps(card.to_json(), indent=2) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder

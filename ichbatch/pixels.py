@@ -1,0 +1,143 @@
+"""Stage 3a: decode one slice and convert it to Hounsfield units.
+
+pydicom with the pylibjpeg plugins decodes first; SimpleITK (GDCM inside) is the fallback for what they
+cannot decode. Every decode is checked for plausibility, because a decoder that silently returns
+nonsense (all zeros, wrong signedness) is worse than one that fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from .config import AIR_HU, HU_MAX, HU_MIN
+from .domain import SliceRef
+from .errors import DecodeError
+
+# Share of pixels allowed outside the physically possible CT range before a decode is distrusted.
+MAX_IMPLAUSIBLE_FRACTION = 0.05
+PLAUSIBLE_LOW, PLAUSIBLE_HIGH = -1200.0, 4100.0
+
+
+@dataclass(frozen=True)
+class HUSlice:
+    hu: np.ndarray  # float32, (rows, cols), clipped to [HU_MIN, HU_MAX]
+    warnings: tuple[str, ...] = ()
+
+
+def load_hu(ref: SliceRef) -> HUSlice:
+    """Decode ref's pixels and convert to HU, trying the fallback decoder when the first fails."""
+    try:
+        ds = pydicom.dcmread(ref.path)
+    except Exception as exc:
+        raise DecodeError(f"{ref.path}: cannot read file ({type(exc).__name__}: {exc})") from exc
+    try:
+        return _checked(_hu_from_pydicom(ds, ref), ref)
+    except Exception as first:  # any decoder failure: try the other decoder before giving up
+        try:
+            hu = _checked(HUSlice(_hu_from_simpleitk(ref)), ref)
+        except Exception as second:
+            raise DecodeError(
+                f"{ref.path}: pixel data could not be decoded as CT "
+                f"(pydicom: {_short(first)}; SimpleITK: {_short(second)})"
+            ) from first
+        return HUSlice(hu.hu, hu.warnings + (f"decoded with SimpleITK after pydicom failed: {_short(first)}",))
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).split("\n")[0]
+    return text if len(text) < 200 else text[:197] + "..."
+
+
+def _checked(hs: HUSlice, ref: SliceRef) -> HUSlice:
+    hu = hs.hu
+    if hu.ndim != 2:
+        raise DecodeError(f"{ref.path}: expected one 2-D frame, decoded shape {hu.shape}")
+    if float(hu.max()) == float(hu.min()):
+        raise DecodeError(f"{ref.path}: decoded image is constant ({float(hu.min()):.0f} HU)")
+    outside = np.mean((hu < PLAUSIBLE_LOW) | (hu > PLAUSIBLE_HIGH))
+    if outside > MAX_IMPLAUSIBLE_FRACTION:
+        raise DecodeError(
+            f"{ref.path}: decoded values are implausible for CT ({outside:.0%} of pixels outside "
+            f"{PLAUSIBLE_LOW:.0f}..{PLAUSIBLE_HIGH:.0f} HU)"
+        )
+    return HUSlice(np.clip(hu, HU_MIN, HU_MAX).astype(np.float32), hs.warnings)
+
+
+def _hu_from_pydicom(ds: Dataset, ref: SliceRef) -> HUSlice:
+    if ref.frame is not None:
+        ds.pixel_array_options(index=ref.frame)
+    stored = np.asarray(ds.pixel_array)
+    if stored.ndim == 3 and ref.frame is None and stored.shape[0] > 1:
+        raise DecodeError(f"{ref.path}: {stored.shape[0]} frames but no per-frame positions")
+    stored = stored.reshape(stored.shape[-2:]) if stored.ndim == 3 else stored
+    return stored_to_hu(stored, ds, ref.slope, ref.intercept)
+
+
+def stored_to_hu(
+    stored: np.ndarray, ds: Dataset, slope: float | None = None, intercept: float | None = None
+) -> HUSlice:
+    """(0028,1053) Rescale Slope and (0028,1052) Rescale Intercept, padding to air, known faults fixed.
+
+    MONOCHROME1 needs no inversion here: the photometric interpretation applies after the modality
+    LUT, so HU are the same for MONOCHROME1 and MONOCHROME2.
+    """
+    warnings: list[str] = []
+    slope = float(ds.get("RescaleSlope", 1) or 1) if slope is None else slope
+    intercept = float(ds.get("RescaleIntercept", 0) or 0) if intercept is None else intercept
+    values = stored.astype(np.float32)
+    padding = _padding_mask(stored, ds)
+    if _has_12bit_wraparound(ds, intercept):
+        # RSNA 2019 data set fault: 12-bit unsigned images labelled with intercept 0 whose negative
+        # values wrapped modulo 4096. Undo the wrap and use the intended intercept of -1000.
+        values = np.mod(values + 1000.0, 4096.0)
+        intercept, slope = -1000.0, 1.0
+        warnings.append("12-bit unsigned wrap-around corrected (intercept taken as -1000)")
+    hu = values * slope + intercept
+    if padding is not None:
+        hu[padding] = AIR_HU
+    return HUSlice(hu, tuple(warnings))
+
+
+def _has_12bit_wraparound(ds: Dataset, intercept: float) -> bool:
+    return (
+        int(ds.get("BitsStored", 16)) == 12
+        and int(ds.get("PixelRepresentation", 0)) == 0
+        and intercept > -100
+    )
+
+
+def _padding_mask(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """(0028,0120) Pixel Padding Value, with (0028,0121) Pixel Padding Range Limit when present."""
+    value = _as_int(ds.get("PixelPaddingValue"), ds)
+    if value is None:
+        return None
+    limit = _as_int(ds.get("PixelPaddingRangeLimit"), ds)
+    lo, hi = (value, value) if limit is None else (min(value, limit), max(value, limit))
+    return (stored >= lo) & (stored <= hi)
+
+
+def _as_int(value, ds: Dataset) -> int | None:  # type: ignore[no-untyped-def]
+    """US/SS values can arrive as raw bytes when the VR was ambiguous."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        fmt = "<h" if int(ds.get("PixelRepresentation", 0)) else "<H"
+        import struct
+
+        return int(struct.unpack(fmt, value[:2])[0])
+    return int(value)
+
+
+def _hu_from_simpleitk(ref: SliceRef) -> np.ndarray:
+    """GDCM (through SimpleITK) applies the rescale itself and returns HU."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(ref.path)
+    arr = sitk.GetArrayFromImage(image).astype(np.float32)
+    if arr.ndim == 3:
+        arr = arr[ref.frame or 0]
+    return arr

@@ -1,0 +1,232 @@
+"""One PDF per study (reportlab): identifiers, the not-for-diagnosis notice, scores, a z-profile chart,
+key slices with Grad-CAM, a montage of every slice, and the top key slice in all three windows.
+
+Text uses an embedded TrueType font (Bitstream Vera, shipped with reportlab) so names such as
+MÜLLER^ZOË render as written.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from reportlab.lib import colors
+from reportlab.lib.pagesizes import A4
+from reportlab.lib.utils import ImageReader
+from reportlab.pdfbase import pdfmetrics
+from reportlab.pdfbase.ttfonts import TTFont
+from reportlab.pdfgen import canvas
+
+from .. import NOT_FOR_DIAGNOSIS
+from ..domain import Status, StudyResult
+from .files import atomic_write_bytes, safe_stem
+
+FONT, BOLD = "IchVera", "IchVeraBold"
+PAGE_W, PAGE_H = A4
+MARGIN = 36.0
+CURVE_COLOURS = {
+    "any": colors.black, "epidural": colors.red, "intraparenchymal": colors.orange,
+    "intraventricular": colors.green, "subarachnoid": colors.blue, "subdural": colors.purple,
+}
+
+
+def _register_fonts() -> None:
+    if FONT in pdfmetrics.getRegisteredFontNames():
+        return
+    import reportlab
+
+    folder = Path(reportlab.__file__).parent / "fonts"
+    pdfmetrics.registerFont(TTFont(FONT, str(folder / "Vera.ttf")))
+    pdfmetrics.registerFont(TTFont(BOLD, str(folder / "VeraBd.ttf")))
+
+
+def pdf_name(result: StudyResult) -> str:
+    return f"study_{safe_stem(result.study.study_uid)}.pdf"
+
+
+def write_pdf(result: StudyResult, folder: Path) -> Path:
+    """Render the report and write it atomically; returns its path."""
+    path = Path(folder) / pdf_name(result)
+    atomic_write_bytes(path, render_pdf(result))
+    return path
+
+
+def render_pdf(result: StudyResult) -> bytes:
+    _register_fonts()
+    buf = io.BytesIO()
+    c = canvas.Canvas(buf, pagesize=A4, pageCompression=1)
+    c.setTitle(f"ichbatch report {result.study.study_uid}")
+    c.setAuthor("ichbatch")
+    y = _header(c, result)
+    if result.status == Status.OK:
+        y = _score_table(c, result, y)
+        y = _chart(c, result, y)
+        _key_slices(c, result, y)
+        c.showPage()
+        _montage_page(c, result)
+    else:
+        c.setFont(BOLD, 12)
+        c.drawString(MARGIN, y - 20, f"Status: {result.status.value}")
+        _wrapped(c, result.message, MARGIN, y - 40, FONT, 9)
+    c.showPage()
+    c.save()
+    return buf.getvalue()
+
+
+def _header(c: canvas.Canvas, r: StudyResult) -> float:
+    c.setFillColor(colors.HexColor("#b00020"))
+    c.rect(0, PAGE_H - 30, PAGE_W, 30, stroke=0, fill=1)
+    c.setFillColor(colors.white)
+    c.setFont(BOLD, 12)
+    c.drawCentredString(PAGE_W / 2, PAGE_H - 20, f"{NOT_FOR_DIAGNOSIS} - automated research output")
+    c.setFillColor(colors.black)
+    y = PAGE_H - 52
+    c.setFont(BOLD, 15)
+    c.drawString(MARGIN, y, "Intracranial hemorrhage screen (ichbatch)")
+    s = r.study
+    lines = [
+        f"Patient: {s.patient_name or '-'}    ID: {s.patient_id or '-'}",
+        f"Accession: {s.accession or '-'}    Study date: {_date(s.study_date)}",
+        f"Study UID: {s.study_uid}",
+        f"Series: {r.series_description or '-'} ({r.n_slices} slices)  UID: {r.series_uid or '-'}",
+        f"Model: {r.model} {r.model_version}    TTA views: {r.tta}    Status: {r.status.value}",
+    ]
+    c.setFont(FONT, 9)
+    for line in lines:
+        y -= 13
+        c.drawString(MARGIN, y, line)
+    if not r.model_trained:
+        y -= 15
+        c.setFillColor(colors.HexColor("#b00020"))
+        c.setFont(BOLD, 10)
+        c.drawString(MARGIN, y, "UNTRAINED MODEL: placeholder weights. The scores below are meaningless.")
+        c.setFillColor(colors.black)
+    return y - 10
+
+
+def _date(d: str) -> str:
+    return f"{d[:4]}-{d[4:6]}-{d[6:]}" if len(d) == 8 and d.isdigit() else (d or "-")
+
+
+def _score_table(c: canvas.Canvas, r: StudyResult, y: float) -> float:
+    c.setFont(BOLD, 10)
+    cols = (MARGIN, MARGIN + 150, MARGIN + 240)
+    y -= 14
+    for x, title in zip(cols, ("Label", "Probability", "Flag")):
+        c.drawString(x, y, title)
+    c.setFont(FONT, 10)
+    for label in r.labels:
+        y -= 13
+        p, flag = r.study_probs.get(label), r.flags.get(label)
+        c.drawString(cols[0], y, label)
+        c.drawString(cols[1], y, "not available" if p is None else f"{p:.3f}")
+        c.setFillColor(colors.HexColor("#b00020") if flag else colors.black)
+        c.drawString(cols[2], y, "-" if flag is None else ("FLAGGED" if flag else "no"))
+        c.setFillColor(colors.black)
+    if r.message:
+        y -= 14
+        y = _wrapped(c, "Notes: " + r.message, MARGIN, y, FONT, 8)
+    return y - 6
+
+
+def _wrapped(c: canvas.Canvas, text: str, x: float, y: float, font: str, size: float) -> float:
+    c.setFont(font, size)
+    words, line = text.split(), ""
+    for word in words:
+        trial = f"{line} {word}".strip()
+        if pdfmetrics.stringWidth(trial, font, size) > PAGE_W - 2 * MARGIN:
+            c.drawString(x, y, line)
+            y, line = y - size - 2, word
+        else:
+            line = trial
+    if line:
+        c.drawString(x, y, line)
+    return y - size - 2
+
+
+def _chart(c: canvas.Canvas, r: StudyResult, y: float) -> float:
+    """Smoothed probability of each label along the slices (inferior to superior)."""
+    assert r.smoothed_probs is not None
+    h, w = 110.0, PAGE_W - 2 * MARGIN - 110
+    x0, y0 = MARGIN + 25, y - h - 12
+    c.setFont(BOLD, 10)
+    c.drawString(MARGIN, y - 6, "Probability along the slices (smoothed)")
+    c.setStrokeColor(colors.grey)
+    c.rect(x0, y0, w, h, stroke=1, fill=0)
+    c.setFont(FONT, 7)
+    for v in (0.0, 0.5, 1.0):
+        c.drawRightString(x0 - 3, y0 + v * h - 2, f"{v:.1f}")
+    n = r.smoothed_probs.shape[0]
+    xs = [x0 + (k / max(n - 1, 1)) * w for k in range(n)]
+    for j, label in enumerate(r.outputs):
+        c.setStrokeColor(CURVE_COLOURS.get(label, colors.grey))
+        c.setLineWidth(1.6 if label == "any" else 0.8)
+        ys = [y0 + float(p) * h for p in r.smoothed_probs[:, j]]
+        path = c.beginPath()
+        path.moveTo(xs[0], ys[0])
+        for xx, yy in zip(xs[1:], ys[1:]):
+            path.lineTo(xx, yy)
+        c.drawPath(path, stroke=1, fill=0)
+        c.setFillColor(CURVE_COLOURS.get(label, colors.grey))
+        c.drawString(x0 + w + 6, y0 + h - 9 * (j + 1), label)
+    c.setFillColor(colors.black)
+    c.setLineWidth(1)
+    c.drawString(x0, y0 - 10, "slice 1 (inferior)")
+    c.drawRightString(x0 + w, y0 - 10, f"slice {n} (superior)")
+    return y0 - 20
+
+
+def _image(arr: np.ndarray) -> ImageReader:
+    return ImageReader(Image.fromarray(arr))
+
+
+def _key_slices(c: canvas.Canvas, r: StudyResult, y: float) -> None:
+    c.setFont(BOLD, 10)
+    c.drawString(MARGIN, y - 6, "Key slices: brain window (40/80) and Grad-CAM for 'any'")
+    side = min(150.0, (y - MARGIN - 40) / 2)
+    any_col = r.outputs.index("any") if "any" in r.outputs else 0
+    for col, idx in enumerate(r.key_slices):
+        x = MARGIN + col * (side + 20)
+        images = r.key_images.get(idx)
+        if images is None:
+            continue
+        c.drawImage(_image(images["brain"]), x, y - 16 - side, side, side)
+        c.drawImage(_image(images["gradcam"]), x, y - 22 - 2 * side, side, side)
+        c.setFont(FONT, 8)
+        p = float(r.smoothed_probs[idx, any_col]) if r.smoothed_probs is not None else 0.0
+        c.drawString(x, y - 32 - 2 * side, f"slice {idx + 1}   any {p:.3f}")
+
+
+def _montage_page(c: canvas.Canvas, r: StudyResult) -> None:
+    c.setFont(BOLD, 11)
+    c.drawString(MARGIN, PAGE_H - MARGIN, f"All slices with their 'any' score - {NOT_FOR_DIAGNOSIS}")
+    n = len(r.thumbnails)
+    per_row = 8
+    cell = (PAGE_W - 2 * MARGIN) / per_row
+    any_col = r.outputs.index("any") if "any" in r.outputs else 0
+    c.setFont(FONT, 6.5)
+    y_top = PAGE_H - MARGIN - 12
+    for k, thumb in enumerate(r.thumbnails):
+        row, col = divmod(k, per_row)
+        x, y = MARGIN + col * cell, y_top - (row + 1) * (cell + 8)
+        if y < PAGE_H / 2 - 60:
+            c.drawString(MARGIN, y + cell, f"... {n - k} more slices not shown")
+            break
+        c.drawImage(_image(thumb), x + 1, y + 8, cell - 2, cell - 2)
+        score = float(r.slice_probs[k, any_col]) if r.slice_probs is not None else 0.0
+        if k in r.key_slices:
+            c.setStrokeColor(colors.red)
+            c.rect(x + 1, y + 8, cell - 2, cell - 2, stroke=1, fill=0)
+        c.drawString(x + 2, y, f"{k + 1}: {score:.2f}")
+    if r.key_slices and r.key_slices[0] in r.key_images:
+        images = r.key_images[r.key_slices[0]]
+        side = (PAGE_W - 2 * MARGIN - 20) / 3
+        c.setFont(BOLD, 10)
+        c.drawString(MARGIN, MARGIN + side + 16, f"Top key slice {r.key_slices[0] + 1} in the three windows")
+        c.setFont(FONT, 8)
+        for i, name in enumerate(("brain", "subdural", "bone")):
+            x = MARGIN + i * (side + 10)
+            c.drawImage(_image(images[name]), x, MARGIN + 4, side, side)
+            c.drawString(x, MARGIN - 6, name)
