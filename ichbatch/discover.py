@@ -88,7 +88,9 @@ def read_instance(path: Path) -> InstanceRef:
     study_uid = str(ds.get("StudyInstanceUID", "")).strip()
     series_uid = str(ds.get("SeriesInstanceUID", "")).strip()
     if not study_uid or not series_uid:
-        raise DicomReadError(f"{path}: DICOM file without StudyInstanceUID or SeriesInstanceUID")
+        raise DicomReadError(
+            f"{path}: truncated or corrupt DICOM header (no StudyInstanceUID or SeriesInstanceUID)"
+        )
     return InstanceRef(
         path=str(path),
         study=_study_meta(ds, study_uid),

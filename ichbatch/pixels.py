@@ -17,9 +17,11 @@ from .config import AIR_HU, HU_MAX, HU_MIN
 from .domain import SliceRef
 from .errors import DecodeError
 
-# Share of pixels allowed outside the physically possible CT range before a decode is distrusted.
+# Share of pixels allowed outside the plausible range before a decode is distrusted. Scanners write
+# out-of-field pixels at -2000 to -4000 HU (treated as air by the clip below), and metal can pass
+# 3000 HU on a few pixels; a decode with the wrong signedness or bit depth swings to +-30000.
 MAX_IMPLAUSIBLE_FRACTION = 0.05
-PLAUSIBLE_LOW, PLAUSIBLE_HIGH = -1200.0, 4100.0
+PLAUSIBLE_LOW, PLAUSIBLE_HIGH = -4100.0, 4100.0
 
 
 @dataclass(frozen=True)

@@ -235,6 +235,7 @@ def ct_slice_dataset(
     ds.SeriesInstanceUID = series_uid or generate_uid()
     ds.FrameOfReferenceUID = ds.StudyInstanceUID + ".1" if len(ds.StudyInstanceUID) < 62 else generate_uid()
     ds.Modality = "CT"
+    ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8, so names such as MÜLLER^ZOË survive
     ds.PatientName = patient_name
     ds.PatientID = patient_id
     ds.AccessionNumber = accession

@@ -1,0 +1,54 @@
+"""Shared fixtures: DICOM written by pydicom, a small real Keras bundle, paths to shared real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from ichbatch.synth import ct_slice_dataset, make_phantom  # noqa: E402
+
+REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
+TINY_SIZE = 64
+
+
+def realdata(*parts: str) -> Path:
+    path = REALDATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared real data not present: {path} (see ../shared/realdata/MANIFEST.md)")
+    return path
+
+
+def write_series(folder: Path, hu: np.ndarray, *, study_uid: str, series_uid: str, names=None, **kwargs) -> list[Path]:
+    """One file per slice, slice k at z = 5k mm, in the given (or shuffled hex) file names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(hu))
+    paths = []
+    for k in rng.permutation(len(hu)):
+        ds = ct_slice_dataset(hu[k], z=5.0 * k, instance_number=int(len(hu) - k), study_uid=study_uid,
+                              series_uid=series_uid, **kwargs)
+        path = folder / (names[k] if names else f"{rng.integers(1 << 40):010x}")
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def phantom_hu() -> np.ndarray:
+    return make_phantom(np.random.default_rng(7), n_slices=12, size=96).hu
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """A real ResNet50 bundle at 64 px with seeded random weights, written and sha256-checked like any bundle."""
+    from ichbatch.model.bundle import ModelCard, write_bundle
+    from ichbatch.model.resnet import build_resnet50
+
+    model = build_resnet50(TINY_SIZE, 6, seed=3)
+    card = ModelCard(name="tiny", version="0.1", input_size=TINY_SIZE, trained=True,
+                     trained_on="nothing (test fixture)")
+    return write_bundle(tmp_path_factory.mktemp("bundles") / "tiny", card, model)

@@ -1,0 +1,174 @@
+"""Model bundles, safe loading, import of a binary model, TTA, batch invariance, CAM, backends."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ichbatch.errors import BundleError
+from ichbatch.infer import Predictor
+from ichbatch.model.bundle import load_bundle, read_card
+from ichbatch.model.gradcam import CamExplainer
+from ichbatch.preprocess import tta_transforms, tta_views
+
+from .conftest import TINY_SIZE
+
+
+def _hu_batch(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(-1024, 200, (n, TINY_SIZE, TINY_SIZE)).astype(np.int16)
+
+
+def test_bundle_round_trip_keeps_weights(tiny_bundle):
+    from ichbatch.model.resnet import build_resnet50
+
+    bundle = load_bundle(str(tiny_bundle))
+    card = read_card(tiny_bundle)
+    assert card.weights_sha256 and len(card.weights_sha256) == 64
+    reference = build_resnet50(TINY_SIZE, 6, seed=3)  # the fixture's weights, before the float16 round trip
+    for a, b in zip(bundle.model.weights, reference.weights):
+        assert np.allclose(np.asarray(a.numpy(), np.float32), b.numpy(), atol=1e-3, rtol=1e-3)
+    assert (tiny_bundle / "weights.npz").stat().st_size < 60e6
+
+
+def test_sha256_mismatch_is_rejected(tiny_bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "tampered"
+    shutil.copytree(tiny_bundle, copy)
+    with open(copy / "weights.npz", "r+b") as fh:
+        fh.seek(200)
+        fh.write(b"\x00\x01\x02\x03")
+    with pytest.raises(BundleError, match="sha256"):
+        load_bundle(str(copy))
+
+
+def test_missing_and_unknown_bundles_are_clear(tmp_path):
+    with pytest.raises(BundleError, match="no model bundle named 'nope'"):
+        load_bundle("nope")
+    (tmp_path / "model.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        load_bundle(str(tmp_path))
+
+
+def test_unsafe_keras_model_is_rejected(tmp_path):
+    import keras
+
+    from ichbatch.model.importer import import_keras_model
+
+    inp = keras.Input((64, 64, 3))
+    out = keras.layers.Lambda(lambda x: x * 2.0)(inp)
+    out = keras.layers.Dense(1, activation="sigmoid")(keras.layers.GlobalAveragePooling2D()(out))
+    path = tmp_path / "lambda.keras"
+    keras.Model(inp, out).save(path)
+    with pytest.raises(BundleError, match="safe mode"):
+        import_keras_model(path, name="evil", dest=tmp_path / "models")
+
+
+def _binary_model(size: int = 64):
+    import keras
+
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((size, size, 3))
+    x = keras.layers.Conv2D(8, 3, activation="relu")(inp)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, keras.layers.Dense(1, activation="sigmoid")(x))
+
+
+def test_import_binary_single_output_model(tmp_path):
+    from ichbatch.aggregate import aggregate
+    from ichbatch.model.importer import import_keras_model
+
+    path = tmp_path / "colab.h5"
+    _binary_model().save(path)
+    folder = import_keras_model(path, name="colab-binary", dest=tmp_path / "models", windows="brain,brain,brain",
+                                trained_on="an earlier Colab project")
+    card = json.loads((folder / "model.json").read_text())
+    assert card["outputs"] == ["any"] and card["architecture"] == "keras" and card["input_size"] == 64
+    bundle = load_bundle(str(folder))
+    probs = Predictor(bundle, tta=2, batch_size=4).predict(_hu_batch(3))
+    assert probs.shape == (3, 1)
+    agg = aggregate(probs, bundle.card.outputs, bundle.card.labels, bundle.card.thresholds)
+    assert agg.scores["any"] is not None and agg.scores["subdural"] is None and agg.flags["epidural"] is None
+
+
+def test_tta_views_shape_and_identity_first():
+    x = np.random.default_rng(0).random((3, 32, 32, 3)).astype(np.float32)
+    views = np.asarray(tta_views(x, 8))
+    assert views.shape == (24, 32, 32, 3)
+    assert np.allclose(views[:3], x)
+    assert np.allclose(views[3:6], x[:, :, ::-1, :])  # hflip
+    assert [t[0] for t in tta_transforms(2)] == ["identity", "hflip"]
+
+
+def test_tta_probabilities_are_the_mean_of_the_views(tiny_bundle):
+    from ichbatch.preprocess import window_ops
+
+    bundle = load_bundle(str(tiny_bundle))
+    hu = _hu_batch(2, seed=4)
+    averaged = Predictor(bundle, tta=4, batch_size=2).predict(hu)
+    views = tta_views(window_ops(hu, bundle.card.windows), 4)
+    per_view = np.asarray(bundle.model.predict_on_batch(np.asarray(views))).reshape(4, 2, 6)
+    assert np.allclose(averaged, per_view.mean(axis=0), atol=1e-5)
+
+
+def test_batch_size_does_not_change_results(tiny_bundle):
+    bundle = load_bundle(str(tiny_bundle))
+    hu = _hu_batch(5, seed=1)
+    one = np.concatenate([Predictor(bundle, 2, 1).predict(hu[i : i + 1]) for i in range(5)])
+    big = Predictor(bundle, 2, 32).predict(hu)
+    assert np.allclose(one, big, atol=1e-5)
+
+
+def test_cam_equals_gradient_gradcam(tiny_bundle):
+    bundle = load_bundle(str(tiny_bundle))
+    explainer = CamExplainer(bundle.model)
+    assert explainer.mode == "cam"
+    x = np.random.default_rng(2).random((2, TINY_SIZE, TINY_SIZE, 3)).astype(np.float32)
+    cam, grad = explainer.maps(x, 0), explainer.gradcam(x, 0)
+    assert np.allclose(cam, grad, atol=1e-3)
+
+
+def test_cam_peak_lies_on_planted_bright_region():
+    """Head weights set to pick out the features of a bright patch: the map must peak on that patch."""
+    import keras
+
+    from ichbatch.model.resnet import FEATURE_LAYER, HEAD_LAYER, build_resnet50
+
+    size = 128
+    model = build_resnet50(size, 6, seed=5)
+    img = np.full((1, size, size, 3), 0.2, np.float32)
+    img[0, 64:96, 32:64] = 1.0  # the planted region: exactly cell (2, 1) of the 4x4 feature grid
+    feats = keras.Model(model.inputs, model.get_layer(FEATURE_LAYER).output).predict_on_batch(img)[0]
+    w = feats[2, 1] - feats.reshape(-1, feats.shape[-1]).mean(axis=0)
+    kernel, bias = model.get_layer(HEAD_LAYER).get_weights()
+    kernel[:, 0] = w
+    model.get_layer(HEAD_LAYER).set_weights([kernel, bias])
+    heat = CamExplainer(model).maps(img, 0)[0]
+    r, c = np.unravel_index(np.argmax(heat), heat.shape)
+    # Within half a feature cell of the patch (a cell is 32 px), and far from the other 15 cells.
+    assert 48 <= r < 112 and 16 <= c < 80, (r, c)
+
+
+def test_tensorflow_and_jax_backends_agree(tiny_bundle):
+    pytest.importorskip("jax")
+    hu = _hu_batch(3, seed=9)
+    script = (
+        "import sys, numpy as np; from ichbatch.model.bundle import load_bundle; from ichbatch.infer import Predictor;"
+        "hu = np.load(sys.argv[2]); print(repr(Predictor(load_bundle(sys.argv[1]), 2, 4).predict(hu).tolist()))"
+    )
+    np.save(tiny_bundle.parent / "hu.npy", hu)
+    results = {}
+    for backend in ("tensorflow", "jax"):
+        env = {**os.environ, "KERAS_BACKEND": backend, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
+        out = subprocess.run([sys.executable, "-c", script, str(tiny_bundle), str(tiny_bundle.parent / "hu.npy")],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        results[backend] = np.array(eval(out.stdout.strip().splitlines()[-1]))
+    assert results["tensorflow"].shape == (3, 6)
+    assert np.allclose(results["tensorflow"], results["jax"], atol=2e-3)
