@@ -84,6 +84,7 @@ def _run(inputs, out, reports, model, tta, batch_size, device, agg, topk, min_sl
     from .domain import Status
     from .pipeline import RunSettings, process_folder
     from .report.csv_report import write_results, write_slices
+    from .report.html_index import write_index, write_thumbnail
     from .report.pdf_report import write_pdf
 
     key = _pseudonym_key() if pseudonymize else None
@@ -102,6 +103,7 @@ def _run(inputs, out, reports, model, tta, batch_size, device, agg, topk, min_sl
         if reports is not None:
             try:
                 result.report_pdf = str(write_pdf(result, reports))
+                write_thumbnail(result, reports)
             except OutputError as exc:
                 result.status, result.message = Status.FAILED, f"report not written: {exc}"
         write_results(out, [result], key)
@@ -115,6 +117,8 @@ def _run(inputs, out, reports, model, tta, batch_size, device, agg, topk, min_sl
         raise _fatal(f"{exc} (results written so far are intact)", EXIT_FATAL) from exc
     if slices_csv:
         write_slices(slices_csv, summary.results)
+    if out.exists():
+        write_index(out)
     files_csv = out.with_name(out.stem + "_files.csv")
     _write_file_issues(files_csv, summary.file_issues)
     ok, skipped, failed = (summary.count(s) for s in (Status.OK, Status.SKIPPED, Status.FAILED))

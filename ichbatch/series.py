@@ -59,7 +59,8 @@ def choose_series(series: list[SeriesGroup], rules: SelectionRules = DEFAULT_RUL
     for _, other, _, _ in candidates[1:]:
         reasons[other.series_uid] = "not chosen: " + reasons[other.series_uid] + f" (preferred {best.series_uid})"
     reasons[best.series_uid] = "chosen: " + reasons[best.series_uid]
-    return SeriesChoice(study, best, slices, reasons, warnings=warnings)
+    # Identifiers come from the series that was run, not from whichever series sorted first.
+    return SeriesChoice(best.instances[0].study, best, slices, reasons, warnings=warnings)
 
 
 def _describe(n: int, bone: bool, contrast: bool) -> str:

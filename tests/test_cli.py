@@ -41,8 +41,10 @@ def mixed_folder(tmp_path_factory, phantom_hu):
     # One study with a soft and a bone series and a scout; an MR study; a study whose pixels are broken.
     study = generate_uid()
     write_series(root / "mixed" / "soft", phantom_hu, study_uid=study, series_uid=generate_uid(), patient_name="MÜLLER^ZOË")
-    write_series(root / "mixed" / "bone", phantom_hu, study_uid=study, series_uid=generate_uid(), kernel="BONE")
-    scout = write_series(root / "mixed" / "scout", phantom_hu[:1], study_uid=study, series_uid=generate_uid())[0]
+    write_series(root / "mixed" / "bone", phantom_hu, study_uid=study, series_uid=generate_uid(), kernel="BONE",
+                 patient_name="MÜLLER^ZOË")
+    scout = write_series(root / "mixed" / "scout", phantom_hu[:1], study_uid=study, series_uid=generate_uid(),
+                         patient_name="MÜLLER^ZOË")[0]
     ds = pydicom.dcmread(scout)
     ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
     ds.save_as(scout)
@@ -81,6 +83,8 @@ def test_run_on_mixed_folder(mixed_folder, tiny_bundle, tmp_path):
     assert "MÜLLER^ZOË" in text and "NOT FOR DIAGNOSIS" in text, text[:400]
     probs = df.loc[phantom_uids[0], [f"prob_{x}" for x in ("any", "subdural")]].astype(float)
     assert ((probs >= 0) & (probs <= 1)).all()
+    index = (out.parent / "results.html").read_text()
+    assert index.count("<tr>") == 6 and index.count(".pdf\">PDF</a>") == 5
     files = pd.read_csv(out.with_name("results_files.csv"))
     assert {"Thumbs.db", "README.txt", "manifest.json"} <= {p.rsplit("/", 1)[1] for p in files["path"]}
     slices = pd.read_csv(tmp_path / "slices.csv")

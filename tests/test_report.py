@@ -88,3 +88,19 @@ def _read_pgm(path) -> np.ndarray:
     parts = data.split(maxsplit=4)
     w, h = int(parts[1]), int(parts[2])
     return np.frombuffer(parts[4][-w * h :], np.uint8).reshape(h, w)
+
+
+def test_html_index_lists_every_study_with_thumbnail_and_link(tmp_path):
+    from ichbatch.report.html_index import write_index, write_thumbnail
+
+    reports = tmp_path / "reports"
+    results = [_result("1.2.3.4"), _result("1.2.3.5", name="<script>x</script>")]
+    for r in results:
+        r.report_pdf = str(write_pdf(r, reports))
+        write_thumbnail(r, reports)
+    write_results(tmp_path / "results.csv", results)
+    page = write_index(tmp_path / "results.csv").read_text()
+    assert page.count("<tr>") == 3 and "NOT FOR DIAGNOSIS" in page
+    assert 'href="reports/study_1.2.3.4.pdf"' in page and 'src="reports/study_1.2.3.5.png"' in page
+    assert (reports / "study_1.2.3.5.png").read_bytes()[:4] == b"\x89PNG"
+    assert "<script>" not in page
