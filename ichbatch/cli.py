@@ -63,8 +63,10 @@ def default_model() -> str:
 @click.option("--min-slices", type=click.IntRange(1, 10000), default=8, show_default=True, help="Fewest axial slices a usable series has.")
 @click.option("--slices", "slices_csv", type=click.Path(dir_okay=False, path_type=Path), help="Also write per-slice probabilities to this CSV.")
 @click.option("--pseudonymize", is_flag=True, help="Replace patient ID and accession in the CSV by a keyed hash (key from ICHBATCH_PSEUDONYM_KEY).")
+@click.option("--dicom-out", type=click.Path(file_okay=False, path_type=Path), help="Also write each report as DICOM Encapsulated PDF and the key images as Secondary Capture, in the original study.")
 def run(inputs: tuple[Path, ...], out: Path, reports: Path | None, no_reports: bool, model: str | None, tta: int | None,
-        batch_size: int, device: str, agg: str, topk: int, min_slices: int, slices_csv: Path | None, pseudonymize: bool) -> None:
+        batch_size: int, device: str, agg: str, topk: int, min_slices: int, slices_csv: Path | None, pseudonymize: bool,
+        dicom_out: Path | None) -> None:
     """Process every study found under INPUTS (folders or files, nested, any file names).
 
     \b
@@ -73,11 +75,12 @@ def run(inputs: tuple[Path, ...], out: Path, reports: Path | None, no_reports: b
       ichbatch run a/ b/ --out results.csv --reports pdfs --tta 4 --slices slices.csv
     """
     code = _run(list(inputs), out, None if no_reports else (reports or out.parent / "reports"), model, tta, batch_size,
-                device, agg, topk, min_slices, slices_csv, pseudonymize)
+                device, agg, topk, min_slices, slices_csv, pseudonymize, dicom_out)
     sys.exit(code)
 
 
-def _run(inputs, out, reports, model, tta, batch_size, device, agg, topk, min_slices, slices_csv, pseudonymize) -> int:  # type: ignore[no-untyped-def]
+def _run(inputs, out, reports, model, tta, batch_size, device, agg, topk, min_slices, slices_csv, pseudonymize,
+         dicom_out=None) -> int:  # type: ignore[no-untyped-def]
     from dataclasses import replace
 
     from .config import DEFAULT_RULES
@@ -106,6 +109,14 @@ def _run(inputs, out, reports, model, tta, batch_size, device, agg, topk, min_sl
                 write_thumbnail(result, reports)
             except OutputError as exc:
                 result.status, result.message = Status.FAILED, f"report not written: {exc}"
+        if dicom_out is not None and result.status == Status.OK:
+            from .report.dicom_out import write_dicom_outputs
+            from .report.pdf_report import render_pdf
+
+            try:
+                write_dicom_outputs(result, render_pdf(result), dicom_out)
+            except (OutputError, OSError, ValueError) as exc:
+                result.status, result.message = Status.FAILED, f"DICOM outputs not written: {exc}"
         write_results(out, [result], key)
 
     try:

@@ -126,6 +126,7 @@ class StudyResult:
     message: str
     series_uid: str = ""
     series_description: str = ""
+    source_path: str = ""  # one file of the series that was run, for copying patient/study modules
     n_slices: int = 0
     labels: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()  # the model's outputs: the columns of slice_probs

@@ -250,6 +250,7 @@ def _base_result(choice: SeriesChoice, engine: Engine, status: Status, message: 
         message=message,
         series_uid=choice.series.series_uid if choice.series else "",
         series_description=choice.series.description if choice.series else "",
+        source_path=choice.slices[0].path if choice.slices else "",
         n_slices=len(choice.slices),
         labels=card.labels,
         outputs=card.outputs,

@@ -240,6 +240,8 @@ def ct_slice_dataset(
     ds.PatientID = patient_id
     ds.AccessionNumber = accession
     ds.StudyDate = _dt.date(2026, 1, 1).strftime("%Y%m%d")
+    ds.StudyTime = "120000"
+    ds.StudyID = "1"
     ds.StudyDescription = "CT HEAD (synthetic phantom)"
     ds.SeriesDescription = series_description
     ds.SeriesNumber = 2

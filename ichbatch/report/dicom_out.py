@@ -1,0 +1,106 @@
+"""PACS outputs: the PDF as DICOM Encapsulated PDF and the key images as Secondary Capture.
+
+Both go into the original study (same StudyInstanceUID, patient and study modules copied from a source
+image) as new series, so a PACS files them beside the scan. Checked with dciodvfy in the tests.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from .. import NOT_FOR_DIAGNOSIS, __version__
+from ..domain import StudyResult
+from .files import atomic_write_bytes, safe_stem
+
+ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+PATIENT_STUDY_TAGS = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
+    "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription", "SpecificCharacterSet",
+)
+PDF_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902
+
+
+def write_dicom_outputs(result: StudyResult, pdf_bytes: bytes, folder: Path) -> list[Path]:
+    """Write the report and the key images; returns the files written."""
+    source = pydicom.dcmread(result.source_path, stop_before_pixels=True)
+    stem = safe_stem(result.study.study_uid)
+    paths = []
+    pdf_ds = encapsulated_pdf(source, pdf_bytes, result)
+    paths.append(_save(pdf_ds, Path(folder) / f"study_{stem}_report.dcm"))
+    series_uid = generate_uid()
+    for n, idx in enumerate(result.key_slices, 1):
+        images = result.key_images.get(idx)
+        if images is None:
+            continue
+        ds = secondary_capture(source, images["gradcam"], series_uid, n, f"key slice {idx + 1}, Grad-CAM 'any'", result)
+        paths.append(_save(ds, Path(folder) / f"study_{stem}_key{n}.dcm"))
+    return paths
+
+
+def _save(ds: Dataset, path: Path) -> Path:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def _base(source: Dataset, sop_class: str, modality: str, series_uid: str, series_number: int,
+          instance: int, result: StudyResult) -> Dataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    for tag in PATIENT_STUDY_TAGS:
+        ds[tag] = source[tag] if tag in source else pydicom.DataElement(tag, pydicom.datadict.dictionary_VR(tag), "")
+    if not ds.SpecificCharacterSet:
+        del ds.SpecificCharacterSet
+    now = dt.datetime.now()
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    ds.Modality = modality
+    ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = series_uid, series_number, instance
+    ds.SeriesDescription = f"ichbatch {result.model} - {NOT_FOR_DIAGNOSIS}"[:64]
+    ds.Manufacturer = "ichbatch"
+    ds.SoftwareVersions = __version__
+    ds.ConversionType = "WSD"
+    ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds.InstanceCreationDate, ds.InstanceCreationTime = ds.ContentDate, ds.ContentTime
+    ds.BurnedInAnnotation = "YES"
+    return ds
+
+
+def encapsulated_pdf(source: Dataset, pdf_bytes: bytes, result: StudyResult) -> Dataset:
+    ds = _base(source, ENCAPSULATED_PDF, "DOC", generate_uid(), PDF_SERIES_NUMBER, 1, result)
+    ds.AcquisitionDateTime = ds.ContentDate + ds.ContentTime
+    ds.DocumentTitle = f"ICH screen ({result.model}) - {NOT_FOR_DIAGNOSIS}"[:64]
+    ds.ConceptNameCodeSequence = []
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    # OB values must have even length; the PDF ends after its %%EOF, so a trailing pad byte is harmless.
+    ds.EncapsulatedDocument = pdf_bytes + (b"\x00" if len(pdf_bytes) % 2 else b"")
+    ds.EncapsulatedDocumentLength = len(pdf_bytes)
+    return ds
+
+
+def secondary_capture(source: Dataset, rgb: np.ndarray, series_uid: str, instance: int, comment: str,
+                      result: StudyResult) -> Dataset:
+    ds = _base(source, SECONDARY_CAPTURE, "OT", series_uid, SC_SERIES_NUMBER, instance, result)
+    ds.PatientOrientation = ""
+    ds.Laterality = ""  # type 2C; the head is not a paired organ
+    ds.ImageType = ["DERIVED", "SECONDARY"]
+    ds.DerivationDescription = f"{comment}; {NOT_FOR_DIAGNOSIS}"
+    ds.ImageComments = comment
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.Rows, ds.Columns = rgb.shape[:2]
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.LossyImageCompression = "00"
+    ds.PixelData = np.ascontiguousarray(rgb, np.uint8).tobytes()
+    return ds

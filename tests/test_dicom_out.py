@@ -1,0 +1,48 @@
+"""DICOM outputs: Encapsulated PDF and Secondary Capture in the original study, valid per dciodvfy."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from ichbatch.report.dicom_out import ENCAPSULATED_PDF, SECONDARY_CAPTURE, write_dicom_outputs
+from ichbatch.report.pdf_report import render_pdf
+
+from .conftest import write_series
+from .test_report import _result
+
+
+@pytest.fixture()
+def outputs(tmp_path, phantom_hu):
+    study = generate_uid()
+    src = write_series(tmp_path / "src", phantom_hu[:2], study_uid=study, series_uid=generate_uid(),
+                       patient_name="MÜLLER^ZOË", accession="ACC1")
+    result = _result(uid=study)
+    result.source_path = str(src[0])
+    pdf = render_pdf(result)
+    return write_dicom_outputs(result, pdf, tmp_path / "dicom"), pdf, study
+
+
+def test_outputs_join_the_original_study(outputs):
+    paths, pdf, study = outputs
+    report, *keys = [pydicom.dcmread(p) for p in paths]
+    assert report.SOPClassUID == ENCAPSULATED_PDF and report.StudyInstanceUID == study
+    assert report.EncapsulatedDocument[: len(pdf)] == pdf and report.MIMETypeOfEncapsulatedDocument == "application/pdf"
+    assert str(report.PatientName) == "MÜLLER^ZOË" and report.AccessionNumber == "ACC1"
+    assert len(keys) == 3 and all(k.SOPClassUID == SECONDARY_CAPTURE and k.StudyInstanceUID == study for k in keys)
+    assert keys[0].SeriesInstanceUID != report.SeriesInstanceUID
+    assert keys[0].pixel_array.shape == (64, 64, 3) and np.asarray(keys[0].pixel_array).max() > 0
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools (dciodvfy) not installed")
+def test_outputs_are_valid_per_dciodvfy(outputs):
+    paths, _, _ = outputs
+    for path in paths:
+        run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+        errors = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+        assert not errors, f"{path.name}: {errors}"
