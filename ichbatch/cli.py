@@ -86,9 +86,9 @@ def _run(inputs, out, reports, model, tta, batch_size, device, agg, topk, min_sl
     from .config import DEFAULT_RULES
     from .domain import Status
     from .pipeline import RunSettings, process_folder
-    from .report.csv_report import write_results, write_slices
-    from .report.html_index import write_index, write_thumbnail
-    from .report.pdf_report import write_pdf
+    from .report.csv_report import write_slices
+    from .report.html_index import write_index
+    from .report.outputs import OutputSettings, write_study_outputs
 
     key = _pseudonym_key() if pseudonymize else None
     if device == "gpu":
@@ -97,31 +97,14 @@ def _run(inputs, out, reports, model, tta, batch_size, device, agg, topk, min_sl
         if default_device() != "gpu":
             raise click.UsageError("--device gpu was asked for, but the Keras backend sees no GPU")
     settings = RunSettings(model=model or default_model(), tta=tta, batch_size=batch_size, device=device,
-                           aggregate=agg, topk=topk, rules=replace(DEFAULT_RULES, min_slices=min_slices),
-                           reports_dir=reports)
+                           aggregate=agg, topk=topk, rules=replace(DEFAULT_RULES, min_slices=min_slices))
     _check_writable(out.parent)
     progress = _Progress()
-
-    def on_result(result) -> None:  # type: ignore[no-untyped-def]
-        if reports is not None:
-            try:
-                result.report_pdf = str(write_pdf(result, reports))
-                write_thumbnail(result, reports)
-            except OutputError as exc:
-                result.status, result.message = Status.FAILED, f"report not written: {exc}"
-        if dicom_out is not None and result.status == Status.OK:
-            from .report.dicom_out import write_dicom_outputs
-            from .report.pdf_report import render_pdf
-
-            try:
-                write_dicom_outputs(result, render_pdf(result), dicom_out)
-            except (OutputError, OSError, ValueError) as exc:
-                result.status, result.message = Status.FAILED, f"DICOM outputs not written: {exc}"
-        write_results(out, [result], key)
-
+    outputs = OutputSettings(csv=out, reports=reports, dicom_out=dicom_out, pseudonym_key=key)
     try:
         with progress:
-            summary = process_folder(inputs, settings, on_result=on_result, progress=progress.update)
+            summary = process_folder(inputs, settings, on_result=lambda r: write_study_outputs(r, outputs),
+                                     progress=progress.update)
     except BundleError as exc:
         raise _fatal(f"model: {exc}", EXIT_USAGE) from exc
     except OutputError as exc:
@@ -239,6 +222,76 @@ def demo(out: Path, studies: int, model: str | None) -> None:
     code = _run([out / "studies"], out / "results.csv", out / "reports", model, None, 16, "auto", "max", 3, 8, None, False)
     click.echo(f"CSV: {out / 'results.csv'}  PDF reports: {out / 'reports'}", err=True)
     sys.exit(code)
+
+
+@main.command()
+@click.argument("incoming", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for results.csv, results.html, reports/ and the ledger.")
+@click.option("--quiet-seconds", type=click.FloatRange(0), default=30.0, show_default=True, help="A study is ready when no file of it changed for this long.")
+@click.option("--rescan-seconds", type=click.FloatRange(0.1), default=10.0, show_default=True, help="Full rescan interval (catches missed events).")
+@click.option("--poll", is_flag=True, help="Poll the folder instead of using file events (network shares).")
+@click.option("--max-attempts", type=click.IntRange(1, 100), default=3, show_default=True, help="Attempts before a study is marked failed.")
+@click.option("--after", type=click.Choice(["leave", "move", "delete"]), default="leave", show_default=True, help="What to do with a study's input files once its outputs are written.")
+@click.option("--archive", type=click.Path(file_okay=False, path_type=Path), help="Where --after move puts input files.")
+@click.option("--dicom-out", type=click.Path(file_okay=False, path_type=Path), help="Also write DICOM Encapsulated PDF and Secondary Capture outputs here.")
+@click.option("--model", default=None, help="Bundle name or folder [default: the demo model, else the untrained stand-in].")
+@click.option("--tta", type=click.IntRange(1, 8), default=None, help="TTA views per slice [default: 2 on CPU, 8 on GPU].")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True)
+def watch(incoming: Path, out: Path, quiet_seconds: float, rescan_seconds: float, poll: bool, max_attempts: int,
+          after: str, archive: Path | None, dicom_out: Path | None, model: str | None, tta: int | None, batch_size: int) -> None:
+    """Process each study that arrives in INCOMING exactly once, through restarts. Stop with Ctrl-C or SIGTERM.
+
+    \b
+    Examples:
+      ichbatch watch /pacs/export --out /results
+      ichbatch watch /mnt/share --out /results --poll --quiet-seconds 120 --after move --archive /done
+    """
+    from .pipeline import RunSettings
+    from .watch.watcher import Watcher, WatchSettings
+
+    if after == "move" and archive is None:
+        raise click.UsageError("--after move needs --archive DIR")
+    _check_writable(out)
+    settings = WatchSettings(incoming=incoming, out=out, run=RunSettings(model=model or default_model(), tta=tta,
+                             batch_size=batch_size), quiet_seconds=quiet_seconds, rescan_seconds=rescan_seconds,
+                             poll=poll, max_attempts=max_attempts, after=after, archive=archive, dicom_out=dicom_out)
+    logging.getLogger("ichbatch").setLevel(logging.INFO)
+    try:
+        watcher = Watcher(settings)
+    except BundleError as exc:
+        raise _fatal(f"model: {exc}", EXIT_USAGE) from exc
+    click.echo(f"watching {incoming} (quiet period {quiet_seconds:g} s); results in {out}. {NOT_FOR_DIAGNOSIS}.", err=True)
+    watcher.run()
+    click.echo("stopped; state is kept in the ledger", err=True)
+
+
+@main.command()
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--last", type=click.IntRange(1, 1000), default=10, show_default=True, help="How many recent studies to list.")
+def status(out: Path, last: int) -> None:
+    """Print a watch folder's ledger: counts by status, the last studies, failures with reasons.
+
+    \b
+    Example:
+      ichbatch status /results
+    """
+    from .watch.ledger import FAILED, Ledger
+    from .watch.watcher import LEDGER_NAME, study_tag
+
+    if not (out / LEDGER_NAME).exists():
+        raise click.UsageError(f"{out} has no {LEDGER_NAME}; is it the --out folder of 'ichbatch watch'?")
+    ledger = Ledger(out / LEDGER_NAME)
+    counts = ledger.counts()
+    click.echo("studies: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"))
+    click.echo(f"last {last}:")
+    for row in ledger.studies(limit=last):
+        click.echo(f"  {study_tag(row.study_uid)}  {row.status:10}  v{row.version}  attempts {row.attempts}")
+    failures = ledger.studies(FAILED, limit=1000)
+    if failures:
+        click.echo("failures:")
+        for row in failures:
+            click.echo(f"  {study_tag(row.study_uid)}  {row.message}")
+    ledger.close()
 
 
 @main.group()

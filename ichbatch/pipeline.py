@@ -42,7 +42,6 @@ class RunSettings:
     topk: int = 3
     rules: SelectionRules = DEFAULT_RULES
     workers: int = field(default_factory=default_workers)
-    reports_dir: Path | None = None
 
 
 @dataclass

@@ -1,0 +1,125 @@
+"""The watcher's memory: a SQLite database (WAL) of files seen and studies with their status.
+
+A study moves pending -> processing -> done | failed. A crash leaves it in 'processing', which the next
+start turns back into 'pending'. A file that arrives for a done study makes it pending again, and the
+new result replaces the old row and report (a new version, never a duplicate).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    path TEXT PRIMARY KEY, study_uid TEXT, size INTEGER, mtime REAL, seen_at REAL, problem TEXT
+);
+CREATE INDEX IF NOT EXISTS files_study ON files(study_uid);
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid TEXT PRIMARY KEY, status TEXT NOT NULL, last_change REAL NOT NULL, attempts INTEGER DEFAULT 0,
+    retry_at REAL DEFAULT 0, version INTEGER DEFAULT 0, message TEXT DEFAULT '', outputs TEXT DEFAULT '',
+    finished_at REAL
+);
+"""
+PENDING, PROCESSING, DONE, FAILED = "pending", "processing", "done", "failed"
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    study_uid: str
+    status: str
+    last_change: float
+    attempts: int
+    retry_at: float
+    version: int
+    message: str
+    outputs: str
+    finished_at: float | None
+
+
+class Ledger:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(path), timeout=30, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def file_state(self, path: str) -> tuple[int, float] | None:
+        row = self.db.execute("SELECT size, mtime FROM files WHERE path=?", (path,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def record_file(self, path: str, study_uid: str | None, size: int, mtime: float, problem: str = "") -> None:
+        """A new or changed file: its study (if any) becomes pending and its quiet period restarts."""
+        now = time.time()
+        with self.db:
+            self.db.execute(
+                "INSERT INTO files(path, study_uid, size, mtime, seen_at, problem) VALUES(?,?,?,?,?,?) "
+                "ON CONFLICT(path) DO UPDATE SET study_uid=excluded.study_uid, size=excluded.size, "
+                "mtime=excluded.mtime, seen_at=excluded.seen_at, problem=excluded.problem",
+                (path, study_uid, size, mtime, now, problem),
+            )
+            if study_uid:
+                self.db.execute(
+                    "INSERT INTO studies(study_uid, status, last_change) VALUES(?,?,?) ON CONFLICT(study_uid) DO "
+                    "UPDATE SET status=?, last_change=?, attempts=CASE WHEN status IN (?, ?) THEN 0 ELSE attempts END",
+                    (study_uid, PENDING, now, PENDING, now, DONE, FAILED),
+                )
+
+    def forget_file(self, path: str) -> None:
+        self.db.execute("DELETE FROM files WHERE path=?", (path,))
+
+    def study_files(self, study_uid: str) -> list[tuple[str, int, float]]:
+        rows = self.db.execute("SELECT path, size, mtime FROM files WHERE study_uid=? ORDER BY path", (study_uid,))
+        return list(rows)
+
+    def ready(self, quiet_seconds: float) -> list[str]:
+        """Pending studies with no new file for the quiet period and no retry wait outstanding."""
+        now = time.time()
+        rows = self.db.execute(
+            "SELECT study_uid FROM studies WHERE status=? AND last_change<=? AND retry_at<=? ORDER BY last_change",
+            (PENDING, now - quiet_seconds, now),
+        )
+        return [r[0] for r in rows]
+
+    def start(self, study_uid: str) -> int:
+        """Mark processing; returns the attempt number."""
+        with self.db:
+            self.db.execute("UPDATE studies SET status=?, attempts=attempts+1 WHERE study_uid=?", (PROCESSING, study_uid))
+            return int(self.db.execute("SELECT attempts FROM studies WHERE study_uid=?", (study_uid,)).fetchone()[0])
+
+    def finish(self, study_uid: str, status: str, message: str, outputs: str) -> None:
+        """Done (or failed for good) unless a file arrived meanwhile, in which case it stays pending."""
+        with self.db:
+            self.db.execute(
+                "UPDATE studies SET status=?, message=?, outputs=?, finished_at=?, version=version+1 "
+                "WHERE study_uid=? AND status=?",
+                (status, message, outputs, time.time(), study_uid, PROCESSING),
+            )
+
+    def retry_later(self, study_uid: str, delay: float, message: str) -> None:
+        self.db.execute(
+            "UPDATE studies SET status=?, retry_at=?, message=? WHERE study_uid=? AND status=?",
+            (PENDING, time.time() + delay, message, study_uid, PROCESSING),
+        )
+
+    def recover(self) -> int:
+        """After a crash: studies left in 'processing' are processed again."""
+        cur = self.db.execute("UPDATE studies SET status=? WHERE status=?", (PENDING, PROCESSING))
+        return cur.rowcount
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT status, COUNT(*) FROM studies GROUP BY status").fetchall())
+
+    def studies(self, status: str | None = None, limit: int = 20) -> list[StudyRow]:
+        query = "SELECT * FROM studies" + (" WHERE status=?" if status else "") + " ORDER BY last_change DESC LIMIT ?"
+        args = (status, limit) if status else (limit,)
+        return [StudyRow(*r) for r in self.db.execute(query, args)]
+
+    def bad_files(self, limit: int = 20) -> list[tuple[str, str]]:
+        return list(self.db.execute("SELECT path, problem FROM files WHERE problem!='' ORDER BY seen_at DESC LIMIT ?", (limit,)))

@@ -1,0 +1,234 @@
+"""Watch a PACS export folder: notice files, wait until each study is quiet and complete, process it
+once, and remember everything in the ledger so a restart (or a crash) loses and repeats nothing.
+
+Events come from watchdog's observer (or its polling observer for network shares, where events are
+missed); a periodic rescan catches whatever events missed in any case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..discover import iter_files, read_instance
+from ..domain import Status
+from ..errors import DicomReadError, NotDicomError, OutputError
+from ..pipeline import Engine, RunSettings, process_studies
+from ..report.html_index import write_index
+from ..report.outputs import OutputSettings, write_study_outputs
+from ..series import choose_series, group_studies
+from .ledger import DONE, FAILED, Ledger
+
+log = logging.getLogger(__name__)
+LEDGER_NAME = "ichbatch-ledger.sqlite"
+AFTER_CHOICES = ("leave", "move", "delete")
+
+
+@dataclass(frozen=True)
+class WatchSettings:
+    incoming: Path
+    out: Path
+    run: RunSettings
+    quiet_seconds: float = 30.0
+    rescan_seconds: float = 10.0
+    poll: bool = False
+    max_attempts: int = 3
+    backoff_seconds: float = 5.0
+    after: str = "leave"  # what happens to a study's input files once its outputs are safely written
+    archive: Path | None = None
+    dicom_out: Path | None = None
+
+    @property
+    def outputs(self) -> OutputSettings:
+        return OutputSettings(csv=self.out / "results.csv", reports=self.out / "reports", dicom_out=self.dicom_out)
+
+
+def study_tag(study_uid: str) -> str:
+    """How logs name a study: a short hash, so UIDs (and so patients) are not traceable from logs."""
+    return "study-" + hashlib.sha256(study_uid.encode()).hexdigest()[:10]
+
+
+class Watcher:
+    def __init__(self, settings: WatchSettings) -> None:
+        if settings.after == "move" and settings.archive is None:
+            raise ValueError("--after move needs --archive DIR")
+        self.settings = settings
+        settings.out.mkdir(parents=True, exist_ok=True)
+        self.ledger = Ledger(settings.out / LEDGER_NAME)
+        self._remove_stale_temp_files()
+        self.engine = Engine(settings.run)
+        self.stop_event = threading.Event()
+        self.wake = threading.Event()
+
+    def _remove_stale_temp_files(self) -> None:
+        """A killed watcher can leave the temp file of an atomic write; the real file is untouched."""
+        outputs = self.settings.outputs
+        for folder in (self.settings.out, outputs.reports, self.settings.dicom_out):
+            if folder is not None and folder.is_dir():
+                for tmp in folder.glob(".*.tmp"):
+                    tmp.unlink(missing_ok=True)
+
+    def run(self) -> None:
+        """Until SIGINT/SIGTERM: scan, process what is ready, sleep until an event or the next rescan."""
+        recovered = self.ledger.recover()
+        if recovered:
+            log.warning("%d study(ies) were in progress when the watcher stopped; processing them again", recovered)
+        observer = self._start_observer()
+        self._install_signals()
+        last_scan = 0.0
+        try:
+            while not self.stop_event.is_set():
+                if self.wake.is_set() or time.time() - last_scan >= self.settings.rescan_seconds:
+                    self.wake.clear()
+                    self.scan()
+                    last_scan = time.time()
+                self.process_ready()
+                self.wake.wait(timeout=min(1.0, self.settings.quiet_seconds / 2 or 0.1))
+        finally:
+            if observer is not None:
+                observer.stop()
+                observer.join(timeout=5)
+            self.ledger.close()
+
+    def stop(self, *_: object) -> None:
+        self.stop_event.set()
+        self.wake.set()
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self.stop)
+            signal.signal(signal.SIGTERM, self.stop)
+
+    def _start_observer(self):  # type: ignore[no-untyped-def]
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+        from watchdog.observers.polling import PollingObserver
+
+        watcher = self
+
+        class Wake(FileSystemEventHandler):
+            def on_any_event(self, event) -> None:  # type: ignore[no-untyped-def]
+                watcher.wake.set()
+
+        observer = PollingObserver(timeout=2) if self.settings.poll else Observer()
+        try:
+            observer.schedule(Wake(), str(self.settings.incoming), recursive=True)
+            observer.start()
+        except OSError as exc:  # e.g. inotify limits: the periodic rescan still works
+            log.warning("file events unavailable (%s); relying on rescans every %.0f s", exc, self.settings.rescan_seconds)
+            return None
+        return observer
+
+    def scan(self) -> int:
+        """Record new or changed files; returns how many."""
+        changed = 0
+        for path in iter_files([self.settings.incoming]):
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            state = (st.st_size, st.st_mtime)
+            if self.ledger.file_state(str(path)) == state:
+                continue
+            changed += 1
+            try:
+                inst = read_instance(path)
+                self.ledger.record_file(str(path), inst.study_uid, *state)
+            except (NotDicomError, DicomReadError) as exc:
+                # Maybe still being written: recorded with its size, so it is read again when it changes.
+                self.ledger.record_file(str(path), None, *state, problem=str(exc))
+        return changed
+
+    def process_ready(self) -> None:
+        for study_uid in self.ledger.ready(self.settings.quiet_seconds):
+            if self.stop_event.is_set():
+                return
+            if self._complete(study_uid):
+                self.process(study_uid)
+
+    def _complete(self, study_uid: str) -> bool:
+        """Every file of the study still has the size and time it had when recorded."""
+        for path, size, mtime in self.ledger.study_files(study_uid):
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                self.ledger.forget_file(path)
+                continue
+            if (st.st_size, st.st_mtime) != (size, mtime):
+                self.scan()  # re-records it, which restarts the quiet period
+                return False
+        return True
+
+    def process(self, study_uid: str) -> None:
+        tag = study_tag(study_uid)
+        attempt = self.ledger.start(study_uid)
+        try:
+            result = self._run_study(study_uid)
+            write_study_outputs(result, self.settings.outputs)
+            write_index(self.settings.outputs.csv)
+        except OutputError as exc:
+            # Full disk or unwritable folder: not the study's fault, so retry without using up attempts.
+            log.error("%s: outputs could not be written (%s); will retry", tag, exc)
+            self.ledger.retry_later(study_uid, self._backoff(attempt), f"outputs not written: {exc}")
+            self.ledger.db.execute("UPDATE studies SET attempts=attempts-1 WHERE study_uid=?", (study_uid,))
+            return
+        except Exception as exc:  # one study must never stop the watcher
+            log.exception("%s: attempt %d failed", tag, attempt)
+            self._failed_attempt(study_uid, attempt, f"{type(exc).__name__}: {exc}")
+            return
+        if result.status == Status.FAILED and attempt < self.settings.max_attempts:
+            self._failed_attempt(study_uid, attempt, result.message)
+            return
+        status = FAILED if result.status == Status.FAILED else DONE
+        self.ledger.finish(study_uid, status, f"{result.status.value}: {result.message}", result.report_pdf)
+        log.info("%s: %s (attempt %d)", tag, result.status.value, attempt)
+        if status == DONE:
+            self._dispose_inputs(study_uid)
+
+    def _run_study(self, study_uid: str):  # type: ignore[no-untyped-def]
+        instances = []
+        for path, _, _ in self.ledger.study_files(study_uid):
+            try:
+                instances.append(read_instance(Path(path)))
+            except (NotDicomError, DicomReadError, FileNotFoundError):
+                continue
+        series = group_studies(instances).get(study_uid)
+        if not series:
+            raise DicomReadError("no readable DICOM files left for this study")
+        choice = choose_series(series, self.settings.run.rules)
+        return process_studies([choice], self.engine).results[0]
+
+    def _failed_attempt(self, study_uid: str, attempt: int, message: str) -> None:
+        if attempt >= self.settings.max_attempts:
+            self.ledger.finish(study_uid, FAILED, f"failed after {attempt} attempts: {message}", "")
+            log.error("%s: failed after %d attempts", study_tag(study_uid), attempt)
+        else:
+            self.ledger.retry_later(study_uid, self._backoff(attempt), message)
+
+    def _backoff(self, attempt: int) -> float:
+        return min(self.settings.backoff_seconds * 2 ** max(attempt - 1, 0), 300.0)
+
+    def _dispose_inputs(self, study_uid: str) -> None:
+        if self.settings.after == "leave":
+            return
+        incoming = self.settings.incoming.resolve()
+        for path, _, _ in self.ledger.study_files(study_uid):
+            src = Path(path)
+            try:
+                if self.settings.after == "move":
+                    assert self.settings.archive is not None
+                    dest = self.settings.archive / src.resolve().relative_to(incoming)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(str(src), dest)
+                else:
+                    src.unlink()
+                self.ledger.forget_file(path)
+            except (OSError, ValueError) as exc:
+                log.warning("%s: could not %s an input file (%s)", study_tag(study_uid), self.settings.after, exc)
