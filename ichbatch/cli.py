@@ -294,6 +294,84 @@ def status(out: Path, last: int) -> None:
     ledger.close()
 
 
+@main.command()
+@click.option("--source", type=click.Choice(["phantoms", "rsna", "folder"]), required=True, help="phantoms: generated; rsna: stage_2_train.csv + ID_*.dcm; folder: hemorrhage/ and normal/ images.")
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Folder of .dcm files (rsna) or of class folders (folder).")
+@click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="RSNA stage_2_train.csv (rsna).")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Bundle folder to write (e.g. models/my-model).")
+@click.option("--name", default=None, help="Bundle name [default: the --out folder's name].")
+@click.option("--input-size", type=click.IntRange(32, 1024), default=224, show_default=True)
+@click.option("--epochs", type=click.IntRange(1, 1000), default=30, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, 1024), default=32, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True, help="Learning rate (5e-4 also works well from scratch).")
+@click.option("--init", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Start from these weights (weights.npz or .weights.h5): two-stage fine-tuning.")
+@click.option("--val-fraction", type=click.FloatRange(0.05, 0.5), default=0.2, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--phantom-studies", type=click.IntRange(2, 100000), default=200, show_default=True)
+@click.option("--phantom-slices", type=click.IntRange(8, 400), default=24, show_default=True)
+def train(source: str, data: Path | None, labels_csv: Path | None, out: Path, name: str | None, input_size: int,
+          epochs: int, batch_size: int, lr: float, init: Path | None, val_fraction: float, seed: int,
+          phantom_studies: int, phantom_slices: int) -> None:
+    """Train the ResNet50 bundle and write it with its card, training curves and validation metrics.
+
+    \b
+    Examples:
+      ichbatch train --source phantoms --out models/my-phantom-model --epochs 10
+      ichbatch train --source rsna --data rsna/stage_2_train --labels rsna/stage_2_train.csv --out models/rsna
+      ichbatch train --source folder --data images/ --out models/binary --init models/x/weights.npz
+    """
+    from .train import TrainSettings, load_data
+    from .train import train as run_training
+
+    settings = TrainSettings(source=source, out=out, name=name or out.name, data=data, labels_csv=labels_csv,
+                             input_size=input_size, epochs=epochs, batch_size=batch_size, lr=lr, init=init,
+                             val_fraction=val_fraction, seed=seed, phantom_studies=phantom_studies,
+                             phantom_slices=phantom_slices)
+    try:
+        run_training(settings, load_data(settings), echo=lambda m: click.echo(m, err=True))
+    except IchBatchError as exc:
+        raise _fatal(str(exc), EXIT_USAGE) from exc
+
+
+@main.command()
+@click.argument("predictions", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--labels", "labels", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Wide CSV, RSNA stage_2_train.csv, or a synth manifest.json.")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("evaluation"), show_default=True)
+@click.option("--model", default=None, help="Take decision thresholds from this bundle's card [default: 0.5].")
+@click.option("--target-sensitivity", type=click.FloatRange(0.01, 1.0), default=0.95, show_default=True)
+def evaluate(predictions: Path, labels: Path, out: Path, model: str | None, target_sensitivity: float) -> None:
+    """Score predictions (a --slices CSV or a results CSV) against labels; writes metrics.json and plots.
+
+    \b
+    Example:
+      ichbatch synth holdout --studies 50 --seed 777
+      ichbatch run holdout --out holdout.csv --slices holdout_slices.csv --no-reports
+      ichbatch evaluate holdout_slices.csv --labels holdout/manifest.json --out evaluation
+    """
+    import json
+
+    from .evaluate import evaluate_files, plot
+    from .report.files import atomic_write_bytes
+
+    thresholds = None
+    if model:
+        from .model.bundle import read_card, resolve
+
+        thresholds = read_card(resolve(model)).thresholds
+    try:
+        result = evaluate_files(predictions, labels, thresholds, target_sensitivity)
+    except IchBatchError as exc:
+        raise _fatal(str(exc), EXIT_USAGE) from exc
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "metrics.json", json.dumps(result, indent=1).encode())
+    plot(result, out)
+    for level in ("slice", "study"):
+        if level in result:
+            aucs = ", ".join(f"{k} {v['auc']:.3f}" if v["auc"] is not None else f"{k} n/a" for k, v in result[level]["labels"].items())
+            click.echo(f"{level} level (n={result[level]['n']}): AUC {aucs}")
+    click.echo(f"metrics: {out / 'metrics.json'}")
+
+
 @main.group()
 def models() -> None:
     """Model bundles: list, show, import."""

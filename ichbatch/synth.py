@@ -307,4 +307,4 @@ def _manifest_entry(phantom: Phantom, study_uid: str, series_uid: str, accession
         slices.append({"index": int(k), "labels": present,
                        "bbox": [int(rows.min()), int(cols.min()), int(rows.max()), int(cols.max())]})
     return {"study_uid": study_uid, "series_uid": series_uid, "accession": accession,
-            "labels": phantom.labels(), "lesion_slices": slices}
+            "n_slices": int(phantom.hu.shape[0]), "labels": phantom.labels(), "lesion_slices": slices}

@@ -1,0 +1,79 @@
+"""`train` for one short epoch on tiny data from each of the three sources."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pandas as pd
+from click.testing import CliRunner
+from pydicom.uid import generate_uid
+
+from ichbatch.cli import main
+from ichbatch.model.bundle import load_bundle
+from ichbatch.train import group_split
+from ichbatch.synth import ct_slice_dataset, make_phantom
+
+COMMON = ["--input-size", "32", "--epochs", "1", "--batch-size", "4"]
+
+
+def _check_bundle(folder, outputs):
+    card = json.loads((folder / "model.json").read_text())
+    assert card["trained"] is True and tuple(card["outputs"]) == outputs and card["input_size"] == 32
+    assert "validation" in card["metrics"] and (folder / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+    bundle = load_bundle(str(folder))  # sha256 and shapes check out
+    assert bundle.model.outputs[0].shape[-1] == len(outputs)
+
+
+def test_group_split_keeps_groups_whole():
+    groups = np.repeat(np.array([f"p{i}" for i in range(10)]), 3)
+    tr, va = group_split(groups, 0.2, seed=0)
+    assert set(groups[tr]).isdisjoint(groups[va]) and va.sum() == 6 and tr.sum() == 24
+
+
+def test_train_on_phantoms(tmp_path):
+    out = tmp_path / "phantom-model"
+    result = CliRunner().invoke(main, ["train", "--source", "phantoms", "--out", str(out), "--phantom-studies", "3",
+                                       "--phantom-slices", "8", *COMMON])
+    assert result.exit_code == 0, result.output
+    _check_bundle(out, ("any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"))
+    assert "synthetic phantoms" in json.loads((out / "model.json").read_text())["trained_on"]
+
+
+def test_train_on_rsna_layout(tmp_path):
+    data = tmp_path / "stage_2_train"
+    data.mkdir()
+    hu = make_phantom(np.random.default_rng(0), n_slices=6, size=64, subtypes=("subdural",)).hu
+    rows = []
+    for k in range(6):
+        image_id = f"ID_{k:08x}"
+        ds = ct_slice_dataset(hu[k], z=5.0 * k, study_uid=generate_uid(), patient_id=f"PAT{k % 3}")
+        ds.save_as(data / f"{image_id}.dcm", enforce_file_format=True)
+        for label in ("any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"):
+            rows.append({"ID": f"{image_id}_{label}", "Label": int(label in ("any", "subdural") and k % 2 == 0)})
+    pd.DataFrame(rows).to_csv(tmp_path / "stage_2_train.csv", index=False)
+    out = tmp_path / "rsna-model"
+    result = CliRunner().invoke(main, ["train", "--source", "rsna", "--data", str(data), "--labels",
+                                       str(tmp_path / "stage_2_train.csv"), "--out", str(out), *COMMON])
+    assert result.exit_code == 0, result.output
+    assert "6 slices from 3 patients" in result.output
+    _check_bundle(out, ("any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"))
+
+
+def test_train_on_image_folder(tmp_path):
+    rng = np.random.default_rng(1)
+    for cls in ("hemorrhage", "normal"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(3):
+            img = (rng.random((40, 40, 3)) * 255).astype(np.uint8)
+            cv2.imwrite(str(tmp_path / "imgs" / cls / f"pt{i}{cls[0]}_{i}.png"), img)
+    out = tmp_path / "binary-model"
+    result = CliRunner().invoke(main, ["train", "--source", "folder", "--data", str(tmp_path / "imgs"), "--out", str(out), *COMMON])
+    assert result.exit_code == 0, result.output
+    _check_bundle(out, ("any",))
+
+
+def test_train_reports_missing_data_clearly(tmp_path):
+    result = CliRunner().invoke(main, ["train", "--source", "folder", "--data", str(tmp_path), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 2 and "hemorrhage" in result.output
