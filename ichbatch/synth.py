@@ -276,6 +276,7 @@ def synth_studies(
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
     studies = []
+    masks: dict[str, np.ndarray] = {}
     for i in range(n_studies):
         positive = rng.random() < p_positive
         k = int(rng.integers(1, 3)) if positive else 0
@@ -289,11 +290,22 @@ def synth_studies(
             accession=f"SYN{seed:04d}{i:04d}", rng=rng, split_folders=bool(i % 2),
         )
         studies.append(_manifest_entry(phantom, study_uid, series_uid, f"SYN{seed:04d}{i:04d}"))
-    manifest = {"seed": seed, "generator": "ichbatch.synth", "studies": studies}
+        if phantom.masks:
+            union = np.logical_or.reduce(list(phantom.masks.values()))
+            masks[study_uid] = np.packbits(union, axis=-1)  # (slices, rows, cols/8), z order
+    np.savez_compressed(out / "lesion_masks.npz", **masks)
+    manifest = {"seed": seed, "generator": "ichbatch.synth", "size": size, "lesion_masks": "lesion_masks.npz",
+                "studies": studies}
     tmp = out / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / "manifest.json")
     return manifest
+
+
+def load_masks(folder: Path) -> dict[str, np.ndarray]:
+    """study_uid -> (slices, rows, cols) bool lesion mask (any subtype), for studies with a lesion."""
+    with np.load(folder / "lesion_masks.npz") as data:
+        return {uid: np.unpackbits(data[uid], axis=-1).astype(bool) for uid in data.files}
 
 
 def _manifest_entry(phantom: Phantom, study_uid: str, series_uid: str, accession: str) -> dict:
