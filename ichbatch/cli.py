@@ -58,6 +58,7 @@ def default_model() -> str:
 @click.option("--tta", type=click.IntRange(1, 8), default=None, help="Test-time augmentation views per slice [default: 2 on CPU, 8 on GPU].")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True, help="Slices per model call.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True, help="Compute dtype; auto is bfloat16 on a GPU, float32 on a CPU.")
 @click.option("--aggregate", "agg", type=click.Choice(["max", "topk"]), default="max", show_default=True, help="Slice-to-study rule (README: Aggregation).")
 @click.option("--topk", type=click.IntRange(1, 100), default=3, show_default=True, help="k for --aggregate topk.")
 @click.option("--min-slices", type=click.IntRange(1, 10000), default=8, show_default=True, help="Fewest axial slices a usable series has.")
@@ -65,7 +66,7 @@ def default_model() -> str:
 @click.option("--pseudonymize", is_flag=True, help="Replace patient ID and accession in the CSV by a keyed hash (key from ICHBATCH_PSEUDONYM_KEY).")
 @click.option("--dicom-out", type=click.Path(file_okay=False, path_type=Path), help="Also write each report as DICOM Encapsulated PDF and the key images as Secondary Capture, in the original study.")
 def run(inputs: tuple[Path, ...], out: Path, reports: Path | None, no_reports: bool, model: str | None, tta: int | None,
-        batch_size: int, device: str, agg: str, topk: int, min_slices: int, slices_csv: Path | None, pseudonymize: bool,
+        batch_size: int, device: str, precision: str, agg: str, topk: int, min_slices: int, slices_csv: Path | None, pseudonymize: bool,
         dicom_out: Path | None) -> None:
     """Process every study found under INPUTS (folders or files, nested, any file names).
 
@@ -75,12 +76,12 @@ def run(inputs: tuple[Path, ...], out: Path, reports: Path | None, no_reports: b
       ichbatch run a/ b/ --out results.csv --reports pdfs --tta 4 --slices slices.csv
     """
     code = _run(list(inputs), out, None if no_reports else (reports or out.parent / "reports"), model, tta, batch_size,
-                device, agg, topk, min_slices, slices_csv, pseudonymize, dicom_out)
+                device, agg, topk, min_slices, slices_csv, pseudonymize, dicom_out, precision)
     sys.exit(code)
 
 
 def _run(inputs, out, reports, model, tta, batch_size, device, agg, topk, min_slices, slices_csv, pseudonymize,
-         dicom_out=None) -> int:  # type: ignore[no-untyped-def]
+         dicom_out=None, precision="auto") -> int:  # type: ignore[no-untyped-def]
     from dataclasses import replace
 
     from .config import DEFAULT_RULES
@@ -97,7 +98,7 @@ def _run(inputs, out, reports, model, tta, batch_size, device, agg, topk, min_sl
         if default_device() != "gpu":
             raise click.UsageError("--device gpu was asked for, but the Keras backend sees no GPU")
     settings = RunSettings(model=model or default_model(), tta=tta, batch_size=batch_size, device=device,
-                           aggregate=agg, topk=topk, rules=replace(DEFAULT_RULES, min_slices=min_slices))
+                           precision=precision, aggregate=agg, topk=topk, rules=replace(DEFAULT_RULES, min_slices=min_slices))
     _check_writable(out.parent)
     progress = _Progress()
     outputs = OutputSettings(csv=out, reports=reports, dicom_out=dicom_out, pseudonym_key=key)

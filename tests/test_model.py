@@ -172,3 +172,14 @@ def test_tensorflow_and_jax_backends_agree(tiny_bundle):
         results[backend] = np.array(eval(out.stdout.strip().splitlines()[-1]))
     assert results["tensorflow"].shape == (3, 6)
     assert np.allclose(results["tensorflow"], results["jax"], atol=2e-3)
+
+
+def test_mixed_bfloat16_path_tracks_float32(tiny_bundle):
+    """The GPU default (bfloat16 compute) checked on the CPU: same decisions, small differences."""
+    hu = _hu_batch(4, seed=6)
+    full = Predictor(load_bundle(str(tiny_bundle)), 1, 4).predict(hu)
+    bundle16 = load_bundle(str(tiny_bundle), precision="bfloat16")
+    assert bundle16.model.layers[2].compute_dtype == "bfloat16"
+    assert bundle16.model.get_layer("ich_head").compute_dtype == "float32"
+    half = Predictor(bundle16, 1, 4).predict(hu)
+    assert half.dtype == np.float32 and np.allclose(full, half, atol=0.05)

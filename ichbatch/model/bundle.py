@@ -144,15 +144,24 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_bundle(name_or_path: str) -> Bundle:
+def load_bundle(name_or_path: str, precision: str = "float32") -> Bundle:
+    """precision: the compute dtype ("float32", or "bfloat16"/"float16" as mixed precision: variables
+    stay float32, the sigmoid head always computes in float32)."""
+    import keras
+
     folder = resolve(name_or_path)
     card = read_card(folder)
     if card.weights is not None:
         _verify(folder, card)
-    if card.architecture == "resnet50":
-        model = _load_resnet(folder, card)
-    else:
-        model = _load_keras_file(folder / str(card.weights))
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32" if precision == "float32" else f"mixed_{precision}")
+    try:
+        if card.architecture == "resnet50":
+            model = _load_resnet(folder, card)
+        else:
+            model = _load_keras_file(folder / str(card.weights))
+    finally:
+        keras.config.set_dtype_policy(previous)
     _check_model_shape(model, card)
     return Bundle(card, folder, model)
 
@@ -220,7 +229,7 @@ def load_npz_weights(model, path: Path) -> None:  # type: ignore[no-untyped-def]
     for var, arr in zip(model.weights, arrays):
         if tuple(var.shape) != arr.shape:
             raise BundleError(f"{path}: {var.path} has shape {tuple(var.shape)}, the file {arr.shape}")
-        var.assign(arr.astype(var.dtype))
+        var.assign(arr.astype("float32"))
 
 
 def write_bundle(folder: Path, card: ModelCard, model=None, weights_source: Path | None = None) -> Path:  # type: ignore[no-untyped-def]
