@@ -57,6 +57,8 @@ def mixed_folder(tmp_path_factory, phantom_hu):
     for p in write_series(root / "broken", phantom_hu, study_uid=broken, series_uid=generate_uid()):
         p.write_bytes(p.read_bytes()[:-4000])  # pixel data cut short on every slice
     (root / "Thumbs.db").write_bytes(b"\x00" * 64)
+    first = next((root / "phantoms").rglob("*.dcm"))
+    (root / "cut_header.dcm").write_bytes(first.read_bytes()[:400])  # truncated inside the header
     (root / "README.txt").write_text("export")
     return root, manifest, study, mr, broken
 
@@ -86,7 +88,10 @@ def test_run_on_mixed_folder(mixed_folder, tiny_bundle, tmp_path):
     index = (out.parent / "results.html").read_text()
     assert index.count("<tr>") == 6 and index.count(".pdf\">PDF</a>") == 5
     files = pd.read_csv(out.with_name("results_files.csv"))
-    assert {"Thumbs.db", "README.txt", "manifest.json"} <= {p.rsplit("/", 1)[1] for p in files["path"]}
+    by_name = {p.rsplit("/", 1)[1]: (st, msg) for p, st, msg in files[["path", "status", "message"]].itertuples(index=False)}
+    assert {"Thumbs.db", "README.txt", "manifest.json", "cut_header.dcm"} <= set(by_name)
+    assert by_name["cut_header.dcm"][0] == "failed" and "truncated or corrupt" in by_name["cut_header.dcm"][1]
+    assert by_name["Thumbs.db"][0] == "skipped"
     slices = pd.read_csv(tmp_path / "slices.csv")
     assert len(slices) == 10 + 10 + 12 and set(slices.columns) >= {"study_uid", "slice", "z_mm", "prob_any"}
 

@@ -180,3 +180,24 @@ def test_real_enhanced_ct_gives_one_slice_per_frame():
     assert [s.frame for s in slices] != [] and all(s.intercept is not None for s in slices)
     hu = load_hu(slices[0]).hu
     assert hu.ndim == 2 and hu.min() < -500  # air around the object: rescale from functional groups
+
+
+def test_12bit_image_with_normal_intercept_is_left_alone(tmp_path):
+    ds = ct_slice_dataset(_hu_grid(), z=0, intercept=-1024)
+    ds.BitsStored, ds.HighBit = 12, 11
+    ds.save_as(tmp_path / "n.dcm", enforce_file_format=True)
+    result = load_hu(_ref(tmp_path / "n.dcm"))
+    assert result.hu[0, 0] == -1000 and result.hu[12, 12] == 1500 and not result.warnings
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm"])
+def test_pydicom_bundled_real_ct(name):
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.skip(f"{name} is not in this pydicom installation")
+    hu = load_hu(_ref(path)).hu
+    head = pydicom.dcmread(path, stop_before_pixels=True)
+    assert hu.shape == (head.Rows, head.Columns)
+    assert hu.min() < -500 and 0 < np.median(hu[hu > -200]) < 200  # air around soft tissue
