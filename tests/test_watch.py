@@ -150,3 +150,43 @@ def test_broken_study_and_unwritable_reports_get_clear_statuses(tmp_path, tiny_b
     new = [r for r in watcher.ledger.studies() if r.study_uid not in (good_uid, broken_uid)]
     assert new[0].status == "failed" and "report not written" in new[0].message
     watcher.ledger.close()
+
+
+def test_late_file_makes_a_new_version_and_move_archives_after_outputs(tmp_path, tiny_bundle):
+    import shutil
+
+    from ichbatch.pipeline import RunSettings
+    from ichbatch.watch.watcher import Watcher, WatchSettings
+
+    src, incoming, out, archive = tmp_path / "src", tmp_path / "in", tmp_path / "out", tmp_path / "archive"
+    manifest = synth_studies(src, 1, seed=25, n_slices=10, size=64)
+    uid = manifest["studies"][0]["study_uid"]
+    files = sorted(src.rglob("*.dcm"))
+    incoming.mkdir()
+    for f in files[:-1]:  # the last slice is late
+        shutil.copy(f, incoming / f.name)
+    leave = WatchSettings(incoming=incoming, out=out, run=RunSettings(model=str(tiny_bundle), tta=1), quiet_seconds=0)
+    watcher = Watcher(leave)
+    watcher.scan()
+    watcher.process_ready()
+    first = pd.read_csv(out / "results.csv", dtype=str)
+    assert first["n_slices"].tolist() == ["9"]
+    shutil.copy(files[-1], incoming / files[-1].name)
+    watcher.scan()
+    watcher.process_ready()
+    again = pd.read_csv(out / "results.csv", dtype=str)
+    assert again["study_uid"].tolist() == [uid] and again["n_slices"].tolist() == ["10"]
+    assert watcher.ledger.studies()[0].version == 2
+    watcher.ledger.close()
+
+    # A second study, with --after move: inputs leave the folder only once outputs are written.
+    synth_studies(incoming / "next", 1, seed=26, n_slices=8, size=64)
+    moving = WatchSettings(incoming=incoming, out=out, run=RunSettings(model=str(tiny_bundle), tta=1),
+                           quiet_seconds=0, after="move", archive=archive)
+    watcher = Watcher(moving)
+    watcher.scan()
+    watcher.process_ready()
+    assert len(pd.read_csv(out / "results.csv")) == 2
+    assert len(list(archive.rglob("*.dcm"))) == 8 and not list((incoming / "next").rglob("*.dcm"))
+    assert len(list(incoming.glob("*.dcm"))) == 10  # the first study was done before: untouched
+    watcher.ledger.close()
