@@ -210,6 +210,10 @@ def train(settings: TrainSettings, data: TrainData, echo: Callable[[str], None] 
     base = build_resnet50(settings.input_size, len(data.outputs), seed=settings.seed)
     if settings.init:
         _load_init(base, settings.init)
+    else:
+        # From scratch the weights move fast; with Keras' default 0.99 the moving statistics lag so far
+        # behind that validation (which uses them) sees a different network from training.
+        _set_bn_momentum(base, 0.9)
     model = _training_model(base, settings.input_size, settings.seed)
     weights = np.where(data.y[:, 0] > 0, 1.5, 1.0).astype(np.float32)  # positives count 1.5 times
     fit_args = dict(x=data.x[tr], y=data.y[tr], sample_weight=weights[tr], batch_size=settings.batch_size,
@@ -224,6 +228,7 @@ def train(settings: TrainSettings, data: TrainData, echo: Callable[[str], None] 
             h = model.fit(epochs=epochs, callbacks=_callbacks(Path(tmp) / f"best{i}.weights.h5"), **fit_args)
             for key, values in h.history.items():
                 history.setdefault(key, []).extend(float(v) for v in values)
+    recalibrate_batchnorm(base, data.x[tr], settings.batch_size, settings.seed)
     val_pred = np.asarray(base.predict(data.x[va].astype(np.float32) / 255.0, batch_size=64, verbose=0))
     metrics = evaluate_arrays(data.y[va], val_pred, data.outputs, groups=data.groups[va])
     card = ModelCard(
@@ -237,6 +242,34 @@ def train(settings: TrainSettings, data: TrainData, echo: Callable[[str], None] 
     _plot_curves(history, folder / "training_curves.png")
     echo(f"bundle written to {folder}; validation: {card.metrics['validation']}")
     return folder
+
+
+def _set_bn_momentum(base, momentum: float) -> None:  # type: ignore[no-untyped-def]
+    import keras
+
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = momentum
+
+
+def recalibrate_batchnorm(base, x_uint8: np.ndarray, batch_size: int, seed: int, max_batches: int = 64) -> None:  # type: ignore[no-untyped-def]
+    """"Precise BN": replace each BatchNormalization layer's moving statistics by their average over
+    up to max_batches un-augmented training batches, with the final weights (no weight changes)."""
+    import keras
+
+    bns = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    if not bns or len(x_uint8) == 0:
+        return
+    saved = [layer.momentum for layer in bns]
+    order = np.random.default_rng(seed).permutation(len(x_uint8))
+    n_batches = max(1, min(max_batches, len(order) // batch_size))
+    for i in range(n_batches):
+        for layer in bns:
+            layer.momentum = i / (i + 1)  # running mean of the per-batch statistics
+        batch = x_uint8[order[i * batch_size : (i + 1) * batch_size]].astype(np.float32) / 255.0
+        base(batch, training=True)
+    for layer, momentum in zip(bns, saved):
+        layer.momentum = momentum
 
 
 def _stages(settings: TrainSettings) -> list[tuple[int, float, str]]:

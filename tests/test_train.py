@@ -77,3 +77,20 @@ def test_train_on_image_folder(tmp_path):
 def test_train_reports_missing_data_clearly(tmp_path):
     result = CliRunner().invoke(main, ["train", "--source", "folder", "--data", str(tmp_path), "--out", str(tmp_path / "m")])
     assert result.exit_code == 2 and "hemorrhage" in result.output
+
+
+def test_recalibrated_batchnorm_statistics_match_the_data():
+    import keras
+
+    from ichbatch.model.resnet import build_resnet50
+    from ichbatch.train import recalibrate_batchnorm
+
+    model = build_resnet50(32, 1, seed=0)
+    x = (np.random.default_rng(0).random((16, 32, 32, 3)) * 255).astype(np.uint8)
+    recalibrate_batchnorm(model, x, batch_size=8, seed=0)
+    first_bn = model.get_layer("conv1_bn")
+    conv = keras.Model(model.inputs, model.get_layer("conv1_conv").output)
+    acts = np.asarray(conv.predict(x.astype(np.float32) / 255.0, verbose=0))
+    # The mean of per-batch means is the data mean; the stored mean must match it closely.
+    assert np.allclose(np.asarray(first_bn.moving_mean), acts.mean(axis=(0, 1, 2)), atol=1e-4)
+    assert first_bn.momentum == 0.99  # restored afterwards
