@@ -1,6 +1,8 @@
 """Bare-model vs end-to-end throughput, measured in one run so the ratio is robust to a noisy machine.
 
     python benchmarks/throughput.py [--model NAME] [--studies 4] [--batch-size 16] [--tta 1]
+    KERAS_BACKEND=jax python benchmarks/throughput.py --model ich-resnet50-untrained --batch-size 256 \
+        --precision bfloat16 --studies 40 --slices 32        # the GPU figure the README asks for
 
 Bare: the serving model (windowing + TTA views + network) on int16 batches already in memory.
 End to end: `process_folder` over generated phantom studies (discovery, decode, resize, inference,
@@ -27,6 +29,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--tta", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     args = parser.parse_args()
 
     import keras
@@ -38,7 +41,8 @@ def main() -> None:
     from ichbatch.discover import discover
     from ichbatch.synth import synth_studies
 
-    settings = RunSettings(model=args.model or default_model(), tta=args.tta, batch_size=args.batch_size)
+    settings = RunSettings(model=args.model or default_model(), tta=args.tta, batch_size=args.batch_size,
+                           precision=args.precision)
     engine = Engine(settings)
     size = engine.bundle.card.input_size
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,7 +63,7 @@ def main() -> None:
     b, e = float(np.median(bare)), float(np.median(e2e))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"backend {keras.backend.backend()} on {default_device()}")
-    print(f"model {engine.bundle.card.display_name}, input {size}px, batch {args.batch_size}, TTA {args.tta}, "
+    print(f"model {engine.bundle.card.display_name}, input {size}px, {engine.precision}, batch {args.batch_size}, TTA {args.tta}, "
           f"{args.studies} studies x {args.slices} slices of 512x512")
     print(f"bare model:  {b:8.1f} slices/s ({b * args.tta:.1f} images/s)")
     print(f"end to end:  {e:8.1f} slices/s")
