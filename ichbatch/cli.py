@@ -238,8 +238,10 @@ def demo(out: Path, studies: int, model: str | None) -> None:
 @click.option("--model", default=None, help="Bundle name or folder [default: the demo model, else the untrained stand-in].")
 @click.option("--tta", type=click.IntRange(1, 8), default=None, help="TTA views per slice [default: 2 on CPU, 8 on GPU].")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True)
+@click.option("--log-uids", is_flag=True, help="Name studies by StudyInstanceUID in the log (default: a short hash, no identifiers).")
 def watch(incoming: Path, out: Path, quiet_seconds: float, rescan_seconds: float, poll: bool, max_attempts: int,
-          after: str, archive: Path | None, dicom_out: Path | None, model: str | None, tta: int | None, batch_size: int) -> None:
+          after: str, archive: Path | None, dicom_out: Path | None, model: str | None, tta: int | None, batch_size: int,
+          log_uids: bool) -> None:
     """Process each study that arrives in INCOMING exactly once, through restarts. Stop with Ctrl-C or SIGTERM.
 
     \b
@@ -255,7 +257,8 @@ def watch(incoming: Path, out: Path, quiet_seconds: float, rescan_seconds: float
     _check_writable(out)
     settings = WatchSettings(incoming=incoming, out=out, run=RunSettings(model=model or default_model(), tta=tta,
                              batch_size=batch_size), quiet_seconds=quiet_seconds, rescan_seconds=rescan_seconds,
-                             poll=poll, max_attempts=max_attempts, after=after, archive=archive, dicom_out=dicom_out)
+                             poll=poll, max_attempts=max_attempts, after=after, archive=archive, dicom_out=dicom_out,
+                             log_uids=log_uids)
     logging.getLogger("ichbatch").setLevel(logging.INFO)
     try:
         watcher = Watcher(settings)
@@ -269,7 +272,8 @@ def watch(incoming: Path, out: Path, quiet_seconds: float, rescan_seconds: float
 @main.command()
 @click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--last", type=click.IntRange(1, 1000), default=10, show_default=True, help="How many recent studies to list.")
-def status(out: Path, last: int) -> None:
+@click.option("--uids", is_flag=True, help="Show StudyInstanceUIDs instead of short hashes.")
+def status(out: Path, last: int, uids: bool) -> None:
     """Print a watch folder's ledger: counts by status, the last studies, failures with reasons.
 
     \b
@@ -286,12 +290,12 @@ def status(out: Path, last: int) -> None:
     click.echo("studies: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"))
     click.echo(f"last {last}:")
     for row in ledger.studies(limit=last):
-        click.echo(f"  {study_tag(row.study_uid)}  {row.status:10}  v{row.version}  attempts {row.attempts}")
+        click.echo(f"  {study_tag(row.study_uid, uids)}  {row.status:10}  v{row.version}  attempts {row.attempts}")
     failures = ledger.studies(FAILED, limit=1000)
     if failures:
         click.echo("failures:")
         for row in failures:
-            click.echo(f"  {study_tag(row.study_uid)}  {row.message}")
+            click.echo(f"  {study_tag(row.study_uid, uids)}  {row.message}")
     ledger.close()
 
 

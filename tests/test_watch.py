@@ -93,7 +93,10 @@ def test_trickled_studies_are_each_processed_once(tmp_path, tiny_bundle):
     with sqlite3.connect(out / "ichbatch-ledger.sqlite") as con:
         assert con.execute("SELECT DISTINCT version, status FROM studies").fetchall() == [(1, "done")]
     status = subprocess.run([sys.executable, "-m", "ichbatch.cli", "status", str(out)], capture_output=True, text=True, env=_env())
-    assert "studies: 4 done" in status.stdout
+    assert "studies: 4 done" in status.stdout and "1.2.826" not in status.stdout
+    with_uids = subprocess.run([sys.executable, "-m", "ichbatch.cli", "status", str(out), "--uids"],
+                               capture_output=True, text=True, env=_env())
+    assert all(s["study_uid"] in with_uids.stdout for s in manifest["studies"])
 
 
 def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path, tiny_bundle):

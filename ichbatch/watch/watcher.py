@@ -44,14 +44,17 @@ class WatchSettings:
     after: str = "leave"  # what happens to a study's input files once its outputs are safely written
     archive: Path | None = None
     dicom_out: Path | None = None
+    log_uids: bool = False  # name studies by StudyInstanceUID in logs (off: a short hash)
 
     @property
     def outputs(self) -> OutputSettings:
         return OutputSettings(csv=self.out / "results.csv", reports=self.out / "reports", dicom_out=self.dicom_out)
 
 
-def study_tag(study_uid: str) -> str:
-    """How logs name a study: a short hash, so UIDs (and so patients) are not traceable from logs."""
+def study_tag(study_uid: str, log_uids: bool = False) -> str:
+    """How logs name a study: by default a short hash, so UIDs (and so patients) are not traceable."""
+    if log_uids:
+        return study_uid
     return "study-" + hashlib.sha256(study_uid.encode()).hexdigest()[:10]
 
 
@@ -167,7 +170,7 @@ class Watcher:
         return True
 
     def process(self, study_uid: str) -> None:
-        tag = study_tag(study_uid)
+        tag = study_tag(study_uid, self.settings.log_uids)
         attempt = self.ledger.start(study_uid)
         try:
             result = self._run_study(study_uid)
@@ -208,7 +211,7 @@ class Watcher:
     def _failed_attempt(self, study_uid: str, attempt: int, message: str) -> None:
         if attempt >= self.settings.max_attempts:
             self.ledger.finish(study_uid, FAILED, f"failed after {attempt} attempts: {message}", "")
-            log.error("%s: failed after %d attempts", study_tag(study_uid), attempt)
+            log.error("%s: failed after %d attempts", study_tag(study_uid, self.settings.log_uids), attempt)
         else:
             self.ledger.retry_later(study_uid, self._backoff(attempt), message)
 
@@ -231,4 +234,5 @@ class Watcher:
                     src.unlink()
                 self.ledger.forget_file(path)
             except (OSError, ValueError) as exc:
-                log.warning("%s: could not %s an input file (%s)", study_tag(study_uid), self.settings.after, exc)
+                log.warning("%s: could not %s an input file (%s)", study_tag(study_uid, self.settings.log_uids),
+                            self.settings.after, exc)
