@@ -39,7 +39,8 @@ def main(verbose: bool) -> None:
       ichbatch synth phantoms --studies 10 --seed 1
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow prints C++ INFO lines (oneDNN notices) at import; keep the terminal for our own output.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1" if verbose else "3")
 
 
 def default_model() -> str:
@@ -87,7 +88,8 @@ def _run(inputs, out, reports, model, tta, batch_size, device, agg, topk, min_sl
     from .config import DEFAULT_RULES
     from .domain import Status
     from .pipeline import RunSettings, process_folder
-    from .report.csv_report import write_slices
+    from .progress import TerminalProgress
+    from .report.csv_report import write_file_issues, write_slices
     from .report.html_index import write_index
     from .report.outputs import OutputSettings, write_study_outputs
 
@@ -100,7 +102,7 @@ def _run(inputs, out, reports, model, tta, batch_size, device, agg, topk, min_sl
     settings = RunSettings(model=model or default_model(), tta=tta, batch_size=batch_size, device=device,
                            precision=precision, aggregate=agg, topk=topk, rules=replace(DEFAULT_RULES, min_slices=min_slices))
     _check_writable(out.parent)
-    progress = _Progress()
+    progress = TerminalProgress()
     outputs = OutputSettings(csv=out, reports=reports, dicom_out=dicom_out, pseudonym_key=key)
     try:
         with progress:
@@ -115,7 +117,7 @@ def _run(inputs, out, reports, model, tta, batch_size, device, agg, topk, min_sl
     if out.exists():
         write_index(out)
     files_csv = out.with_name(out.stem + "_files.csv")
-    _write_file_issues(files_csv, summary.file_issues)
+    write_file_issues(files_csv, summary.file_issues)
     ok, skipped, failed = (summary.count(s) for s in (Status.OK, Status.SKIPPED, Status.FAILED))
     click.echo(
         f"{len(summary.results)} studies: {ok} ok, {skipped} skipped, {failed} failed; "
@@ -142,47 +144,6 @@ def _check_writable(folder: Path) -> None:
         raise _fatal(f"cannot create output folder {folder}: {exc.strerror}", EXIT_FATAL) from exc
     if not os.access(folder, os.W_OK):
         raise _fatal(f"output folder {folder} is not writable", EXIT_FATAL)
-
-
-def _write_file_issues(path: Path, issues) -> None:  # type: ignore[no-untyped-def]
-    import io
-
-    import pandas as pd
-
-    from .report.files import atomic_write_bytes
-
-    buf = io.StringIO()
-    pd.DataFrame([{"path": i.path, "status": i.status.value, "message": i.message} for i in issues],
-                 columns=["path", "status", "message"]).to_csv(buf, index=False)
-    atomic_write_bytes(path, buf.getvalue().encode())
-
-
-class _Progress:
-    """A rich progress bar on a terminal; silent otherwise (logs and CI stay clean)."""
-
-    def __init__(self) -> None:
-        self.bar = None
-        self.tasks: dict[str, int] = {}
-        if sys.stderr.isatty():
-            from rich.progress import Progress
-
-            self.bar = Progress(transient=True)
-
-    def __enter__(self) -> _Progress:
-        if self.bar:
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:  # type: ignore[no-untyped-def]
-        if self.bar:
-            self.bar.__exit__(*exc)
-
-    def update(self, stage: str, done: int, total: int) -> None:
-        if not self.bar:
-            return
-        if stage not in self.tasks:
-            self.tasks[stage] = self.bar.add_task(stage, total=total or None)
-        self.bar.update(self.tasks[stage], completed=done, total=total or None)
 
 
 @main.command()

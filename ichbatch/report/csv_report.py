@@ -16,7 +16,7 @@ import pandas as pd
 
 from .. import NOT_FOR_DIAGNOSIS
 from ..config import LABELS, SUBTYPES
-from ..domain import StudyResult
+from ..domain import FileIssue, StudyResult
 from .files import atomic_write_bytes
 
 COLUMNS: tuple[str, ...] = (
@@ -102,4 +102,13 @@ def write_slices(path: Path, results: Iterable[StudyResult]) -> None:
             rows.append(entry)
     buf = io.StringIO()
     pd.DataFrame(rows).to_csv(buf, index=False)
+    atomic_write_bytes(Path(path), buf.getvalue().encode("utf-8"))
+
+
+def write_file_issues(path: Path, issues: Iterable[FileIssue]) -> None:
+    """Every file that was not used, with its status and reason (the per-file record of a run)."""
+    frame = pd.DataFrame([{"path": i.path, "status": i.status.value, "message": i.message} for i in issues],
+                         columns=["path", "status", "message"])
+    buf = io.StringIO()
+    frame.to_csv(buf, index=False)
     atomic_write_bytes(Path(path), buf.getvalue().encode("utf-8"))
