@@ -266,6 +266,7 @@ def status(out: Path, last: int, uids: bool) -> None:
 @click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="RSNA stage_2_train.csv (rsna).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Bundle folder to write (e.g. models/my-model).")
 @click.option("--name", default=None, help="Bundle name [default: the --out folder's name].")
+@click.option("--version", "version", default="1.0.0", show_default=True, help="Bundle version for the card.")
 @click.option("--input-size", type=click.IntRange(32, 1024), default=224, show_default=True)
 @click.option("--epochs", type=click.IntRange(1, 1000), default=30, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=32, show_default=True)
@@ -275,7 +276,7 @@ def status(out: Path, last: int, uids: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--phantom-studies", type=click.IntRange(2, 100000), default=200, show_default=True)
 @click.option("--phantom-slices", type=click.IntRange(8, 400), default=24, show_default=True)
-def train(source: str, data: Path | None, labels_csv: Path | None, out: Path, name: str | None, input_size: int,
+def train(source: str, data: Path | None, labels_csv: Path | None, out: Path, name: str | None, version: str, input_size: int,
           epochs: int, batch_size: int, lr: float, init: Path | None, val_fraction: float, seed: int,
           phantom_studies: int, phantom_slices: int) -> None:
     """Train the ResNet50 bundle and write it with its card, training curves and validation metrics.
@@ -289,7 +290,7 @@ def train(source: str, data: Path | None, labels_csv: Path | None, out: Path, na
     from .train import TrainSettings, load_data
     from .train import train as run_training
 
-    settings = TrainSettings(source=source, out=out, name=name or out.name, data=data, labels_csv=labels_csv,
+    settings = TrainSettings(source=source, out=out, name=name or out.name, version=version, data=data, labels_csv=labels_csv,
                              input_size=input_size, epochs=epochs, batch_size=batch_size, lr=lr, init=init,
                              val_fraction=val_fraction, seed=seed, phantom_studies=phantom_studies,
                              phantom_slices=phantom_slices)

@@ -1,0 +1,36 @@
+"""Checks that need the shipped demo weights (trained on phantoms); skipped when they are absent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from pydicom.uid import generate_uid
+
+from ichbatch.cli import main
+from ichbatch.synth import make_phantom, write_series
+
+DEMO = Path(__file__).resolve().parents[1] / "models" / "ich-resnet50-demo"
+pytestmark = pytest.mark.skipif(not (DEMO / "model.json").exists(), reason="demo weights not present")
+
+
+@pytest.mark.parametrize("subtype", ["intraparenchymal", "intraventricular", "subdural"])
+def test_demo_model_flags_a_planted_hemorrhage_and_shows_it(tmp_path, subtype):
+    rng = np.random.default_rng(4)
+    positive = make_phantom(rng, n_slices=16, size=256, subtypes=(subtype,))
+    negative = make_phantom(rng, n_slices=16, size=256)
+    for name, ph in (("pos", positive), ("neg", negative)):
+        write_series(ph, tmp_path / name, study_uid=f"1.2.3.{len(name)}.{rng.integers(1000)}", series_uid=generate_uid(),
+                     patient_id=name, patient_name="DEMO^TEST", accession=name, rng=rng)
+    out = tmp_path / "results.csv"
+    result = CliRunner().invoke(main, ["run", str(tmp_path), "--out", str(out), "--model", str(DEMO), "--tta", "1", "--no-reports"])
+    assert result.exit_code == 0, result.output
+    rows = pd.read_csv(out, dtype=str).set_index("accession")
+    assert rows.loc["pos", "flag_any"] == "1" and rows.loc["neg", "flag_any"] == "0"
+    assert float(rows.loc["pos", "prob_any"]) > float(rows.loc["neg", "prob_any"]) + 0.5
+    key = int(rows.loc["pos", "key_slices"].split()[0]) - 1
+    assert positive.masks[subtype][key].any(), "the top key slice should show the hemorrhage"
+    assert "ich-resnet50-demo" in rows.loc["pos", "notice"] and "NOT FOR DIAGNOSIS" in rows.loc["pos", "notice"]
