@@ -142,6 +142,7 @@ class StudyResult:
     model: str = ""
     model_version: str = ""
     model_trained: bool = True
+    model_trained_on: str = ""  # from the card, shown on every output
     tta: int = 1
     seconds: float = 0.0
     report_pdf: str = ""

@@ -268,6 +268,7 @@ def _base_result(choice: SeriesChoice, engine: Engine, status: Status, message: 
         model=card.name,
         model_version=card.version,
         model_trained=card.trained,
+        model_trained_on=card.trained_on,
         tta=engine.tta,
     )
 

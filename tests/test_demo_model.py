@@ -33,4 +33,5 @@ def test_demo_model_flags_a_planted_hemorrhage_and_shows_it(tmp_path, subtype):
     assert float(rows.loc["pos", "prob_any"]) > float(rows.loc["neg", "prob_any"]) + 0.5
     key = int(rows.loc["pos", "key_slices"].split()[0]) - 1
     assert positive.masks[subtype][key].any(), "the top key slice should show the hemorrhage"
-    assert "ich-resnet50-demo" in rows.loc["pos", "notice"] and "NOT FOR DIAGNOSIS" in rows.loc["pos", "notice"]
+    notice = rows.loc["pos", "notice"]
+    assert "ich-resnet50-demo" in notice and "NOT FOR DIAGNOSIS" in notice and "synthetic phantoms" in notice

@@ -57,6 +57,13 @@ def test_pseudonymized_identifiers(tmp_path):
     assert df["patient_id"][0].startswith("PSN-") and "PID7" not in path.read_text()
 
 
+def test_pdf_says_what_a_trained_model_was_trained_on(tmp_path):
+    result = _result()
+    result.model_trained, result.model_trained_on = True, "140 generated phantom studies - synthetic phantoms"
+    text = PdfReader(write_pdf(result, tmp_path)).pages[0].extract_text()
+    assert "Model trained on: 140 generated phantom studies - synthetic phantoms" in text and "UNTRAINED" not in text
+
+
 def test_pdf_text_has_identifiers_scores_and_notice(tmp_path):
     path = write_pdf(_result(), tmp_path)
     assert path.name == "study_1.2.3.4.pdf"

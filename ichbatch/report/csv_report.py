@@ -44,8 +44,9 @@ def pseudonym(value: str, key: bytes) -> str:
 
 
 def notice(result: StudyResult) -> str:
-    trained = "" if result.model_trained else " UNTRAINED placeholder weights, scores are meaningless;"
-    return f"{NOT_FOR_DIAGNOSIS}; model {result.model} {result.model_version};{trained} see model card"
+    trained = " UNTRAINED placeholder weights, scores are meaningless;" if not result.model_trained else ""
+    source = f" trained on: {result.model_trained_on[:120]};" if result.model_trained and result.model_trained_on else ""
+    return f"{NOT_FOR_DIAGNOSIS}; model {result.model} {result.model_version};{trained}{source} see model card"
 
 
 def row(result: StudyResult, pseudonym_key: bytes | None = None) -> dict[str, object]:

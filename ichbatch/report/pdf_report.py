@@ -97,6 +97,8 @@ def _header(c: canvas.Canvas, r: StudyResult) -> float:
     for line in lines:
         y -= 13
         c.drawString(MARGIN, y, line)
+    if r.model_trained and r.model_trained_on:
+        y = _wrapped(c, f"Model trained on: {r.model_trained_on}", MARGIN, y - 13, FONT, 9) + 11
     if not r.model_trained:
         y -= 15
         c.setFillColor(colors.HexColor("#b00020"))
