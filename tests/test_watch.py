@@ -193,3 +193,25 @@ def test_late_file_makes_a_new_version_and_move_archives_after_outputs(tmp_path,
     assert len(list(archive.rglob("*.dcm"))) == 8 and not list((incoming / "next").rglob("*.dcm"))
     assert len(list(incoming.glob("*.dcm"))) == 10  # the first study was done before: untouched
     watcher.ledger.close()
+
+
+def test_unwritable_csv_is_retried_without_using_up_attempts(tmp_path, tiny_bundle):
+    from ichbatch.pipeline import RunSettings
+    from ichbatch.watch.watcher import Watcher, WatchSettings
+
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    synth_studies(incoming, 1, seed=27, n_slices=8, size=64)
+    (out / "results.csv").mkdir(parents=True)  # the CSV path is blocked: every write fails
+    settings = WatchSettings(incoming=incoming, out=out, run=RunSettings(model=str(tiny_bundle), tta=1),
+                             quiet_seconds=0, max_attempts=1, backoff_seconds=0)
+    watcher = Watcher(settings)
+    watcher.scan()
+    for _ in range(3):
+        watcher.process_ready()
+    (row,) = watcher.ledger.studies()
+    assert row.status == "pending" and row.attempts == 0 and "outputs not written" in row.message
+    (out / "results.csv").rmdir()  # the disk is writable again: the study goes through
+    watcher.process_ready()
+    (row,) = watcher.ledger.studies()
+    assert row.status == "done" and len(pd.read_csv(out / "results.csv")) == 1
+    watcher.ledger.close()

@@ -17,6 +17,7 @@ import pandas as pd
 from .. import NOT_FOR_DIAGNOSIS
 from ..config import LABELS, SUBTYPES
 from ..domain import FileIssue, StudyResult
+from ..errors import OutputError
 from .files import atomic_write_bytes
 
 COLUMNS: tuple[str, ...] = (
@@ -81,8 +82,13 @@ def write_results(path: Path, results: Iterable[StudyResult], pseudonym_key: byt
     """Merge rows into the CSV at path: a study already there is replaced, never duplicated."""
     new = pd.DataFrame([row(r, pseudonym_key) for r in results], columns=list(COLUMNS))
     path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder, not a CSV file")
     if path.exists() and path.stat().st_size > 0:
-        old = pd.read_csv(path, dtype=str, keep_default_na=False)
+        try:
+            old = pd.read_csv(path, dtype=str, keep_default_na=False)
+        except (OSError, pd.errors.ParserError) as exc:
+            raise OutputError(f"cannot read the existing {path} to merge into it: {exc}") from exc
         old = old[~old["study_uid"].isin(set(new["study_uid"]))]
         new = pd.concat([old.reindex(columns=list(COLUMNS), fill_value=""), new.astype(str)], ignore_index=True)
     buf = io.StringIO()
