@@ -36,7 +36,7 @@ def main() -> None:
     from ichbatch.model.bundle import CARD, resolve
     from ichbatch.pipeline import Engine, RunSettings, process_studies, select
     from ichbatch.pixels import load_hu
-    from ichbatch.preprocess import resize_hu, window_np
+    from ichbatch.preprocess import resize_hu, windows_np
     from ichbatch.synth import load_masks, synth_studies
 
     engine = Engine(RunSettings(model=args.model, tta=args.tta))
@@ -62,8 +62,7 @@ def main() -> None:
             if not tp:
                 continue
             refs = [choices[r.study.study_uid].slices[k] for k in tp]
-            inputs = np.stack([np.stack([window_np(resize_hu(load_hu(ref).hu, card.input_size), w)
-                                         for w in card.windows], -1) for ref in refs]).astype(np.float32)
+            inputs = np.stack([windows_np(resize_hu(load_hu(ref).hu, card.input_size), card.windows) for ref in refs])
             maps = engine.explainer.maps(inputs, any_col)
             for k, heat in zip(tp, maps):
                 row, col = np.unravel_index(np.argmax(heat), heat.shape)

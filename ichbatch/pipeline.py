@@ -24,7 +24,7 @@ from .infer import Predictor, default_device, default_tta, default_workers, pref
 from .model.bundle import Bundle, load_bundle
 from .model.gradcam import CamExplainer, overlay
 from .pixels import load_hu
-from .preprocess import resize_hu, to_uint8, window_np
+from .preprocess import resize_hu, to_uint8, windows_np
 from .series import choose_series, group_studies
 
 log = logging.getLogger(__name__)
@@ -237,10 +237,12 @@ def _key_images(slices: list[_Decoded], indices: tuple[int, ...], engine: Engine
     """Brain window, Grad-CAM overlay on it, and the three windows, for each key slice."""
     card = engine.bundle.card
     label = "any" if "any" in card.outputs else card.outputs[0]
-    inputs = np.stack([np.stack([window_np(d.model_input, w) for w in card.windows], -1) for d in slices])
+    inputs = np.stack([windows_np(d.model_input, card.windows) for d in slices])
     maps = engine.explainer.maps(inputs.astype(np.float32), card.outputs.index(label))
     images: dict[int, dict[str, np.ndarray]] = {}
     for d, idx, heat in zip(slices, indices, maps):
+        # Decoded again at full resolution: keeping every slice's full-size HU would make memory grow
+        # with the study, and only these few are shown.
         hu = load_hu(d.ref).hu
         brain = to_uint8(hu, BRAIN)
         images[idx] = {

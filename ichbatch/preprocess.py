@@ -30,6 +30,11 @@ def window_np(hu: np.ndarray, window: Window) -> np.ndarray:
     return np.clip((hu.astype(np.float32) - lo) / window.width, 0.0, 1.0)
 
 
+def windows_np(hu: np.ndarray, windows: tuple[Window, ...]) -> np.ndarray:
+    """HU (H, W) -> (H, W, C) float32 in [0, 1]: the model's channels, in numpy (CAM, training)."""
+    return np.stack([window_np(hu, w) for w in windows], axis=-1)
+
+
 def to_uint8(hu: np.ndarray, window: Window = BRAIN) -> np.ndarray:
     return (window_np(hu, window) * 255 + 0.5).astype(np.uint8)
 

@@ -22,7 +22,7 @@ import numpy as np
 from .config import DEFAULT_WINDOWS, LABELS, SUBTYPES
 from .domain import SliceRef
 from .errors import IchBatchError
-from .preprocess import resize_hu, window_np
+from .preprocess import resize_hu, windows_np
 
 log = logging.getLogger(__name__)
 SOURCES = ("phantoms", "rsna", "folder")
@@ -59,8 +59,7 @@ class TrainSettings:
 
 def hu_to_channels(hu: np.ndarray, size: int) -> np.ndarray:
     """The same windows the inference path builds on the device, here in numpy as uint8."""
-    small = resize_hu(hu, size)
-    return np.stack([(window_np(small, w) * 255 + 0.5).astype(np.uint8) for w in DEFAULT_WINDOWS], -1)
+    return (windows_np(resize_hu(hu, size), DEFAULT_WINDOWS) * 255 + 0.5).astype(np.uint8)
 
 
 def load_phantoms(settings: TrainSettings, progress: Callable[[int, int], None] | None = None) -> TrainData:

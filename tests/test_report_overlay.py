@@ -14,7 +14,7 @@ from ichbatch.cli import main
 from ichbatch.config import DEFAULT_WINDOWS
 from ichbatch.model.bundle import ModelCard, write_bundle
 from ichbatch.model.resnet import FEATURE_LAYER, HEAD_LAYER, build_resnet50
-from ichbatch.preprocess import resize_hu, window_np
+from ichbatch.preprocess import resize_hu, windows_np
 from ichbatch.synth import ct_slice_dataset, make_phantom
 
 
@@ -26,7 +26,7 @@ def test_pdf_overlay_is_hottest_on_the_planted_lesion(tmp_path):
     lesion = (yy - 96) ** 2 + (xx - 160) ** 2 < 22**2  # a large hematoma centred on feature cell (1, 2)
     hu[lesion] = 75.0
     model = build_resnet50(128, 6, seed=5)
-    x = np.stack([window_np(resize_hu(hu, 128), w) for w in DEFAULT_WINDOWS], -1)[None].astype(np.float32)
+    x = windows_np(resize_hu(hu, 128), DEFAULT_WINDOWS)[None]
     feats = keras.Model(model.inputs, model.get_layer(FEATURE_LAYER).output).predict_on_batch(x)[0]
     kernel, bias = model.get_layer(HEAD_LAYER).get_weights()
     kernel[:, 0] = feats[1, 2] - feats.reshape(-1, feats.shape[-1]).mean(axis=0)
