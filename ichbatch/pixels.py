@@ -7,6 +7,7 @@ nonsense (all zeros, wrong signedness) is worse than one that fails.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,8 +129,6 @@ def _as_int(value, ds: Dataset) -> int | None:  # type: ignore[no-untyped-def]
         return None
     if isinstance(value, bytes):
         fmt = "<h" if int(ds.get("PixelRepresentation", 0)) else "<H"
-        import struct
-
         return int(struct.unpack(fmt, value[:2])[0])
     return int(value)
 

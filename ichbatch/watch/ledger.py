@@ -102,10 +102,12 @@ class Ledger:
                 (status, message, outputs, time.time(), study_uid, PROCESSING),
             )
 
-    def retry_later(self, study_uid: str, delay: float, message: str) -> None:
+    def retry_later(self, study_uid: str, delay: float, message: str, count_attempt: bool = True) -> None:
+        """Back to pending after a delay. count_attempt=False: the failure was not the study's (an
+        unwritable output), so the attempt that start() counted is given back."""
         self.db.execute(
-            "UPDATE studies SET status=?, retry_at=?, message=? WHERE study_uid=? AND status=?",
-            (PENDING, time.time() + delay, message, study_uid, PROCESSING),
+            "UPDATE studies SET status=?, retry_at=?, message=?, attempts=attempts-? WHERE study_uid=? AND status=?",
+            (PENDING, time.time() + delay, message, 0 if count_attempt else 1, study_uid, PROCESSING),
         )
 
     def recover(self) -> int:

@@ -179,8 +179,7 @@ class Watcher:
         except OutputError as exc:
             # Full disk or unwritable folder: not the study's fault, so retry without using up attempts.
             log.error("%s: outputs could not be written (%s); will retry", tag, exc)
-            self.ledger.retry_later(study_uid, self._backoff(attempt), f"outputs not written: {exc}")
-            self.ledger.db.execute("UPDATE studies SET attempts=attempts-1 WHERE study_uid=?", (study_uid,))
+            self.ledger.retry_later(study_uid, self._backoff(attempt), f"outputs not written: {exc}", count_attempt=False)
             return
         except Exception as exc:  # one study must never stop the watcher
             log.exception("%s: attempt %d failed", tag, attempt)
