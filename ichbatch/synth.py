@@ -1,8 +1,13 @@
 """Generated head-CT phantom studies, written as real DICOM CT series, with a manifest of the truth.
 
-Anatomy along z (skull, scalp, grey and white matter, ventricles, sulci, a calcified pineal gland that must
-not count as blood) with scanner noise, and optionally hemorrhages of the five RSNA subtypes. This is the
-demo data, the test data and the training data for the shipped demo weights. Not a medical simulation.
+Anatomy along z from the skull base to the vertex: scalp and skull of varying thickness, orbits,
+sphenoid sinus and mastoid air, petrous ridges and the posterior fossa, basal cisterns, grey and white
+matter, ventricles and sulci. Hyperdensities that are not blood and must not count: a calcified pineal
+gland, choroid-plexus and falx calcification, beam-hardening cupping along the inner table and dark
+streaks between the petrous bones. Partial volume, scanner noise, a random in-plane rotation and shift,
+and per-study slice thickness, rescale intercept and transfer syntax. Hemorrhages of the five RSNA
+subtypes, sometimes several in one study, with per-slice masks. This is the demo data, the test data and
+the training data for the shipped demo weights. Not a medical simulation.
 """
 
 from __future__ import annotations
@@ -15,11 +20,25 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    UID,
+    RLELossless,
+    generate_uid,
+)
 
 from .config import CT_IMAGE_STORAGE, SUBTYPES
 
 BLOOD_HU = (60.0, 85.0)
+CSF_HU, SULCUS_HU, CISTERN_HU = 5.0, 8.0, 7.0  # exact values before noise: the planters find these spaces
+THICKNESSES = (5.0, 5.0, 3.0, 2.5)  # mm: routine 5 mm most often
+INTERCEPTS = (-1024.0, -1024.0, -1000.0, 0.0)  # 0: signed storage, as some scanners write
+TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
+                     RLELossless, JPEG2000Lossless, JPEGLSLossless)
 
 
 @dataclass
@@ -34,48 +53,155 @@ class Phantom:
         return {"any": int(any(present.values())), **present}
 
 
+@dataclass(frozen=True)
+class _Head:
+    """One head's random anatomy, in pixels of a size x size grid (upright: anterior at the top)."""
+
+    yy: np.ndarray
+    xx: np.ndarray
+    cy: float
+    cx: float
+    a0: float  # anterior-posterior semi-axis
+    b0: float  # left-right semi-axis
+    skull_px: float
+    choroid_calcified: bool
+    falx_calcified: bool
+    pineal: bool
+    cupping_hu: float  # beam hardening: brightening of the brain next to the inner table
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, size: int) -> _Head:
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+        return cls(
+            yy=yy, xx=xx, cy=size / 2 + rng.normal(0, size * 0.01), cx=size / 2 + rng.normal(0, size * 0.01),
+            a0=size * rng.uniform(0.34, 0.41), b0=size * rng.uniform(0.27, 0.33),
+            skull_px=rng.uniform(0.02, 0.04) * size, choroid_calcified=rng.random() < 0.5,
+            falx_calcified=rng.random() < 0.3, pineal=rng.random() < 0.7, cupping_hu=rng.uniform(0, 14),
+        )
+
+
 def make_phantom(
     rng: np.random.Generator, n_slices: int = 24, size: int = 256, subtypes: tuple[str, ...] = ()
 ) -> Phantom:
     """One head volume in HU with the given hemorrhage subtypes planted."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    cy, cx = size / 2 + rng.normal(0, size * 0.01), size / 2 + rng.normal(0, size * 0.01)
-    a0, b0 = size * rng.uniform(0.36, 0.40), size * rng.uniform(0.29, 0.33)  # head semi-axes, AP > LR
-    skull_px = rng.uniform(0.025, 0.035) * size
+    head = _Head.draw(rng, size)
     hu = np.full((n_slices, size, size), -1000.0, np.float32)
     inner = np.zeros((n_slices, size, size), np.float32)  # normalised radius inside the inner table
     for k in range(n_slices):
-        t = (k + 0.5) / n_slices  # 0 skull base .. 1 vertex
-        scale = np.sqrt(max(1 - ((t - 0.45) / 0.62) ** 2, 0.05))
-        r = np.sqrt(((yy - cy) / (a0 * scale)) ** 2 + ((xx - cx) / (b0 * scale)) ** 2)
-        skull_frac = skull_px / (b0 * scale)
-        rin = r / (1 - skull_frac)
-        hu[k][r < 1.04] = 45.0  # scalp
-        hu[k][r < 1.0] = rng.uniform(900, 1400)  # skull
-        brain = rin < 1.0
-        hu[k][brain] = np.where(rin[brain] > 0.8, 38.0, 28.0)  # grey rim, white core
-        inner[k] = np.where(brain, rin, 2.0)
-        _sulci(hu[k], rin, rng, yy, xx, cy, cx)
-        if 0.35 < t < 0.75:
-            hu[k][_ventricles(yy, xx, cy, cx, a0 * scale, b0 * scale)] = 5.0
-        if abs(t - 0.5) < 0.05:
-            hu[k][(yy - cy - a0 * 0.1) ** 2 + (xx - cx) ** 2 < (size * 0.012) ** 2] = 180.0  # pineal
-    masks = {s: _PLANTERS[s](rng, hu, inner, yy, xx, cy, cx, a0, b0) for s in subtypes}
+        inner[k] = _anatomy_slice(hu[k], head, (k + 0.5) / n_slices, rng)
+    cy, cx, a0, b0 = head.cy, head.cx, head.a0, head.b0
+    masks = {s: _PLANTERS[s](rng, hu, inner, head.yy, head.xx, cy, cx, a0, b0) for s in subtypes}
+    _beam_hardening(hu, inner, head, rng)
+    hu, masks = _rotate_and_shift(hu, masks, rng)
     hu = _blur_and_noise(hu, rng)
-    return Phantom(hu=hu, masks=masks, thickness_mm=5.0, spacing_mm=230.0 / size)
+    return Phantom(hu=hu, masks=masks, thickness_mm=float(rng.choice(THICKNESSES)),
+                   spacing_mm=rng.uniform(200.0, 250.0) / size)
 
 
-def _ventricles(yy, xx, cy, cx, a, b) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _anatomy_slice(sl: np.ndarray, h: _Head, t: float, rng: np.random.Generator) -> np.ndarray:
+    """Paint one axial slice at height t (0 skull base .. 1 vertex); return the normalised inner radius."""
+    yy, xx, cy, cx = h.yy, h.xx, h.cy, h.cx
+    scale = np.sqrt(max(1 - ((t - 0.45) / 0.62) ** 2, 0.05))
+    a, b = h.a0 * scale, h.b0 * scale
+    r = np.sqrt(((yy - cy) / a) ** 2 + ((xx - cx) / b) ** 2)
+    rin = r / (1 - h.skull_px / b)
+    sl[r < 1.04] = 45.0  # scalp
+    sl[r < 1.0] = rng.uniform(900, 1400)  # skull
+    brain = rin < 1.0
+    sl[brain] = np.where(rin[brain] > 0.8, 38.0, 28.0)  # grey rim, white core
+    _sulci(sl, rin, rng, yy, xx, cy, cx)
+    if t < 0.32:
+        _skull_base(sl, h, t, a, b, brain)
+    if 0.35 < t < 0.75:
+        left, right = _ventricles(yy, xx, cy, cx, a, b)
+        sl[left | right] = CSF_HU
+        if h.choroid_calcified and 0.42 < t < 0.62:  # calcified glomus in each atrium
+            for side in (-1, 1):
+                d2 = (yy - cy - a * 0.16) ** 2 + (xx - cx - side * b * 0.12) ** 2
+                sl[d2 < (b * 0.035) ** 2] = rng.uniform(90, 250)
+    if h.pineal and abs(t - 0.5) < 0.05:
+        sl[(yy - cy - h.a0 * 0.1) ** 2 + (xx - cx) ** 2 < (h.b0 * 0.04) ** 2] = rng.uniform(120, 250)
+    if t > 0.4:  # falx: a dense midline sheet, sometimes calcified
+        falx = (np.abs(xx - cx) < 0.8) & brain & (np.abs(yy - cy) > a * 0.25)
+        sl[falx] = 55.0
+        if h.falx_calcified:  # calcified plaques along it
+            sl[falx & (np.sin(yy * 0.25 + t * 7) > 0.7)] = rng.uniform(100, 300)
+    return np.where(brain, rin, 2.0)
+
+
+def _skull_base(sl: np.ndarray, h: _Head, t: float, a: float, b: float, brain: np.ndarray) -> None:
+    """Orbits, sphenoid sinus, petrous ridges with mastoid air, posterior fossa and basal cisterns."""
+    yy, xx, cy, cx = h.yy, h.xx, h.cy, h.cx
+    if t < 0.2:
+        for side in (-1, 1):
+            d = np.sqrt((yy - cy + h.a0 * 0.78) ** 2 + (xx - cx - side * h.b0 * 0.38) ** 2)
+            sl[d < h.b0 * 0.22] = -90.0  # orbital fat
+            sl[d < h.b0 * 0.15] = 12.0  # globe
+        sinus = ((yy - cy + a * 0.3) / (a * 0.12)) ** 2 + ((xx - cx) / (b * 0.18)) ** 2 < 1
+        sl[sinus] = -1000.0
+    if 0.06 < t < 0.3:
+        for side in (-1, 1):  # petrous ridge: a dense bar running postero-laterally
+            p0 = np.array([cy + a * 0.02, cx + side * b * 0.15])
+            p1 = np.array([cy + a * 0.38, cx + side * b * 0.85])
+            sl[_segment_distance(yy, xx, p0, p1) < h.b0 * 0.06] = 1600.0
+            mastoid = (yy - p1[0] + a * 0.05) ** 2 + (xx - p1[1] + side * b * 0.05) ** 2 < (h.b0 * 0.06) ** 2
+            sl[mastoid] = -800.0
+        fossa = brain & (yy > cy + a * 0.15)
+        sl[fossa & (sl < 100)] = 34.0  # cerebellum
+        sl[(yy - cy - a * 0.32) ** 2 + (xx - cx) ** 2 < (b * 0.07) ** 2] = CSF_HU  # fourth ventricle
+    if 0.2 < t < 0.36:  # suprasellar and ambient cisterns around the midbrain
+        d = np.sqrt((yy - cy + a * 0.02) ** 2 + (xx - cx) ** 2)
+        sl[(d > b * 0.13) & (d < b * 0.19) & brain] = CISTERN_HU
+
+
+def _segment_distance(yy: np.ndarray, xx: np.ndarray, p0: np.ndarray, p1: np.ndarray) -> np.ndarray:
+    d = p1 - p0
+    u = np.clip(((yy - p0[0]) * d[0] + (xx - p0[1]) * d[1]) / float(d @ d), 0, 1)
+    return np.sqrt((yy - p0[0] - u * d[0]) ** 2 + (xx - p0[1] - u * d[1]) ** 2)
+
+
+def _beam_hardening(hu: np.ndarray, inner: np.ndarray, h: _Head, rng: np.random.Generator) -> None:
+    """Cupping: brain next to the inner table reads brighter (a subdural mimic); dark streaks between
+    the petrous bones at the skull base (the Hounsfield bar)."""
+    n = hu.shape[0]
+    for k in range(n):
+        brain = inner[k] < 1.0
+        hu[k][brain] += h.cupping_hu * np.exp(-(1.0 - inner[k][brain]) / 0.04)
+        t = (k + 0.5) / n
+        if 0.08 < t < 0.28:
+            band = np.abs(h.yy - h.cy - h.a0 * 0.22) < h.a0 * 0.04
+            streaks = 0.5 + 0.5 * np.sin(h.xx * rng.uniform(0.3, 0.6) + rng.uniform(0, 6.3))
+            hu[k][band & brain] -= (rng.uniform(15, 40) * streaks)[band & brain]
+
+
+def _rotate_and_shift(
+    hu: np.ndarray, masks: dict[str, np.ndarray], rng: np.random.Generator
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Patients are never perfectly straight: one in-plane rotation and shift for the whole head."""
+    import cv2
+
+    size = hu.shape[1]
+    matrix = cv2.getRotationMatrix2D((size / 2, size / 2), rng.uniform(-12, 12), 1.0)
+    matrix[:, 2] += rng.uniform(-0.04, 0.04, 2) * size
+    warp = lambda img, interp, fill: cv2.warpAffine(  # noqa: E731
+        img, matrix, (size, size), flags=interp, borderMode=cv2.BORDER_CONSTANT, borderValue=fill)
+    out = np.stack([warp(s, cv2.INTER_LINEAR, -1000.0) for s in hu])
+    moved = {name: np.stack([warp(m.astype(np.uint8), cv2.INTER_NEAREST, 0) > 0 for m in mk])
+             for name, mk in masks.items()}
+    return out, moved
+
+
+def _ventricles(yy, xx, cy, cx, a, b) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
     left = ((yy - cy + a * 0.05) / (a * 0.28)) ** 2 + ((xx - cx + b * 0.12) / (b * 0.08)) ** 2 < 1
     right = ((yy - cy + a * 0.05) / (a * 0.28)) ** 2 + ((xx - cx - b * 0.12) / (b * 0.08)) ** 2 < 1
-    return left | right
+    return left, right
 
 
 def _sulci(sl: np.ndarray, rin: np.ndarray, rng, yy, xx, cy, cx) -> None:  # type: ignore[no-untyped-def]
     angle = np.arctan2(yy - cy, xx - cx)
     for theta in rng.uniform(-np.pi, np.pi, 10):
         d = np.abs(np.angle(np.exp(1j * (angle - theta))))
-        sl[(d < 0.025) & (rin > 0.82) & (rin < 1.0)] = 8.0
+        sl[(d < 0.025) & (rin > 0.82) & (rin < 1.0)] = SULCUS_HU
 
 
 def _blur_and_noise(hu: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -104,9 +230,9 @@ def _epidural(rng, hu, inner, yy, xx, cy, cx, a0, b0):  # type: ignore[no-untype
     theta = rng.uniform(-np.pi, np.pi)
     angle = np.arctan2(yy - cy, xx - cx)
     d = np.abs(np.angle(np.exp(1j * (angle - theta))))
-    value = rng.uniform(*BLOOD_HU)
+    value, depth0, arc = rng.uniform(*BLOOD_HU), rng.uniform(0.10, 0.18), rng.uniform(0.35, 0.55)
     for k in _slab(rng, hu.shape[0]):
-        depth = 0.14 * np.clip(1 - d / 0.45, 0, None)  # biconvex lens: thickest at its centre
+        depth = depth0 * np.clip(1 - (d / arc) ** 2, 0, None)  # biconvex lens: thickest at its centre
         _paint(hu, mask, k, (inner[k] < 1.0) & (inner[k] > 1.0 - depth), value)
     return mask
 
@@ -116,9 +242,10 @@ def _subdural(rng, hu, inner, yy, xx, cy, cx, a0, b0):  # type: ignore[no-untype
     theta = rng.uniform(-np.pi, np.pi)
     angle = np.arctan2(yy - cy, xx - cx)
     d = np.abs(np.angle(np.exp(1j * (angle - theta))))
-    value = rng.uniform(*BLOOD_HU)
+    value, width, arc = rng.uniform(55.0, 85.0), rng.uniform(0.04, 0.09), rng.uniform(0.7, 1.3)
     for k in _slab(rng, hu.shape[0], 0.25, 0.85):
-        _paint(hu, mask, k, (inner[k] < 1.0) & (inner[k] > 0.93) & (d < 1.0), value)  # thin crescent
+        taper = width * np.clip(1 - (d / arc) ** 4, 0, None)  # crescent: thin ends along the convexity
+        _paint(hu, mask, k, (inner[k] < 1.0) & (inner[k] > 1.0 - taper), value)
     return mask
 
 
@@ -142,7 +269,7 @@ def _intraventricular(rng, hu, inner, yy, xx, cy, cx, a0, b0):  # type: ignore[n
     value = rng.uniform(*BLOOD_HU)
     n = hu.shape[0]
     for k in range(n):
-        csf = np.abs(hu[k] - 5.0) < 0.5
+        csf = np.abs(hu[k] - CSF_HU) < 0.5
         if csf.sum() == 0 or not 0.4 < (k + 0.5) / n < 0.7:
             continue
         ys = yy[csf]
@@ -152,12 +279,14 @@ def _intraventricular(rng, hu, inner, yy, xx, cy, cx, a0, b0):  # type: ignore[n
 
 
 def _subarachnoid(rng, hu, inner, yy, xx, cy, cx, a0, b0):  # type: ignore[no-untyped-def]
+    """Blood fills the sulci (some of them) and the basal cisterns where the slab reaches them."""
     mask = np.zeros(hu.shape, bool)
     value = rng.uniform(55.0, 75.0)
-    for k in _slab(rng, hu.shape[0], 0.2, 0.7):
-        sulci = np.abs(hu[k] - 8.0) < 0.5
-        basal = (inner[k] < 0.3) & (np.abs(yy - cy - a0 * 0.2) < a0 * 0.05)  # a cistern band
-        _paint(hu, mask, k, sulci | basal, value)
+    theta, spread = rng.uniform(-np.pi, np.pi), rng.uniform(1.0, np.pi)
+    d = np.abs(np.angle(np.exp(1j * (np.arctan2(yy - cy, xx - cx) - theta))))
+    for k in _slab(rng, hu.shape[0], 0.15, 0.7):
+        spaces = ((np.abs(hu[k] - SULCUS_HU) < 0.5) & (d < spread)) | (np.abs(hu[k] - CISTERN_HU) < 0.5)
+        _paint(hu, mask, k, spaces, value)
     return mask
 
 
@@ -181,8 +310,10 @@ def write_series(
     accession: str,
     rng: np.random.Generator,
     split_folders: bool = False,
+    encoding: Encoding | None = None,
 ) -> list[Path]:
     """Write one CT slice per file, in random file names, optionally across two sub-folders."""
+    encoding = encoding or Encoding()
     n = phantom.hu.shape[0]
     paths = []
     for k in rng.permutation(n):
@@ -199,11 +330,41 @@ def write_series(
             patient_id=patient_id,
             patient_name=patient_name,
             accession=accession,
+            intercept=encoding.intercept,
         )
+        _encode(ds, encoding.transfer_syntax)
         path = sub / f"{rng.integers(1 << 62):016x}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How a series is stored: the rescale intercept (0 means signed pixels) and the transfer syntax."""
+
+    intercept: float = -1024.0
+    transfer_syntax: str = ExplicitVRLittleEndian
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> Encoding:
+        ts = TRANSFER_SYNTAXES[int(rng.integers(len(TRANSFER_SYNTAXES)))]
+        return cls(float(rng.choice(INTERCEPTS)), ts if _can_encode(ts) else ExplicitVRLittleEndian)
+
+
+def _can_encode(transfer_syntax: str) -> bool:
+    from pydicom.pixels import get_encoder
+
+    uid = UID(transfer_syntax)
+    return not uid.is_compressed or get_encoder(uid).is_available
+
+
+def _encode(ds: Dataset, transfer_syntax: str) -> None:
+    uid = UID(transfer_syntax)
+    if uid.is_compressed:
+        ds.compress(uid)  # lossless: the decoded pixels equal the written ones
+    else:
+        ds.file_meta.TransferSyntaxUID = uid
 
 
 def ct_slice_dataset(
@@ -222,7 +383,8 @@ def ct_slice_dataset(
     kernel: str = "STANDARD",
     series_description: str = "HEAD WO CONTRAST",
 ) -> Dataset:
-    """A CT Image Storage dataset holding one axial slice of HU values (unsigned 16-bit storage)."""
+    """A CT Image Storage dataset holding one axial slice of HU values: 16-bit storage, unsigned unless
+    the intercept is 0 (then signed, as some scanners write)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -259,12 +421,15 @@ def ct_slice_dataset(
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-    ds.PixelRepresentation = 0
+    ds.PixelRepresentation = int(intercept >= 0)
     ds.RescaleIntercept = intercept
     ds.RescaleSlope = 1
     ds.RescaleType = "HU"
     ds.WindowCenter, ds.WindowWidth = 40, 80
-    stored = np.clip(np.rint(hu - intercept), 0, 65535).astype(np.uint16)
+    if ds.PixelRepresentation:
+        stored = np.clip(np.rint(hu - intercept), -32768, 32767).astype(np.int16)
+    else:
+        stored = np.clip(np.rint(hu - intercept), 0, 65535).astype(np.uint16)
     ds.PixelData = stored.tobytes()
     return ds
 
@@ -278,18 +443,17 @@ def synth_studies(
     studies = []
     masks: dict[str, np.ndarray] = {}
     for i in range(n_studies):
-        positive = rng.random() < p_positive
-        k = int(rng.integers(1, 3)) if positive else 0
-        subtypes = tuple(sorted(rng.choice(SUBTYPES, size=k, replace=False))) if k else ()
+        subtypes = draw_subtypes(rng, p_positive)
         phantom = make_phantom(rng, n_slices=n_slices, size=size, subtypes=subtypes)
+        encoding = Encoding.draw(rng)
         study_uid, series_uid = generate_uid(), generate_uid()
         folder = out / f"study_{seed:04d}_{i:04d}"
         write_series(
             phantom, folder, study_uid=study_uid, series_uid=series_uid,
             patient_id=f"PH{seed:04d}{i:04d}", patient_name=f"PHANTOM^{seed:04d}^{i:04d}",
-            accession=f"SYN{seed:04d}{i:04d}", rng=rng, split_folders=bool(i % 2),
+            accession=f"SYN{seed:04d}{i:04d}", rng=rng, split_folders=bool(i % 2), encoding=encoding,
         )
-        studies.append(_manifest_entry(phantom, study_uid, series_uid, f"SYN{seed:04d}{i:04d}"))
+        studies.append(_manifest_entry(phantom, study_uid, series_uid, f"SYN{seed:04d}{i:04d}", encoding))
         if phantom.masks:
             union = np.logical_or.reduce(list(phantom.masks.values()))
             masks[study_uid] = np.packbits(union, axis=-1)  # (slices, rows, cols/8), z order
@@ -308,7 +472,15 @@ def load_masks(folder: Path) -> dict[str, np.ndarray]:
         return {uid: np.unpackbits(data[uid], axis=-1).astype(bool) for uid in data.files}
 
 
-def _manifest_entry(phantom: Phantom, study_uid: str, series_uid: str, accession: str) -> dict:
+def draw_subtypes(rng: np.random.Generator, p_positive: float = 0.5) -> tuple[str, ...]:
+    """No hemorrhage, or one to three subtypes (one most often)."""
+    if rng.random() >= p_positive:
+        return ()
+    k = int(rng.choice([1, 1, 1, 2, 2, 3]))
+    return tuple(sorted(rng.choice(SUBTYPES, size=k, replace=False)))
+
+
+def _manifest_entry(phantom: Phantom, study_uid: str, series_uid: str, accession: str, encoding: Encoding) -> dict:
     lesion = np.zeros(phantom.hu.shape, bool)
     for m in phantom.masks.values():
         lesion |= m
@@ -319,4 +491,6 @@ def _manifest_entry(phantom: Phantom, study_uid: str, series_uid: str, accession
         slices.append({"index": int(k), "labels": present,
                        "bbox": [int(rows.min()), int(cols.min()), int(rows.max()), int(cols.max())]})
     return {"study_uid": study_uid, "series_uid": series_uid, "accession": accession,
-            "n_slices": int(phantom.hu.shape[0]), "labels": phantom.labels(), "lesion_slices": slices}
+            "n_slices": int(phantom.hu.shape[0]), "slice_thickness_mm": phantom.thickness_mm,
+            "pixel_spacing_mm": round(phantom.spacing_mm, 4), "rescale_intercept": encoding.intercept,
+            "transfer_syntax": str(encoding.transfer_syntax), "labels": phantom.labels(), "lesion_slices": slices}

@@ -63,13 +63,12 @@ def hu_to_channels(hu: np.ndarray, size: int) -> np.ndarray:
 
 
 def load_phantoms(settings: TrainSettings, progress: Callable[[int, int], None] | None = None) -> TrainData:
-    from .synth import make_phantom
+    from .synth import draw_subtypes, make_phantom
 
     rng = np.random.default_rng(settings.seed)
     xs, ys, groups = [], [], []
     for i in range(settings.phantom_studies):
-        k = int(rng.integers(1, 3)) if rng.random() < 0.5 else 0
-        subtypes = tuple(rng.choice(SUBTYPES, size=k, replace=False)) if k else ()
+        subtypes = draw_subtypes(rng)
         ph = make_phantom(rng, n_slices=settings.phantom_slices, size=256, subtypes=subtypes)
         for s in range(ph.hu.shape[0]):
             present = [int(ph.masks[t][s].any()) if t in ph.masks else 0 for t in SUBTYPES]
