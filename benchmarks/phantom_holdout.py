@@ -1,10 +1,12 @@
 """Held-out phantom evaluation of a bundle: study-level AUC per label and Grad-CAM localisation.
 
-    python benchmarks/phantom_holdout.py [--model ich-resnet50-demo] [--studies 80] [--seed 777] [--record]
+    python benchmarks/phantom_holdout.py [--model ich-resnet50-demo] [--studies 80] [--seed 777]
+                                         [--cam-layers conv2_block3_out,conv3_block4_out] [--record]
 
 Generates phantom studies with a seed the demo model never saw, runs the pipeline on them, and
 reports study-level ROC AUC per label and, for true-positive slices (label 'any' present and slice
-probability at the card's threshold), how often the Grad-CAM peak falls inside the lesion mask.
+probability at the card's threshold), how often the Grad-CAM peak falls inside the lesion mask, for the
+card's cam_layer and any --cam-layers to compare (choose a layer on a tuning seed, not on the held-out one).
 --record writes the figures into the bundle's card under metrics.holdout (the weights are unchanged).
 These are figures on synthetic phantoms only: they say nothing about accuracy on real patients.
 """
@@ -26,6 +28,7 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=80)
     parser.add_argument("--seed", type=int, default=777)
     parser.add_argument("--tta", type=int, default=2)
+    parser.add_argument("--cam-layers", default="", help="comma-separated extra layers to compare")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
 
@@ -33,6 +36,7 @@ def main() -> None:
 
     from ichbatch.discover import discover
     from ichbatch.evaluate import roc_auc
+    from ichbatch.model.gradcam import CamExplainer
     from ichbatch.model.bundle import CARD, resolve
     from ichbatch.pipeline import Engine, RunSettings, process_studies, select
     from ichbatch.pixels import load_hu
@@ -52,7 +56,9 @@ def main() -> None:
             y = [truth[r.study.study_uid]["labels"][label] for r in results]
             p = [r.study_probs[label] for r in results]
             aucs[label] = roc_auc(np.array(y), np.array(p))
-        hits = total = 0
+        layers = [card.cam_layer or "last"] + [x for x in args.cam_layers.split(",") if x]
+        explainers = {name: CamExplainer(engine.bundle.model, None if name == "last" else name) for name in layers}
+        hits: dict[str, list[tuple[str, bool]]] = {name: [] for name in layers}
         any_col = card.outputs.index("any")
         for r in results:
             mask = masks.get(r.study.study_uid)
@@ -61,18 +67,22 @@ def main() -> None:
             tp = [k for k in range(len(r.slice_probs)) if mask[k].any() and r.slice_probs[k, any_col] >= card.thresholds["any"]]
             if not tp:
                 continue
+            kinds = {s["index"]: "+".join(s["labels"]) for s in truth[r.study.study_uid]["lesion_slices"]}
             refs = [choices[r.study.study_uid].slices[k] for k in tp]
             inputs = np.stack([windows_np(resize_hu(load_hu(ref).hu, card.input_size), card.windows) for ref in refs])
-            maps = engine.explainer.maps(inputs, any_col)
-            for k, heat in zip(tp, maps):
-                row, col = np.unravel_index(np.argmax(heat), heat.shape)
-                scale = mask.shape[1] / card.input_size
-                hits += bool(mask[k][int(row * scale), int(col * scale)])
-                total += 1
+            scale = mask.shape[1] / card.input_size
+            for name, explainer in explainers.items():
+                for k, heat in zip(tp, explainer.maps(inputs, any_col)):
+                    row, col = np.unravel_index(np.argmax(heat), heat.shape)
+                    hits[name].append((kinds[k], bool(mask[k][int(row * scale), int(col * scale)])))
+    main_rows = hits[layers[0]]
     report = {
         "phantom_seed": args.seed, "studies": args.studies, "tta": args.tta,
         "study_auc": {k: None if v is None else round(v, 4) for k, v in aucs.items()},
-        "gradcam_peak_in_lesion": None if total == 0 else round(hits / total, 4), "true_positive_slices": total,
+        "gradcam_layer": layers[0], "gradcam_peak_in_lesion": rate(main_rows), "true_positive_slices": len(main_rows),
+        "gradcam_by_lesion": {kind: rate([x for x in main_rows if x[0] == kind])
+                              for kind in sorted({kind for kind, _ in main_rows})},
+        "gradcam_by_layer": {name: rate(rows) for name, rows in hits.items()},
         "note": "synthetic phantoms only; not a measure of clinical accuracy",
     }
     print(json.dumps(report, indent=1))
@@ -82,6 +92,10 @@ def main() -> None:
         data.setdefault("metrics", {})["holdout"] = report
         (folder / CARD).write_text(json.dumps(data, indent=2) + "\n")
         print(f"recorded in {folder / CARD}")
+
+
+def rate(rows: list[tuple[str, bool]]) -> float | None:
+    return None if not rows else round(sum(hit for _, hit in rows) / len(rows), 4)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ class Engine:
         self.bundle: Bundle = load_bundle(settings.model, self.precision)
         self.tta = settings.tta or default_tta(device)
         self.predictor = Predictor(self.bundle, self.tta, settings.batch_size)
-        self.explainer = CamExplainer(self.bundle.model)
+        self.explainer = CamExplainer(self.bundle.model, self.bundle.card.cam_layer)
 
 
 def resolve_precision(precision: str, device: str) -> str:

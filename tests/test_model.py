@@ -143,7 +143,7 @@ def test_cam_peak_lies_on_planted_bright_region():
     size = 128
     model = build_resnet50(size, 6, seed=5)
     img = np.full((1, size, size, 3), 0.2, np.float32)
-    img[0, 64:96, 32:64] = 1.0  # the planted region: exactly cell (2, 1) of the 4x4 feature grid
+    img[0, 48:80, 16:48] = 1.0  # the planted region, centred on feature cell (2, 1)'s field: pixel (64, 32)
     feats = keras.Model(model.inputs, model.get_layer(FEATURE_LAYER).output).predict_on_batch(img)[0]
     w = feats[2, 1] - feats.reshape(-1, feats.shape[-1]).mean(axis=0)
     kernel, bias = model.get_layer(HEAD_LAYER).get_weights()
@@ -151,27 +151,85 @@ def test_cam_peak_lies_on_planted_bright_region():
     model.get_layer(HEAD_LAYER).set_weights([kernel, bias])
     heat = CamExplainer(model).maps(img, 0)[0]
     r, c = np.unravel_index(np.argmax(heat), heat.shape)
-    # Within half a feature cell of the patch (a cell is 32 px), and far from the other 15 cells.
-    assert 48 <= r < 112 and 16 <= c < 80, (r, c)
+    assert 48 <= r < 80 and 16 <= c < 48, (r, c)  # on the patch (a feature cell is 32 px)
+
+
+@pytest.mark.parametrize("layer, cell", [("conv3_block4_out", (6, 9)), ("conv4_block6_out", (4, 3))])
+def test_feature_cells_are_drawn_at_their_receptive_field_centres(layer, cell):
+    """Where a ResNet feature cell looks (the centroid of d cell / d input) is where the upsampled map
+    puts it: pixel stride * j, half a cell up and left of where a plain image resize would."""
+    import keras
+    import tensorflow as tf
+
+    from ichbatch.model.gradcam import normalise_and_upsample
+    from ichbatch.model.resnet import build_resnet50
+
+    size = 128
+    model = build_resnet50(size, 6, seed=4)
+    lower = keras.Model(model.inputs, model.get_layer(layer).output)
+    x = tf.convert_to_tensor(np.random.default_rng(0).random((1, size, size, 3)).astype(np.float32))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        feats = lower(x, training=False)
+        score = tf.reduce_sum(feats[0, cell[0], cell[1]])
+    sensitivity = np.abs(tape.gradient(score, x).numpy()[0]).sum(axis=-1)
+    stride = size // feats.shape[1]
+    ys, xs = np.mgrid[0:size, 0:size]
+    centroid = np.array([(sensitivity * ys).sum(), (sensitivity * xs).sum()]) / sensitivity.sum()
+    expected = stride * np.array(cell)
+    assert np.abs(centroid - expected).max() < stride / 4, (centroid, expected)
+    onehot = np.zeros((1, *feats.shape[1:3]), np.float32)
+    onehot[0, cell[0], cell[1]] = 1.0
+    heat = normalise_and_upsample(onehot, size, corner_aligned=True)[0]
+    assert np.unravel_index(np.argmax(heat), heat.shape) == tuple(expected)
+
+
+def test_cam_layer_from_the_card_gives_finer_gradient_maps(tiny_bundle, tmp_path):
+    import shutil
+
+    from ichbatch.pipeline import Engine, RunSettings
+
+    copy = tmp_path / "finer"
+    shutil.copytree(tiny_bundle, copy)
+    card = json.loads((copy / "model.json").read_text())
+    card["cam_layer"] = "conv3_block4_out"
+    (copy / "model.json").write_text(json.dumps(card))
+    explainer = Engine(RunSettings(model=str(copy), tta=1)).explainer
+    assert explainer.mode == "gradcam" and explainer.lower.output.shape[1] == TINY_SIZE // 8
+    x = np.random.default_rng(3).random((2, TINY_SIZE, TINY_SIZE, 3)).astype(np.float32)
+    heat = explainer.maps(x, 0)
+    assert heat.shape == (2, TINY_SIZE, TINY_SIZE) and heat.max() == pytest.approx(1.0, abs=0.05)
+    card["cam_layer"] = "no_such_layer"
+    (copy / "model.json").write_text(json.dumps(card))
+    with pytest.raises(BundleError, match="cam_layer 'no_such_layer'"):
+        load_bundle(str(copy))
 
 
 def test_tensorflow_and_jax_backends_agree(tiny_bundle):
+    """Same weights, same inputs: predictions and gradient Grad-CAM maps agree across backends."""
     pytest.importorskip("jax")
     hu = _hu_batch(3, seed=9)
     script = (
         "import sys, numpy as np; from ichbatch.model.bundle import load_bundle; from ichbatch.infer import Predictor;"
-        "hu = np.load(sys.argv[2]); print(repr(Predictor(load_bundle(sys.argv[1]), 2, 4).predict(hu).tolist()))"
+        "from ichbatch.model.gradcam import CamExplainer, gradcam_raw; b = load_bundle(sys.argv[1]);"
+        "hu = np.load(sys.argv[2]); x = np.clip((hu[..., None].astype(np.float32) + 1024) / 1300, 0, 1).repeat(3, -1);"
+        "e = CamExplainer(b.model, 'conv3_block4_out');"
+        "np.savez(sys.argv[3], probs=Predictor(b, 2, 4).predict(hu), raw=gradcam_raw(e.lower, e.upper, x, 1))"
     )
     np.save(tiny_bundle.parent / "hu.npy", hu)
     results = {}
     for backend in ("tensorflow", "jax"):
         env = {**os.environ, "KERAS_BACKEND": backend, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
-        out = subprocess.run([sys.executable, "-c", script, str(tiny_bundle), str(tiny_bundle.parent / "hu.npy")],
-                             env=env, capture_output=True, text=True, timeout=300)
+        target = tiny_bundle.parent / f"{backend}.npz"
+        out = subprocess.run([sys.executable, "-c", script, str(tiny_bundle), str(tiny_bundle.parent / "hu.npy"),
+                              str(target)], env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
-        results[backend] = np.array(eval(out.stdout.strip().splitlines()[-1]))
-    assert results["tensorflow"].shape == (3, 6)
-    assert np.allclose(results["tensorflow"], results["jax"], atol=2e-3)
+        results[backend] = dict(np.load(target))
+    tf_out, jax_out = results["tensorflow"], results["jax"]
+    assert tf_out["probs"].shape == (3, 6) and tf_out["raw"].shape == (3, TINY_SIZE // 8, TINY_SIZE // 8)
+    assert np.allclose(tf_out["probs"], jax_out["probs"], atol=2e-3)
+    scale = np.abs(tf_out["raw"]).max()
+    assert scale > 0 and np.allclose(tf_out["raw"], jax_out["raw"], atol=0.02 * scale)
 
 
 def test_mixed_bfloat16_path_tracks_float32(tiny_bundle):

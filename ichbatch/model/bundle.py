@@ -45,6 +45,7 @@ class ModelCard:
     weights_sha256: str | None = None
     seed: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
+    cam_layer: str | None = None  # Grad-CAM layer for the report maps; None: the last convolutional one
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelCard:
@@ -209,6 +210,8 @@ def _check_model_shape(model, card: ModelCard) -> None:  # type: ignore[no-untyp
     n_out = int(model.outputs[0].shape[-1])
     if n_out != len(card.outputs):
         raise BundleError(f"bundle {card.name}: model has {n_out} outputs, the card lists {list(card.outputs)}")
+    if card.cam_layer and card.cam_layer not in {layer.name for layer in model.layers}:
+        raise BundleError(f"bundle {card.name}: cam_layer {card.cam_layer!r} is not a layer of the model")
 
 
 def save_npz_weights(model, path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -1,9 +1,14 @@
-"""Class-activation maps, batched.
+"""Class-activation maps, batched, at a chosen convolutional layer.
 
-For a GAP -> Dense head, Grad-CAM equals the class activation map: the last convolutional features
-weighted by the dense kernel's column for the label (the sigmoid's derivative is a positive factor per
-image, which the per-map normalisation removes). That needs no gradients and is backend-neutral.
-Other heads fall back to gradient Grad-CAM, which needs the backend's autodiff (TensorFlow or JAX).
+At the last convolutional layer of a GAP -> Dense head, Grad-CAM equals the class activation map: the
+features weighted by the dense kernel's column for the label (the sigmoid's derivative is a positive
+factor per image, which the per-map normalisation removes). That needs no gradients and is
+backend-neutral. At any other layer (a card's `cam_layer`, for finer maps) or with other heads it is
+gradient Grad-CAM, which needs the backend's autodiff (TensorFlow or JAX).
+
+Upsampling puts each feature cell where its receptive field is centred. Keras' ResNets pad explicitly
+and then stride with 'valid' convolutions, so cell j of a stride-s map is centred on input pixel s*j,
+not s*(j + 0.5) as a plain image resize assumes: half a cell (16 px at stride 32) of difference.
 """
 
 from __future__ import annotations
@@ -14,36 +19,37 @@ import numpy as np
 class CamExplainer:
     """Heat maps in [0, 1] at the model's input size, for any output of the model."""
 
-    def __init__(self, model) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, model, layer: str | None = None) -> None:  # type: ignore[no-untyped-def]
         import keras
 
         self.model = model
         gap, head = _gap_dense_head(model)
-        if gap is not None:
+        target = model.get_layer(layer).output if layer else _last_conv_output(model)
+        if gap is not None and target is gap.input:
             self.mode = "cam"
             self.kernel = keras.ops.convert_to_numpy(head.kernel).astype(np.float32)
-            self.features = keras.Model(model.inputs, gap.input)
         else:
             self.mode = "gradcam"
-            conv = _last_conv_output(model)
-            self.features = keras.Model(model.inputs, [conv, model.outputs[0]])
+        self.lower = keras.Model(model.inputs[0], target)  # input -> the layer's features
+        self.upper = keras.Model(target, model.outputs[0])  # the layer's features -> outputs
+        # Keras' ResNets pad explicitly ("conv1_pad") and then use 'valid' strided convolutions.
+        self.corner_aligned = any(layer.name == "conv1_pad" for layer in model.layers)
 
     def maps(self, images: np.ndarray, output_index: int) -> np.ndarray:
         """images (B, S, S, 3) float in [0, 1] -> (B, S, S) maps in [0, 1]."""
         if self.mode == "cam":
-            feats = np.asarray(self.features.predict_on_batch(images), np.float32)
+            feats = np.asarray(self.lower.predict_on_batch(images), np.float32)
             raw = feats @ self.kernel[:, output_index]
         else:
-            raw = gradcam_raw(self.features, images, output_index)
-        return _normalise_and_resize(raw, images.shape[1])
+            raw = gradcam_raw(self.lower, self.upper, images, output_index)
+        return self._finish(raw, images.shape[1])
 
     def gradcam(self, images: np.ndarray, output_index: int) -> np.ndarray:
-        """Gradient Grad-CAM regardless of head (used to check the CAM shortcut)."""
-        import keras
+        """Gradient Grad-CAM at the same layer regardless of head (checks the CAM shortcut)."""
+        return self._finish(gradcam_raw(self.lower, self.upper, images, output_index), images.shape[1])
 
-        conv = self.features.outputs[0] if self.mode == "gradcam" else self.features.output
-        model = keras.Model(self.model.inputs, [conv, self.model.outputs[0]])
-        return _normalise_and_resize(gradcam_raw(model, images, output_index), images.shape[1])
+    def _finish(self, raw: np.ndarray, size: int) -> np.ndarray:
+        return normalise_and_upsample(raw, size, self.corner_aligned)
 
 
 def _gap_dense_head(model):  # type: ignore[no-untyped-def]
@@ -65,54 +71,42 @@ def _last_conv_output(model):  # type: ignore[no-untyped-def]
     raise ValueError("model has no layer with a 4-D (convolutional) output for Grad-CAM")
 
 
-def gradcam_raw(feature_model, images: np.ndarray, output_index: int) -> np.ndarray:  # type: ignore[no-untyped-def]
-    """sum_k ReLU-free (mean of d y_c / d A_k) * A_k, per image, at the feature resolution."""
+def gradcam_raw(lower, upper, images: np.ndarray, output_index: int) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """sum_k (mean of d y_c / d A_k) * A_k per image, at the layer's resolution (ReLU comes later)."""
+    feats = lower(images, training=False)
+    grads = feature_grads(upper, feats, output_index)
+    feats = np.asarray(feats, np.float32)
+    weights = grads.mean(axis=(1, 2))  # (B, C)
+    return np.einsum("bhwc,bc->bhw", feats, weights)
+
+
+def feature_grads(upper, feats, output_index: int) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """d sum_b y_c / d features, with the backend's autodiff."""
     import keras
 
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
-        x = tf.convert_to_tensor(images, tf.float32)
+        feats = tf.convert_to_tensor(feats)
         with tf.GradientTape() as tape:
-            feats, probs = feature_model(x, training=False)
-            score = tf.reduce_sum(probs[:, output_index])
-        grads = tape.gradient(score, feats)
-        feats, grads = feats.numpy(), grads.numpy()
-    elif backend == "jax":
+            tape.watch(feats)
+            score = tf.reduce_sum(upper(feats, training=False)[:, output_index])
+        return tape.gradient(score, feats).numpy()
+    if backend == "jax":
+        import jax
         import jax.numpy as jnp
 
-        feats, grads = _jax_feature_grads(feature_model, jnp.asarray(images), output_index)
-    else:
-        raise NotImplementedError(f"gradient Grad-CAM is not implemented for the {backend} backend")
-    weights = grads.mean(axis=(1, 2))  # (B, C)
-    return np.einsum("bhwc,bc->bhw", feats, weights)
+        def score(f):  # type: ignore[no-untyped-def]
+            return jnp.sum(upper(f, training=False)[:, output_index])
+
+        return np.asarray(jax.grad(score)(jnp.asarray(feats)))
+    raise NotImplementedError(f"gradient Grad-CAM is not implemented for the {backend} backend")
 
 
-def _jax_feature_grads(feature_model, x, output_index: int):  # type: ignore[no-untyped-def]
-    """d score / d features under JAX: rebuild the layers after the features as a head, differentiate it."""
-    import jax
-    import jax.numpy as jnp
-    import keras
-
-    conv_out = feature_model.outputs[0]
-    # Split the graph at the feature tensor: head(features) recomputed from the conv output onward.
-    head_input = keras.Input(tuple(conv_out.shape[1:]))
-    idx = next(i for i, layer in enumerate(feature_model.layers) if layer.output is conv_out)
-    h = head_input
-    for layer in feature_model.layers[idx + 1 :]:
-        h = layer(h)
-    head = keras.Model(head_input, h)
-    feats = feature_model(x, training=False)[0]
-
-    def score(f):  # type: ignore[no-untyped-def]
-        return jnp.sum(head(f, training=False)[:, output_index])
-
-    grads = jax.grad(score)(feats)
-    return np.asarray(feats), np.asarray(grads)
-
-
-def _normalise_and_resize(raw: np.ndarray, size: int) -> np.ndarray:
+def normalise_and_upsample(raw: np.ndarray, size: int, corner_aligned: bool) -> np.ndarray:
+    """(B, h, w) raw maps -> (B, size, size) in [0, 1]: ReLU, divide by the peak, bicubic upsampling with
+    cell j centred on pixel s*j (corner_aligned) or s*(j + 0.5) - 0.5 (a plain resize)."""
     import cv2
 
     raw = np.maximum(np.asarray(raw, np.float32), 0)
@@ -120,7 +114,11 @@ def _normalise_and_resize(raw: np.ndarray, size: int) -> np.ndarray:
     for i, m in enumerate(raw):
         top = float(m.max())
         m = m / top if top > 0 else m
-        out[i] = cv2.resize(m, (size, size), interpolation=cv2.INTER_CUBIC)
+        stride = size / m.shape[0]
+        shift = 0.0 if corner_aligned else stride / 2 - 0.5
+        # Forward map: feature cell j lands on output pixel stride * j + shift.
+        matrix = np.array([[stride, 0, shift], [0, stride, shift]], np.float32)
+        out[i] = cv2.warpAffine(m, matrix, (size, size), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
     return np.clip(out, 0, 1)
 
 
