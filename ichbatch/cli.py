@@ -159,9 +159,11 @@ def synth(out: Path, studies: int, seed: int, n_slices: int, size: int) -> None:
     Example:
       ichbatch synth phantoms --studies 10 --seed 1
     """
+    from .progress import TerminalProgress
     from .synth import synth_studies
 
-    manifest = synth_studies(out, studies, seed=seed, n_slices=n_slices, size=size)
+    with TerminalProgress() as progress:
+        manifest = synth_studies(out, studies, seed=seed, n_slices=n_slices, size=size, progress=progress.update)
     positives = sum(s["labels"]["any"] for s in manifest["studies"])
     click.echo(f"wrote {studies} phantom studies ({positives} with hemorrhage) to {out}; truth in {out / 'manifest.json'}")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -435,7 +436,8 @@ def ct_slice_dataset(
 
 
 def synth_studies(
-    out: Path, n_studies: int, seed: int = 0, n_slices: int = 24, size: int = 256, p_positive: float = 0.5
+    out: Path, n_studies: int, seed: int = 0, n_slices: int = 24, size: int = 256, p_positive: float = 0.5,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> dict:
     """Write n studies under out and a manifest.json with each study's labels and lesion slices."""
     rng = np.random.default_rng(seed)
@@ -457,6 +459,8 @@ def synth_studies(
         if phantom.masks:
             union = np.logical_or.reduce(list(phantom.masks.values()))
             masks[study_uid] = np.packbits(union, axis=-1)  # (slices, rows, cols/8), z order
+        if progress:
+            progress("generating phantoms", i + 1, n_studies)
     np.savez_compressed(out / "lesion_masks.npz", **masks)
     manifest = {"seed": seed, "generator": "ichbatch.synth", "size": size, "lesion_masks": "lesion_masks.npz",
                 "studies": studies}
