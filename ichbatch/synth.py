@@ -437,9 +437,10 @@ def ct_slice_dataset(
 
 def synth_studies(
     out: Path, n_studies: int, seed: int = 0, n_slices: int = 24, size: int = 256, p_positive: float = 0.5,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None, encoding: Encoding | None = None,
 ) -> dict:
-    """Write n studies under out and a manifest.json with each study's labels and lesion slices."""
+    """Write n studies under out and a manifest.json with each study's labels and lesion slices.
+    Each study's storage is drawn at random unless `encoding` fixes one for all."""
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
     studies = []
@@ -447,15 +448,16 @@ def synth_studies(
     for i in range(n_studies):
         subtypes = draw_subtypes(rng, p_positive)
         phantom = make_phantom(rng, n_slices=n_slices, size=size, subtypes=subtypes)
-        encoding = Encoding.draw(rng)
+        drawn = Encoding.draw(rng)  # drawn even when fixed, so a seed gives the same heads either way
+        stored = encoding or drawn
         study_uid, series_uid = generate_uid(), generate_uid()
         folder = out / f"study_{seed:04d}_{i:04d}"
         write_series(
             phantom, folder, study_uid=study_uid, series_uid=series_uid,
             patient_id=f"PH{seed:04d}{i:04d}", patient_name=f"PHANTOM^{seed:04d}^{i:04d}",
-            accession=f"SYN{seed:04d}{i:04d}", rng=rng, split_folders=bool(i % 2), encoding=encoding,
+            accession=f"SYN{seed:04d}{i:04d}", rng=rng, split_folders=bool(i % 2), encoding=stored,
         )
-        studies.append(_manifest_entry(phantom, study_uid, series_uid, f"SYN{seed:04d}{i:04d}", encoding))
+        studies.append(_manifest_entry(phantom, study_uid, series_uid, f"SYN{seed:04d}{i:04d}", stored))
         if phantom.masks:
             union = np.logical_or.reduce(list(phantom.masks.values()))
             masks[study_uid] = np.packbits(union, axis=-1)  # (slices, rows, cols/8), z order

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 from pypdf import PdfReader
 
-from ichbatch.synth import synth_studies
+from ichbatch.synth import Encoding, synth_studies
 
 WRITER = r"""
 import os, sys, time, random
@@ -126,7 +126,8 @@ def test_broken_study_and_unwritable_reports_get_clear_statuses(tmp_path, tiny_b
     from ichbatch.watch.watcher import Watcher, WatchSettings
 
     incoming, out = tmp_path / "incoming", tmp_path / "out"
-    manifest = synth_studies(incoming, 2, seed=23, n_slices=8, size=64)
+    # Uncompressed storage, so cutting the end off a file cuts its pixel data, not its header.
+    manifest = synth_studies(incoming, 2, seed=23, n_slices=8, size=64, encoding=Encoding())
     broken_uid = manifest["studies"][1]["study_uid"]
     for p in sorted((incoming / "study_0023_0001").rglob("*.dcm")):
         p.write_bytes(p.read_bytes()[:-2000])  # every slice's pixel data cut short
