@@ -29,6 +29,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--tta", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--uncompressed", action="store_true",
+                        help="store every study explicit VR little endian (default: the generator's mix of codecs)")
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     args = parser.parse_args()
 
@@ -39,14 +41,15 @@ def main() -> None:
     from ichbatch.infer import default_device
     from ichbatch.pipeline import Engine, RunSettings, process_studies, select
     from ichbatch.discover import discover
-    from ichbatch.synth import synth_studies
+    from ichbatch.synth import Encoding, synth_studies
 
     settings = RunSettings(model=args.model or default_model(), tta=args.tta, batch_size=args.batch_size,
                            precision=args.precision)
     engine = Engine(settings)
     size = engine.bundle.card.input_size
     with tempfile.TemporaryDirectory() as tmp:
-        synth_studies(Path(tmp), args.studies, seed=99, n_slices=args.slices, size=512)
+        synth_studies(Path(tmp), args.studies, seed=99, n_slices=args.slices, size=512,
+                      encoding=Encoding() if args.uncompressed else None)
         choices = select(discover([tmp]), settings.rules)
         batch = np.random.default_rng(0).integers(-1000, 100, (args.batch_size, size, size)).astype(np.int16)
         engine.predictor.predict(batch)  # compile once before timing either path
@@ -64,7 +67,8 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"backend {keras.backend.backend()} on {default_device()}")
     print(f"model {engine.bundle.card.display_name}, input {size}px, {engine.precision}, batch {args.batch_size}, TTA {args.tta}, "
-          f"{args.studies} studies x {args.slices} slices of 512x512")
+          f"{args.studies} studies x {args.slices} slices of 512x512, "
+          f"{'uncompressed' if args.uncompressed else 'mixed transfer syntaxes'}")
     print(f"bare model:  {b:8.1f} slices/s ({b * args.tta:.1f} images/s)")
     print(f"end to end:  {e:8.1f} slices/s")
     print(f"ratio end-to-end / bare: {e / b:.2f}")

@@ -32,6 +32,7 @@ class CamExplainer:
             self.mode = "gradcam"
         self.lower = keras.Model(model.inputs[0], target)  # input -> the layer's features
         self.upper = keras.Model(target, model.outputs[0])  # the layer's features -> outputs
+        self._grad_fns: dict[int, object] = {}  # output index -> compiled gradient of the upper part
         # Keras' ResNets pad explicitly ("conv1_pad") and then use 'valid' strided convolutions.
         self.corner_aligned = any(layer.name == "conv1_pad" for layer in model.layers)
 
@@ -41,12 +42,12 @@ class CamExplainer:
             feats = np.asarray(self.lower.predict_on_batch(images), np.float32)
             raw = feats @ self.kernel[:, output_index]
         else:
-            raw = gradcam_raw(self.lower, self.upper, images, output_index)
+            raw = gradcam_raw(self.lower, self.upper, images, output_index, self._grad_fns)
         return self._finish(raw, images.shape[1])
 
     def gradcam(self, images: np.ndarray, output_index: int) -> np.ndarray:
         """Gradient Grad-CAM at the same layer regardless of head (checks the CAM shortcut)."""
-        return self._finish(gradcam_raw(self.lower, self.upper, images, output_index), images.shape[1])
+        return self._finish(gradcam_raw(self.lower, self.upper, images, output_index, self._grad_fns), images.shape[1])
 
     def _finish(self, raw: np.ndarray, size: int) -> np.ndarray:
         return normalise_and_upsample(raw, size, self.corner_aligned)
@@ -71,28 +72,39 @@ def _last_conv_output(model):  # type: ignore[no-untyped-def]
     raise ValueError("model has no layer with a 4-D (convolutional) output for Grad-CAM")
 
 
-def gradcam_raw(lower, upper, images: np.ndarray, output_index: int) -> np.ndarray:  # type: ignore[no-untyped-def]
+def gradcam_raw(lower, upper, images: np.ndarray, output_index: int, cache: dict | None = None) -> np.ndarray:  # type: ignore[no-untyped-def]
     """sum_k (mean of d y_c / d A_k) * A_k per image, at the layer's resolution (ReLU comes later)."""
     feats = lower(images, training=False)
-    grads = feature_grads(upper, feats, output_index)
+    grads = feature_grads(upper, feats, output_index, cache)
     feats = np.asarray(feats, np.float32)
     weights = grads.mean(axis=(1, 2))  # (B, C)
     return np.einsum("bhwc,bc->bhw", feats, weights)
 
 
-def feature_grads(upper, feats, output_index: int) -> np.ndarray:  # type: ignore[no-untyped-def]
-    """d sum_b y_c / d features, with the backend's autodiff."""
+def feature_grads(upper, feats, output_index: int, cache: dict | None = None) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """d sum_b y_c / d features, with the backend's autodiff. The compiled function is kept in `cache`
+    (one per explainer and output): eager gradients through most of a ResNet cost ~3x on every report."""
+    cache = {} if cache is None else cache
+    if output_index not in cache:
+        cache[output_index] = _compile_grads(upper, output_index)
+    return np.asarray(cache[output_index](feats), np.float32)
+
+
+def _compile_grads(upper, output_index: int):  # type: ignore[no-untyped-def]
     import keras
 
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
-        feats = tf.convert_to_tensor(feats)
-        with tf.GradientTape() as tape:
-            tape.watch(feats)
-            score = tf.reduce_sum(upper(feats, training=False)[:, output_index])
-        return tape.gradient(score, feats).numpy()
+        @tf.function(reduce_retracing=True)
+        def grads_tf(f):  # type: ignore[no-untyped-def]
+            with tf.GradientTape() as tape:
+                tape.watch(f)
+                score = tf.reduce_sum(upper(f, training=False)[:, output_index])
+            return tape.gradient(score, f)
+
+        return lambda f: grads_tf(tf.convert_to_tensor(f)).numpy()
     if backend == "jax":
         import jax
         import jax.numpy as jnp
@@ -100,7 +112,8 @@ def feature_grads(upper, feats, output_index: int) -> np.ndarray:  # type: ignor
         def score(f):  # type: ignore[no-untyped-def]
             return jnp.sum(upper(f, training=False)[:, output_index])
 
-        return np.asarray(jax.grad(score)(jnp.asarray(feats)))
+        grads_jax = jax.jit(jax.grad(score))
+        return lambda f: grads_jax(jnp.asarray(f))
     raise NotImplementedError(f"gradient Grad-CAM is not implemented for the {backend} backend")
 
 
