@@ -70,6 +70,11 @@ class _Head:
     pineal: bool
     cupping_hu: float  # beam hardening: brightening of the brain next to the inner table
 
+    def angle_from(self, theta: float) -> np.ndarray:
+        """Each pixel's angular distance (0..pi) from direction theta around the head's centre."""
+        angle = np.arctan2(self.yy - self.cy, self.xx - self.cx)
+        return np.abs(np.angle(np.exp(1j * (angle - theta))))
+
     @classmethod
     def draw(cls, rng: np.random.Generator, size: int) -> _Head:
         yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -90,8 +95,7 @@ def make_phantom(
     inner = np.zeros((n_slices, size, size), np.float32)  # normalised radius inside the inner table
     for k in range(n_slices):
         inner[k] = _anatomy_slice(hu[k], head, (k + 0.5) / n_slices, rng)
-    cy, cx, a0, b0 = head.cy, head.cx, head.a0, head.b0
-    masks = {s: _PLANTERS[s](rng, hu, inner, head.yy, head.xx, cy, cx, a0, b0) for s in subtypes}
+    masks = {s: _PLANTERS[s](rng, hu, inner, head) for s in subtypes}
     _beam_hardening(hu, inner, head, rng)
     hu, masks = _rotate_and_shift(hu, masks, rng)
     hu = _blur_and_noise(hu, rng)
@@ -110,12 +114,11 @@ def _anatomy_slice(sl: np.ndarray, h: _Head, t: float, rng: np.random.Generator)
     sl[r < 1.0] = rng.uniform(900, 1400)  # skull
     brain = rin < 1.0
     sl[brain] = np.where(rin[brain] > 0.8, 38.0, 28.0)  # grey rim, white core
-    _sulci(sl, rin, rng, yy, xx, cy, cx)
+    _sulci(sl, rin, rng, h)
     if t < 0.32:
         _skull_base(sl, h, t, a, b, brain)
     if 0.35 < t < 0.75:
-        left, right = _ventricles(yy, xx, cy, cx, a, b)
-        sl[left | right] = CSF_HU
+        sl[_ventricles(yy, xx, cy, cx, a, b)] = CSF_HU
         if h.choroid_calcified and 0.42 < t < 0.62:  # calcified glomus in each atrium
             for side in (-1, 1):
                 d2 = (yy - cy - a * 0.16) ** 2 + (xx - cx - side * b * 0.12) ** 2
@@ -192,16 +195,15 @@ def _rotate_and_shift(
     return out, moved
 
 
-def _ventricles(yy, xx, cy, cx, a, b) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
+def _ventricles(yy, xx, cy, cx, a, b) -> np.ndarray:  # type: ignore[no-untyped-def]
     left = ((yy - cy + a * 0.05) / (a * 0.28)) ** 2 + ((xx - cx + b * 0.12) / (b * 0.08)) ** 2 < 1
     right = ((yy - cy + a * 0.05) / (a * 0.28)) ** 2 + ((xx - cx - b * 0.12) / (b * 0.08)) ** 2 < 1
-    return left, right
+    return left | right
 
 
-def _sulci(sl: np.ndarray, rin: np.ndarray, rng, yy, xx, cy, cx) -> None:  # type: ignore[no-untyped-def]
-    angle = np.arctan2(yy - cy, xx - cx)
+def _sulci(sl: np.ndarray, rin: np.ndarray, rng: np.random.Generator, h: _Head) -> None:
     for theta in rng.uniform(-np.pi, np.pi, 10):
-        d = np.abs(np.angle(np.exp(1j * (angle - theta))))
+        d = h.angle_from(theta)
         sl[(d < 0.025) & (rin > 0.82) & (rin < 1.0)] = SULCUS_HU
 
 
@@ -226,11 +228,9 @@ def _paint(hu, mask, k, region, value) -> None:  # type: ignore[no-untyped-def]
     mask[k] |= region
 
 
-def _epidural(rng, hu, inner, yy, xx, cy, cx, a0, b0):  # type: ignore[no-untyped-def]
+def _epidural(rng: np.random.Generator, hu: np.ndarray, inner: np.ndarray, h: _Head) -> np.ndarray:
     mask = np.zeros(hu.shape, bool)
-    theta = rng.uniform(-np.pi, np.pi)
-    angle = np.arctan2(yy - cy, xx - cx)
-    d = np.abs(np.angle(np.exp(1j * (angle - theta))))
+    d = h.angle_from(rng.uniform(-np.pi, np.pi))
     value, depth0, arc = rng.uniform(*BLOOD_HU), rng.uniform(0.10, 0.18), rng.uniform(0.35, 0.55)
     for k in _slab(rng, hu.shape[0]):
         depth = depth0 * np.clip(1 - (d / arc) ** 2, 0, None)  # biconvex lens: thickest at its centre
@@ -238,11 +238,9 @@ def _epidural(rng, hu, inner, yy, xx, cy, cx, a0, b0):  # type: ignore[no-untype
     return mask
 
 
-def _subdural(rng, hu, inner, yy, xx, cy, cx, a0, b0):  # type: ignore[no-untyped-def]
+def _subdural(rng: np.random.Generator, hu: np.ndarray, inner: np.ndarray, h: _Head) -> np.ndarray:
     mask = np.zeros(hu.shape, bool)
-    theta = rng.uniform(-np.pi, np.pi)
-    angle = np.arctan2(yy - cy, xx - cx)
-    d = np.abs(np.angle(np.exp(1j * (angle - theta))))
+    d = h.angle_from(rng.uniform(-np.pi, np.pi))
     value, width, arc = rng.uniform(55.0, 85.0), rng.uniform(0.04, 0.09), rng.uniform(0.7, 1.3)
     for k in _slab(rng, hu.shape[0], 0.25, 0.85):
         taper = width * np.clip(1 - (d / arc) ** 4, 0, None)  # crescent: thin ends along the convexity
@@ -250,22 +248,22 @@ def _subdural(rng, hu, inner, yy, xx, cy, cx, a0, b0):  # type: ignore[no-untype
     return mask
 
 
-def _intraparenchymal(rng, hu, inner, yy, xx, cy, cx, a0, b0):  # type: ignore[no-untyped-def]
+def _intraparenchymal(rng: np.random.Generator, hu: np.ndarray, inner: np.ndarray, h: _Head) -> np.ndarray:
     mask = np.zeros(hu.shape, bool)
-    oy, ox = cy + rng.uniform(-0.45, 0.45) * a0, cx + rng.choice([-1, 1]) * rng.uniform(0.25, 0.5) * b0
-    radius = rng.uniform(0.05, 0.09) * 2 * b0
+    oy, ox = h.cy + rng.uniform(-0.45, 0.45) * h.a0, h.cx + rng.choice([-1, 1]) * rng.uniform(0.25, 0.5) * h.b0
+    radius = rng.uniform(0.05, 0.09) * 2 * h.b0
     value = rng.uniform(*BLOOD_HU)
     slab = _slab(rng, hu.shape[0])
     mid = (slab.start + slab.stop - 1) / 2
     for k in slab:
         rk = radius * np.sqrt(max(1 - ((k - mid) / (len(slab) / 2 + 0.5)) ** 2, 0.2))
-        dist = np.sqrt((yy - oy) ** 2 + (xx - ox) ** 2)
+        dist = np.sqrt((h.yy - oy) ** 2 + (h.xx - ox) ** 2)
         hu[k][(dist < rk * 1.5) & (inner[k] < 0.9)] = 18.0  # oedema rim
         _paint(hu, mask, k, (dist < rk) & (inner[k] < 0.9), value)
     return mask
 
 
-def _intraventricular(rng, hu, inner, yy, xx, cy, cx, a0, b0):  # type: ignore[no-untyped-def]
+def _intraventricular(rng: np.random.Generator, hu: np.ndarray, inner: np.ndarray, h: _Head) -> np.ndarray:
     mask = np.zeros(hu.shape, bool)
     value = rng.uniform(*BLOOD_HU)
     n = hu.shape[0]
@@ -273,18 +271,17 @@ def _intraventricular(rng, hu, inner, yy, xx, cy, cx, a0, b0):  # type: ignore[n
         csf = np.abs(hu[k] - CSF_HU) < 0.5
         if csf.sum() == 0 or not 0.4 < (k + 0.5) / n < 0.7:
             continue
-        ys = yy[csf]
-        cut = np.quantile(ys, 0.55)  # blood layers in the dependent (posterior) part
-        _paint(hu, mask, k, csf & (yy > cut), value)
+        cut = np.quantile(h.yy[csf], 0.55)  # blood layers in the dependent (posterior) part
+        _paint(hu, mask, k, csf & (h.yy > cut), value)
     return mask
 
 
-def _subarachnoid(rng, hu, inner, yy, xx, cy, cx, a0, b0):  # type: ignore[no-untyped-def]
+def _subarachnoid(rng: np.random.Generator, hu: np.ndarray, inner: np.ndarray, h: _Head) -> np.ndarray:
     """Blood fills the sulci (some of them) and the basal cisterns where the slab reaches them."""
     mask = np.zeros(hu.shape, bool)
     value = rng.uniform(55.0, 75.0)
     theta, spread = rng.uniform(-np.pi, np.pi), rng.uniform(1.0, np.pi)
-    d = np.abs(np.angle(np.exp(1j * (np.arctan2(yy - cy, xx - cx) - theta))))
+    d = h.angle_from(theta)
     for k in _slab(rng, hu.shape[0], 0.15, 0.7):
         spaces = ((np.abs(hu[k] - SULCUS_HU) < 0.5) & (d < spread)) | (np.abs(hu[k] - CISTERN_HU) < 0.5)
         _paint(hu, mask, k, spaces, value)
@@ -345,27 +342,26 @@ class Encoding:
     """How a series is stored: the rescale intercept (0 means signed pixels) and the transfer syntax."""
 
     intercept: float = -1024.0
-    transfer_syntax: str = ExplicitVRLittleEndian
+    transfer_syntax: UID = ExplicitVRLittleEndian
 
     @classmethod
     def draw(cls, rng: np.random.Generator) -> Encoding:
         ts = TRANSFER_SYNTAXES[int(rng.integers(len(TRANSFER_SYNTAXES)))]
-        return cls(float(rng.choice(INTERCEPTS)), ts if _can_encode(ts) else ExplicitVRLittleEndian)
+        return cls(float(rng.choice(INTERCEPTS)), ts if can_encode(ts) else ExplicitVRLittleEndian)
 
 
-def _can_encode(transfer_syntax: str) -> bool:
+def can_encode(transfer_syntax: UID) -> bool:
+    """Whether this installation can write the transfer syntax (JPEG-LS needs the optional pyjpegls)."""
     from pydicom.pixels import get_encoder
 
-    uid = UID(transfer_syntax)
-    return not uid.is_compressed or get_encoder(uid).is_available
+    return not transfer_syntax.is_compressed or get_encoder(transfer_syntax).is_available
 
 
-def _encode(ds: Dataset, transfer_syntax: str) -> None:
-    uid = UID(transfer_syntax)
-    if uid.is_compressed:
-        ds.compress(uid)  # lossless: the decoded pixels equal the written ones
+def _encode(ds: Dataset, transfer_syntax: UID) -> None:
+    if transfer_syntax.is_compressed:
+        ds.compress(transfer_syntax)  # lossless: the decoded pixels equal the written ones
     else:
-        ds.file_meta.TransferSyntaxUID = uid
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
 
 
 def ct_slice_dataset(

@@ -13,7 +13,7 @@ from ichbatch.synth import (
     INTERCEPTS,
     TRANSFER_SYNTAXES,
     Encoding,
-    _can_encode,
+    can_encode,
     draw_subtypes,
     make_phantom,
     synth_studies,
@@ -77,7 +77,7 @@ def test_several_subtypes_in_one_study_happen():
 @pytest.mark.parametrize("transfer_syntax", TRANSFER_SYNTAXES, ids=lambda ts: ts.name)
 @pytest.mark.parametrize("intercept", sorted(set(INTERCEPTS)))
 def test_every_encoding_reads_back_to_the_same_hu(tmp_path, transfer_syntax, intercept):
-    if not _can_encode(transfer_syntax):
+    if not can_encode(transfer_syntax):
         pytest.skip(f"no encoder installed for {transfer_syntax.name}")
     ph = make_phantom(np.random.default_rng(1), n_slices=8, size=64, subtypes=("subdural",))
     write_series(ph, tmp_path, study_uid="1.2.3.4", series_uid="1.2.3.4.1", patient_id="P", patient_name="P^Q",

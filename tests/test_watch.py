@@ -121,6 +121,13 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path, tiny_b
     _check_outputs(out, [s["study_uid"] for s in manifest["studies"]])
 
 
+def _settle(watcher, rounds: int = 3) -> None:  # type: ignore[no-untyped-def]
+    """One scan, then enough processing rounds for retries with zero backoff to run out."""
+    watcher.scan()
+    for _ in range(rounds):
+        watcher.process_ready()
+
+
 def test_broken_study_and_unwritable_reports_get_clear_statuses(tmp_path, tiny_bundle):
     from ichbatch.pipeline import RunSettings
     from ichbatch.watch.watcher import Watcher, WatchSettings
@@ -134,9 +141,7 @@ def test_broken_study_and_unwritable_reports_get_clear_statuses(tmp_path, tiny_b
     settings = WatchSettings(incoming=incoming, out=out, run=RunSettings(model=str(tiny_bundle), tta=1),
                              quiet_seconds=0, max_attempts=2, backoff_seconds=0)
     watcher = Watcher(settings)
-    watcher.scan()
-    for _ in range(3):
-        watcher.process_ready()
+    _settle(watcher)
     rows = {r.study_uid: r for r in watcher.ledger.studies()}
     good_uid = manifest["studies"][0]["study_uid"]
     assert rows[good_uid].status == "done" and rows[good_uid].version == 1
@@ -147,9 +152,7 @@ def test_broken_study_and_unwritable_reports_get_clear_statuses(tmp_path, tiny_b
     synth_studies(incoming / "more", 1, seed=24, n_slices=8, size=64)
     (out / "reports").rename(out / "reports.bak")
     (out / "reports").write_text("not a folder")
-    watcher.scan()
-    for _ in range(3):
-        watcher.process_ready()
+    _settle(watcher)
     new = [r for r in watcher.ledger.studies() if r.study_uid not in (good_uid, broken_uid)]
     assert new[0].status == "failed" and "report not written" in new[0].message
     watcher.ledger.close()
@@ -205,9 +208,7 @@ def test_unwritable_csv_is_retried_without_using_up_attempts(tmp_path, tiny_bund
     settings = WatchSettings(incoming=incoming, out=out, run=RunSettings(model=str(tiny_bundle), tta=1),
                              quiet_seconds=0, max_attempts=1, backoff_seconds=0)
     watcher = Watcher(settings)
-    watcher.scan()
-    for _ in range(3):
-        watcher.process_ready()
+    _settle(watcher)
     (row,) = watcher.ledger.studies()
     assert row.status == "pending" and row.attempts == 0 and "outputs not written" in row.message
     (out / "results.csv").rmdir()  # the disk is writable again: the study goes through
