@@ -274,13 +274,17 @@ def status(out: Path, last: int, uids: bool) -> None:
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=32, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True, help="Learning rate (5e-4 also works well from scratch).")
 @click.option("--init", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Start from these weights (weights.npz or .weights.h5): two-stage fine-tuning.")
+@click.option("--init-schedule", type=click.Choice(["transfer", "continue"]), default="transfer", show_default=True,
+              help="With --init: transfer = head for 5 epochs at 1e-3, then conv5 at 1e-4; continue = every layer at --lr (to train a bundle of ours further).")
+@click.option("--vertical-flip/--no-vertical-flip", default=False, show_default=True,
+              help="Also flip images vertically when augmenting (not in the recipe; for phantoms, whose blood can sit anywhere).")
 @click.option("--val-fraction", type=click.FloatRange(0.05, 0.5), default=0.2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--phantom-studies", type=click.IntRange(2, 100000), default=200, show_default=True)
 @click.option("--phantom-slices", type=click.IntRange(8, 400), default=24, show_default=True)
 def train(source: str, data: Path | None, labels_csv: Path | None, out: Path, name: str | None, version: str, input_size: int,
-          epochs: int, batch_size: int, lr: float, init: Path | None, val_fraction: float, seed: int,
-          phantom_studies: int, phantom_slices: int) -> None:
+          epochs: int, batch_size: int, lr: float, init: Path | None, init_schedule: str, vertical_flip: bool,
+          val_fraction: float, seed: int, phantom_studies: int, phantom_slices: int) -> None:
     """Train the ResNet50 bundle and write it with its card, training curves and validation metrics.
 
     \b
@@ -295,7 +299,7 @@ def train(source: str, data: Path | None, labels_csv: Path | None, out: Path, na
     settings = TrainSettings(source=source, out=out, name=name or out.name, version=version, data=data, labels_csv=labels_csv,
                              input_size=input_size, epochs=epochs, batch_size=batch_size, lr=lr, init=init,
                              val_fraction=val_fraction, seed=seed, phantom_studies=phantom_studies,
-                             phantom_slices=phantom_slices)
+                             phantom_slices=phantom_slices, init_schedule=init_schedule, vertical_flip=vertical_flip)
     try:
         run_training(settings, load_data(settings), echo=lambda m: click.echo(m, err=True))
     except IchBatchError as exc:

@@ -55,6 +55,8 @@ class TrainSettings:
     phantom_studies: int = 200
     phantom_slices: int = 24
     version: str = "1.0.0"
+    vertical_flip: bool = False  # off in the recipe: real heads are never upside down
+    init_schedule: str = "transfer"  # with init: "transfer" (the two-stage recipe) or "continue" (all layers)
 
 
 def hu_to_channels(hu: np.ndarray, size: int) -> np.ndarray:
@@ -159,7 +161,7 @@ def group_split(groups: np.ndarray, val_fraction: float, seed: int) -> tuple[np.
     return ~val, val
 
 
-def _augmenter(seed: int):  # type: ignore[no-untyped-def]
+def _augmenter(seed: int, vertical_flip: bool = False):  # type: ignore[no-untyped-def]
     import keras
 
     class Brightness(keras.layers.Layer):
@@ -176,7 +178,7 @@ def _augmenter(seed: int):  # type: ignore[no-untyped-def]
             return keras.ops.clip(x * f, 0.0, 1.0)
 
     return [
-        keras.layers.RandomFlip("horizontal", seed=seed),
+        keras.layers.RandomFlip("horizontal_and_vertical" if vertical_flip else "horizontal", seed=seed),
         keras.layers.RandomRotation(20 / 360, fill_mode="constant", seed=seed),
         keras.layers.RandomTranslation(0.15, 0.15, fill_mode="constant", seed=seed),
         keras.layers.RandomZoom(0.2, fill_mode="constant", seed=seed),
@@ -184,12 +186,12 @@ def _augmenter(seed: int):  # type: ignore[no-untyped-def]
     ]
 
 
-def _training_model(base, size: int, seed: int):  # type: ignore[no-untyped-def]
+def _training_model(base, size: int, seed: int, vertical_flip: bool = False):  # type: ignore[no-untyped-def]
     import keras
 
     inp = keras.Input((size, size, 3), dtype="uint8")
     x = keras.layers.Rescaling(1 / 255)(inp)
-    for layer in _augmenter(seed):
+    for layer in _augmenter(seed, vertical_flip):
         x = layer(x)
     return keras.Model(inp, base(x))
 
@@ -208,11 +210,11 @@ def train(settings: TrainSettings, data: TrainData, echo: Callable[[str], None] 
     base = build_resnet50(settings.input_size, len(data.outputs), seed=settings.seed)
     if settings.init:
         _load_init(base, settings.init)
-    else:
-        # From scratch the weights move fast; with Keras' default 0.99 the moving statistics lag so far
-        # behind that validation (which uses them) sees a different network from training.
+    if not settings.init or settings.init_schedule == "continue":
+        # With every layer training the weights move fast; with Keras' default 0.99 the moving statistics
+        # lag so far behind that validation (which uses them) sees a different network from training.
         _set_bn_momentum(base, 0.9)
-    model = _training_model(base, settings.input_size, settings.seed)
+    model = _training_model(base, settings.input_size, settings.seed, settings.vertical_flip)
     weights = np.where(data.y[:, 0] > 0, 1.5, 1.0).astype(np.float32)  # positives count 1.5 times
     fit_args = dict(x=data.x[tr], y=data.y[tr], sample_weight=weights[tr], batch_size=settings.batch_size,
                     validation_data=(data.x[va], data.y[va]), verbose=2)
@@ -271,6 +273,8 @@ def recalibrate_batchnorm(base, x_uint8: np.ndarray, batch_size: int, seed: int,
 
 
 def _stages(settings: TrainSettings) -> list[tuple[int, float, str]]:
+    if settings.init and settings.init_schedule == "continue":  # more epochs of our own training
+        return [(settings.epochs, settings.lr, "all")]
     if settings.init:  # transfer learning: head first, then the last block
         return [(min(5, settings.epochs), 1e-3, "head"), (max(settings.epochs - 5, 1), 1e-4, "conv5")]
     return [(settings.epochs, settings.lr, "all")]

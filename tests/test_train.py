@@ -94,3 +94,35 @@ def test_recalibrated_batchnorm_statistics_match_the_data():
     # The mean of per-batch means is the data mean; the stored mean must match it closely.
     assert np.allclose(np.asarray(first_bn.moving_mean), acts.mean(axis=(0, 1, 2)), atol=1e-4)
     assert first_bn.momentum == 0.99  # restored afterwards
+
+
+def _conv1_kernel(folder):
+    import keras
+
+    return keras.ops.convert_to_numpy(load_bundle(str(folder)).model.get_layer("conv1_conv").kernel)
+
+
+def test_init_schedules_choose_which_layers_train(tmp_path):
+    phantoms = ["--source", "phantoms", "--phantom-studies", "3", "--phantom-slices", "8", *COMMON]
+    first = tmp_path / "first"
+    assert CliRunner().invoke(main, ["train", "--out", str(first), *phantoms]).exit_code == 0
+    init = ["--init", str(first / "weights.npz")]
+    runs = {"transfer": [], "continue": ["--init-schedule", "continue", "--vertical-flip", "--lr", "1e-3"]}
+    for name, extra in runs.items():
+        result = CliRunner().invoke(main, ["train", "--out", str(tmp_path / name), *phantoms, *init, *extra])
+        assert result.exit_code == 0, result.output
+    start = _conv1_kernel(first)
+    # transfer: head, then conv5 - the stem keeps its weights; continue: every layer moves.
+    np.testing.assert_array_equal(_conv1_kernel(tmp_path / "transfer"), start)
+    assert np.abs(_conv1_kernel(tmp_path / "continue") - start).max() > 1e-3
+
+
+def test_vertical_flip_augmentation_is_optional():
+    from ichbatch.train import _augmenter
+
+    x = np.arange(16, dtype=np.float32).reshape(1, 4, 4, 1).repeat(64, axis=0)
+    for vertical in (False, True):
+        flip = _augmenter(seed=0, vertical_flip=vertical)[0]
+        out = np.asarray(flip(x, training=True))
+        upside_down = [np.array_equal(o, x[0, ::-1]) or np.array_equal(o, x[0, ::-1, ::-1]) for o in out]
+        assert any(upside_down) == vertical
