@@ -81,7 +81,8 @@ class Engine:
         self.bundle: Bundle = load_bundle(settings.model, self.precision)
         self.tta = settings.tta or default_tta(device)
         self.predictor = Predictor(self.bundle, self.tta, settings.batch_size)
-        self.explainer = CamExplainer(self.bundle.model, self.bundle.card.cam_layer)
+        card = self.bundle.card
+        self.explainer = CamExplainer(self.bundle.model, card.cam_layer, card.cam_augment)
 
 
 def resolve_precision(precision: str, device: str) -> str:

@@ -241,3 +241,30 @@ def test_mixed_bfloat16_path_tracks_float32(tiny_bundle):
     assert bundle16.model.get_layer("ich_head").compute_dtype == "float32"
     half = Predictor(bundle16, 1, 4).predict(hu)
     assert half.dtype == np.float32 and np.allclose(full, half, atol=0.05)
+
+
+def test_cam_augment_averages_flipped_maps_into_a_flip_symmetric_map(tiny_bundle, tmp_path):
+    import shutil
+
+    from ichbatch.pipeline import Engine, RunSettings
+
+    copy = tmp_path / "augmented"
+    shutil.copytree(tiny_bundle, copy)
+    card = json.loads((copy / "model.json").read_text())
+    card.update(cam_layer="conv3_block4_out", cam_augment=["hflip", "vflip", "hvflip"])
+    (copy / "model.json").write_text(json.dumps(card))
+    augmented = Engine(RunSettings(model=str(copy), tta=1)).explainer
+    plain = CamExplainer(augmented.model, "conv3_block4_out")
+    x = np.random.default_rng(3).random((2, TINY_SIZE, TINY_SIZE, 3)).astype(np.float32)
+    flipped = np.ascontiguousarray(x[:, ::-1, ::-1])
+    # A map averaged over the whole flip group follows the image when it is flipped; a plain one need not.
+    a, a_flipped = augmented.maps(x, 0), augmented.maps(flipped, 0)
+    np.testing.assert_allclose(a_flipped, a[:, ::-1, ::-1], atol=1e-4)
+    p, p_flipped = plain.maps(x, 0), plain.maps(flipped, 0)
+    assert p.max() == pytest.approx(1.0, abs=0.05)
+    assert np.abs(p_flipped - p[:, ::-1, ::-1]).max() > 0.05
+    assert a.shape == p.shape and a.max() == pytest.approx(1.0, abs=1e-5)
+    card["cam_augment"] = ["rotate"]
+    (copy / "model.json").write_text(json.dumps(card))
+    with pytest.raises(BundleError, match="cam_augment"):
+        load_bundle(str(copy))

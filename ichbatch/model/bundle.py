@@ -22,6 +22,7 @@ import numpy as np
 
 from ..config import DEFAULT_WINDOWS, LABELS, Window
 from ..errors import BundleError
+from .gradcam import FLIPS
 
 CARD = "model.json"
 DEFAULT_MODEL = "ich-resnet50-demo"
@@ -46,6 +47,7 @@ class ModelCard:
     seed: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
     cam_layer: str | None = None  # Grad-CAM layer for the report maps; None: the last convolutional one
+    cam_augment: tuple[str, ...] = ()  # flips the report maps are averaged over (gradcam.FLIPS)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelCard:
@@ -55,7 +57,7 @@ class ModelCard:
             raise BundleError(f"model.json has unknown field(s) {sorted(unknown)}")
         data = dict(data)
         data["windows"] = tuple(Window(**w) for w in data.get("windows", [asdict(w) for w in DEFAULT_WINDOWS]))
-        for key in ("labels", "outputs"):
+        for key in ("labels", "outputs", "cam_augment"):
             if key in data:
                 data[key] = tuple(data[key])
         try:
@@ -69,6 +71,7 @@ class ModelCard:
         data = asdict(self)
         data["windows"] = [asdict(w) for w in self.windows]
         data["labels"], data["outputs"] = list(self.labels), list(self.outputs)
+        data["cam_augment"] = list(self.cam_augment)
         return data
 
     def validate(self) -> None:
@@ -78,6 +81,8 @@ class ModelCard:
             raise BundleError(f"outputs {list(self.outputs)} are not all among labels {list(self.labels)}")
         if len(self.windows) != 3:
             raise BundleError(f"a bundle needs 3 channel windows. Received: {len(self.windows)}")
+        if not set(self.cam_augment) <= set(FLIPS):
+            raise BundleError(f"cam_augment {list(self.cam_augment)}: expected some of {sorted(FLIPS)}")
         if self.weights is None and (self.trained or self.architecture != "resnet50"):
             raise BundleError(f"bundle {self.name}: no weights file, but the card does not say it is untrained")
 

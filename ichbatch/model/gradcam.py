@@ -9,20 +9,31 @@ gradient Grad-CAM, which needs the backend's autodiff (TensorFlow or JAX).
 Upsampling puts each feature cell where its receptive field is centred. Keras' ResNets pad explicitly
 and then stride with 'valid' convolutions, so cell j of a stride-s map is centred on input pixel s*j,
 not s*(j + 0.5) as a plain image resize assumes: half a cell (16 px at stride 32) of difference.
+
+A card's `cam_augment` (e.g. hflip, vflip) averages the map over flipped copies of the image, each map
+flipped back ("augmented Grad-CAM"): a network trained on flipped images may put its evidence on either
+side of a lesion, and the average of the two sides lands on the lesion itself.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+# View name -> the image axes it flips ((B, H, W, C) arrays: 1 is vertical, 2 is horizontal).
+FLIPS: dict[str, tuple[int, ...]] = {"hflip": (2,), "vflip": (1,), "hvflip": (1, 2)}
+
 
 class CamExplainer:
     """Heat maps in [0, 1] at the model's input size, for any output of the model."""
 
-    def __init__(self, model, layer: str | None = None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, model, layer: str | None = None, augment: tuple[str, ...] = ()) -> None:  # type: ignore[no-untyped-def]
         import keras
 
+        unknown = [a for a in augment if a not in FLIPS]
+        if unknown:
+            raise ValueError(f"unknown Grad-CAM augmentation(s) {unknown}; expected some of {sorted(FLIPS)}")
         self.model = model
+        self.augment = tuple(augment)
         gap, head = _gap_dense_head(model)
         target = model.get_layer(layer).output if layer else _last_conv_output(model)
         if gap is not None and target is gap.input:
@@ -37,7 +48,18 @@ class CamExplainer:
         self.corner_aligned = any(layer.name == "conv1_pad" for layer in model.layers)
 
     def maps(self, images: np.ndarray, output_index: int) -> np.ndarray:
-        """images (B, S, S, 3) float in [0, 1] -> (B, S, S) maps in [0, 1]."""
+        """images (B, S, S, 3) float in [0, 1] -> (B, S, S) maps in [0, 1], averaged over the card's flips."""
+        if not self.augment:
+            return self._maps(images, output_index)
+        axes = [()] + [FLIPS[a] for a in self.augment]
+        views = np.concatenate([np.flip(images, ax) if ax else images for ax in axes])  # one batch: one call
+        maps = self._maps(np.ascontiguousarray(views), output_index).reshape(len(axes), *images.shape[:3])
+        # maps are (B, H, W): the same axis numbers flip them back.
+        mean = np.mean([np.flip(m, ax) if ax else m for m, ax in zip(maps, axes)], axis=0)
+        peak = mean.max(axis=(1, 2), keepdims=True)
+        return np.where(peak > 0, mean / np.maximum(peak, 1e-12), mean)
+
+    def _maps(self, images: np.ndarray, output_index: int) -> np.ndarray:
         if self.mode == "cam":
             feats = np.asarray(self.lower.predict_on_batch(images), np.float32)
             raw = feats @ self.kernel[:, output_index]
