@@ -277,7 +277,7 @@ def status(out: Path, last: int, uids: bool) -> None:
 @click.option("--init-schedule", type=click.Choice(["transfer", "continue"]), default="transfer", show_default=True,
               help="With --init: transfer = head for 5 epochs at 1e-3, then conv5 at 1e-4; continue = every layer at --lr (to train a bundle of ours further).")
 @click.option("--vertical-flip/--no-vertical-flip", default=False, show_default=True,
-              help="Also flip images vertically when augmenting (not in the recipe; for phantoms, whose blood can sit anywhere).")
+              help="Also flip images vertically when augmenting (not in the recipe: real heads are not upside down).")
 @click.option("--val-fraction", type=click.FloatRange(0.05, 0.5), default=0.2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--phantom-studies", type=click.IntRange(2, 100000), default=200, show_default=True)

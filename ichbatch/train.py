@@ -58,6 +58,11 @@ class TrainSettings:
     vertical_flip: bool = False  # off in the recipe: real heads are never upside down
     init_schedule: str = "transfer"  # with init: "transfer" (the two-stage recipe) or "continue" (all layers)
 
+    @property
+    def transfer(self) -> bool:
+        """The recipe's two stages (head, then conv5) rather than every layer training throughout."""
+        return self.init is not None and self.init_schedule == "transfer"
+
 
 def hu_to_channels(hu: np.ndarray, size: int) -> np.ndarray:
     """The same windows the inference path builds on the device, here in numpy as uint8."""
@@ -210,7 +215,7 @@ def train(settings: TrainSettings, data: TrainData, echo: Callable[[str], None] 
     base = build_resnet50(settings.input_size, len(data.outputs), seed=settings.seed)
     if settings.init:
         _load_init(base, settings.init)
-    if not settings.init or settings.init_schedule == "continue":
+    if not settings.transfer:
         # With every layer training the weights move fast; with Keras' default 0.99 the moving statistics
         # lag so far behind that validation (which uses them) sees a different network from training.
         _set_bn_momentum(base, 0.9)
@@ -273,9 +278,7 @@ def recalibrate_batchnorm(base, x_uint8: np.ndarray, batch_size: int, seed: int,
 
 
 def _stages(settings: TrainSettings) -> list[tuple[int, float, str]]:
-    if settings.init and settings.init_schedule == "continue":  # more epochs of our own training
-        return [(settings.epochs, settings.lr, "all")]
-    if settings.init:  # transfer learning: head first, then the last block
+    if settings.transfer:  # head first, then the last block
         return [(min(5, settings.epochs), 1e-3, "head"), (max(settings.epochs - 5, 1), 1e-4, "conv5")]
     return [(settings.epochs, settings.lr, "all")]
 

@@ -53,11 +53,11 @@ class CamExplainer:
             return self._maps(images, output_index)
         axes = [()] + [FLIPS[a] for a in self.augment]
         views = np.concatenate([np.flip(images, ax) if ax else images for ax in axes])  # one batch: one call
-        maps = self._maps(np.ascontiguousarray(views), output_index).reshape(len(axes), *images.shape[:3])
+        maps = self._maps(views, output_index).reshape(len(axes), *images.shape[:3])
         # maps are (B, H, W): the same axis numbers flip them back.
         mean = np.mean([np.flip(m, ax) if ax else m for m, ax in zip(maps, axes)], axis=0)
         peak = mean.max(axis=(1, 2), keepdims=True)
-        return np.where(peak > 0, mean / np.maximum(peak, 1e-12), mean)
+        return mean / np.where(peak > 0, peak, 1.0)
 
     def _maps(self, images: np.ndarray, output_index: int) -> np.ndarray:
         if self.mode == "cam":
