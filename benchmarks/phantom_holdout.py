@@ -2,14 +2,15 @@
 
     python benchmarks/phantom_holdout.py [--model ich-resnet50-demo] [--studies 80] [--seed 777]
                                          [--cam-layers conv2_block3_out,conv3_block4_out]
-                                         [--cam-augment hflip,vflip,hvflip] [--record]
+                                         [--cam-augment hflip,vflip,hvflip] [--cam-method hirescam]
+                                         [--record]
 
 Generates phantom studies with a seed the demo model never saw, runs the pipeline on them, and
 reports study-level ROC AUC per label and, for true-positive slices (label 'any' present and slice
 probability at the card's threshold), how often the Grad-CAM peak falls inside the lesion mask, for the
-card's cam_layer and any --cam-layers to compare, each with the card's cam_augment flips (or --cam-augment;
-"none" for none) and, for comparison, without them. Choose layer and flips on a tuning seed, not on the
-held-out one.
+card's cam_layer and any --cam-layers to compare, each with the card's cam_method (or --cam-method) and
+cam_augment flips (or --cam-augment; "none" for none) and, for comparison, without them. Choose layer,
+method and flips on a tuning seed, not on the held-out one.
 --record writes the figures into the bundle's card under metrics.holdout (the weights are unchanged).
 These are figures on synthetic phantoms only: they say nothing about accuracy on real patients.
 """
@@ -31,8 +32,9 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=80)
     parser.add_argument("--seed", type=int, default=777)
     parser.add_argument("--tta", type=int, default=2)
-    parser.add_argument("--cam-layers", default="", help="comma-separated extra layers to compare")
+    parser.add_argument("--cam-layers", default="", help="comma-separated extra layers to compare, each layer[:method]")
     parser.add_argument("--cam-augment", default=None, help="comma-separated flips instead of the card's, or none")
+    parser.add_argument("--cam-method", default=None, help="gradcam or hirescam instead of the card's")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
 
@@ -62,11 +64,13 @@ def main() -> None:
             aucs[label] = roc_auc(np.array(y), np.array(p))
         flips = card.cam_augment if args.cam_augment is None else tuple(
             x for x in args.cam_augment.split(",") if x and x != "none")
+        method = args.cam_method or card.cam_method
         explainers = {}
-        for layer in [card.cam_layer or "last"] + [x for x in args.cam_layers.split(",") if x]:
+        for spec in [card.cam_layer or "last"] + [x for x in args.cam_layers.split(",") if x]:
+            layer, _, how = spec.partition(":")  # layer[:method]
             for augment in (flips, ()) if flips else ((),):
-                name = layer + ("+" + "+".join(augment) if augment else "")
-                explainers[name] = CamExplainer(engine.bundle.model, None if layer == "last" else layer, augment)
+                name = f"{layer}:{how or method}" + ("+" + "+".join(augment) if augment else "")
+                explainers[name] = CamExplainer(engine.bundle.model, None if layer == "last" else layer, augment, how or method)
         layers = list(explainers)
         hits: dict[str, list[tuple[str, bool]]] = {name: [] for name in layers}
         any_col = card.outputs.index("any")
@@ -89,7 +93,7 @@ def main() -> None:
     report = {
         "phantom_seed": args.seed, "studies": args.studies, "tta": args.tta,
         "study_auc": {k: None if v is None else round(v, 4) for k, v in aucs.items()},
-        "gradcam_layer": card.cam_layer or "last", "gradcam_augment": list(flips),
+        "gradcam_layer": card.cam_layer or "last", "gradcam_augment": list(flips), "gradcam_method": method,
         "gradcam_peak_in_lesion": rate(main_rows), "true_positive_slices": len(main_rows),
         "gradcam_by_lesion": {kind: rate([x for x in main_rows if x[0] == kind])
                               for kind in sorted({kind for kind, _ in main_rows})},

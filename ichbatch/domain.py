@@ -144,5 +144,6 @@ class StudyResult:
     model_trained: bool = True
     model_trained_on: str = ""  # from the card, shown on every output
     tta: int = 1
+    heatmap: str = ""  # how the key images' maps were made, e.g. "HiResCAM at pool1_pool, ..."
     seconds: float = 0.0
     report_pdf: str = ""

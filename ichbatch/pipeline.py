@@ -82,7 +82,7 @@ class Engine:
         self.tta = settings.tta or default_tta(device)
         self.predictor = Predictor(self.bundle, self.tta, settings.batch_size)
         card = self.bundle.card
-        self.explainer = CamExplainer(self.bundle.model, card.cam_layer, card.cam_augment)
+        self.explainer = CamExplainer(self.bundle.model, card.cam_layer, card.cam_augment, card.cam_method)
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -235,7 +235,7 @@ def _ok_message(choice: SeriesChoice, decoded: list[_Decoded]) -> str:
 
 
 def _key_images(slices: list[_Decoded], indices: tuple[int, ...], engine: Engine) -> dict[int, dict[str, np.ndarray]]:
-    """Brain window, Grad-CAM overlay on it, and the three windows, for each key slice."""
+    """Brain window, class-activation overlay on it, and the three windows, for each key slice."""
     card = engine.bundle.card
     label = "any" if "any" in card.outputs else card.outputs[0]
     inputs = np.stack([windows_np(d.model_input, card.windows) for d in slices])
@@ -273,6 +273,7 @@ def _base_result(choice: SeriesChoice, engine: Engine, status: Status, message: 
         model_trained=card.trained,
         model_trained_on=card.trained_on,
         tta=engine.tta,
+        heatmap=engine.explainer.describe(),
     )
 
 

@@ -24,6 +24,7 @@ def outputs(tmp_path, phantom_hu):
                        patient_name="MÜLLER^ZOË", accession="ACC1")
     result = _result(uid=study)
     result.source_path = str(src[0])
+    result.heatmap = "HiResCAM at pool1_pool, averaged over hflip"
     pdf = render_pdf(result)
     return write_dicom_outputs(result, pdf, tmp_path / "dicom"), pdf, study
 
@@ -37,6 +38,7 @@ def test_outputs_join_the_original_study(outputs):
     assert len(keys) == 3 and all(k.SOPClassUID == SECONDARY_CAPTURE and k.StudyInstanceUID == study for k in keys)
     assert keys[0].SeriesInstanceUID != report.SeriesInstanceUID
     assert keys[0].pixel_array.shape == (64, 64, 3) and np.asarray(keys[0].pixel_array).max() > 0
+    assert keys[0].ImageComments.endswith("heat map for 'any': HiResCAM at pool1_pool, averaged over hflip")
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools (dciodvfy) not installed")

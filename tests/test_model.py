@@ -211,10 +211,11 @@ def test_tensorflow_and_jax_backends_agree(tiny_bundle):
     hu = _hu_batch(3, seed=9)
     script = (
         "import sys, numpy as np; from ichbatch.model.bundle import load_bundle; from ichbatch.infer import Predictor;"
-        "from ichbatch.model.gradcam import CamExplainer, gradcam_raw; b = load_bundle(sys.argv[1]);"
+        "from ichbatch.model.gradcam import CamExplainer, cam_raw; b = load_bundle(sys.argv[1]);"
         "hu = np.load(sys.argv[2]); x = np.clip((hu[..., None].astype(np.float32) + 1024) / 1300, 0, 1).repeat(3, -1);"
         "e = CamExplainer(b.model, 'conv3_block4_out');"
-        "np.savez(sys.argv[3], probs=Predictor(b, 2, 4).predict(hu), raw=gradcam_raw(e.lower, e.upper, x, 1))"
+        "np.savez(sys.argv[3], probs=Predictor(b, 2, 4).predict(hu), raw=cam_raw(e.lower, e.upper, x, 1),"
+        "         hires=cam_raw(e.lower, e.upper, x, 1, 'hirescam'))"
     )
     np.save(tiny_bundle.parent / "hu.npy", hu)
     results = {}
@@ -228,8 +229,9 @@ def test_tensorflow_and_jax_backends_agree(tiny_bundle):
     tf_out, jax_out = results["tensorflow"], results["jax"]
     assert tf_out["probs"].shape == (3, 6) and tf_out["raw"].shape == (3, TINY_SIZE // 8, TINY_SIZE // 8)
     assert np.allclose(tf_out["probs"], jax_out["probs"], atol=2e-3)
-    scale = np.abs(tf_out["raw"]).max()
-    assert scale > 0 and np.allclose(tf_out["raw"], jax_out["raw"], atol=0.02 * scale)
+    for key in ("raw", "hires"):
+        scale = np.abs(tf_out[key]).max()
+        assert scale > 0 and np.allclose(tf_out[key], jax_out[key], atol=0.02 * scale), key
 
 
 def test_mixed_bfloat16_path_tracks_float32(tiny_bundle):
@@ -267,4 +269,40 @@ def test_cam_augment_averages_flipped_maps_into_a_flip_symmetric_map(tiny_bundle
     card["cam_augment"] = ["rotate"]
     (copy / "model.json").write_text(json.dumps(card))
     with pytest.raises(BundleError, match="cam_augment"):
+        load_bundle(str(copy))
+
+
+def test_hirescam_keeps_only_the_positions_the_score_depends_on(tiny_bundle, tmp_path):
+    """A head that reads only the top-left quarter of the features: HiResCAM is zero elsewhere, while
+    Grad-CAM's channel means spread weight over every position with the same features."""
+    import shutil
+
+    import keras
+
+    from ichbatch.model.gradcam import cam_raw
+
+    inputs = keras.Input((16, 16, 3))
+    feats = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="feat")(inputs)
+    quarter = keras.layers.Cropping2D(((0, 8), (0, 8)))(feats)
+    outputs = keras.layers.Dense(1, activation="sigmoid")(keras.layers.GlobalAveragePooling2D()(quarter))
+    model = keras.Model(inputs, outputs)
+    x = np.random.default_rng(5).random((3, 16, 16, 3)).astype(np.float32)
+    hires = CamExplainer(model, "feat", method="hirescam")
+    assert hires.mode == "gradcam" and hires.describe() == "HiResCAM at feat"
+    h = cam_raw(hires.lower, hires.upper, x, 0, "hirescam")
+    g = cam_raw(hires.lower, hires.upper, x, 0, "gradcam")
+    assert np.abs(h[:, :8, :8]).max() > 0
+    assert np.abs(h[:, 8:, :]).max() == 0 and np.abs(h[:, :, 8:]).max() == 0
+    assert np.abs(g[:, 8:, 8:]).max() > 0.1 * np.abs(g).max()
+    with pytest.raises(ValueError, match="unknown class-activation method 'bogus'"):
+        CamExplainer(model, "feat", method="bogus")
+    copy = tmp_path / "method"
+    shutil.copytree(tiny_bundle, copy)
+    card = json.loads((copy / "model.json").read_text())
+    card.update(cam_layer="pool1_pool", cam_method="hirescam", cam_augment=["hflip"])
+    (copy / "model.json").write_text(json.dumps(card))
+    assert load_bundle(str(copy)).card.cam_method == "hirescam"
+    card["cam_method"] = "bogus"
+    (copy / "model.json").write_text(json.dumps(card))
+    with pytest.raises(BundleError, match="cam_method 'bogus'"):
         load_bundle(str(copy))

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..config import DEFAULT_WINDOWS, LABELS, Window
 from ..errors import BundleError
-from .gradcam import FLIPS
+from .gradcam import FLIPS, METHODS
 
 CARD = "model.json"
 DEFAULT_MODEL = "ich-resnet50-demo"
@@ -48,6 +48,7 @@ class ModelCard:
     metrics: dict[str, Any] = field(default_factory=dict)
     cam_layer: str | None = None  # Grad-CAM layer for the report maps; None: the last convolutional one
     cam_augment: tuple[str, ...] = ()  # flips the report maps are averaged over (gradcam.FLIPS)
+    cam_method: str = "gradcam"  # or "hirescam" (gradcam.METHODS)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelCard:
@@ -83,6 +84,8 @@ class ModelCard:
             raise BundleError(f"a bundle needs 3 channel windows. Received: {len(self.windows)}")
         if not set(self.cam_augment) <= set(FLIPS):
             raise BundleError(f"cam_augment {list(self.cam_augment)}: expected some of {sorted(FLIPS)}")
+        if self.cam_method not in METHODS:
+            raise BundleError(f"cam_method {self.cam_method!r}: expected one of {list(METHODS)}")
         if self.weights is None and (self.trained or self.architecture != "resnet50"):
             raise BundleError(f"bundle {self.name}: no weights file, but the card does not say it is untrained")
 

@@ -1,10 +1,18 @@
 """Class-activation maps, batched, at a chosen convolutional layer.
 
-At the last convolutional layer of a GAP -> Dense head, Grad-CAM equals the class activation map: the
-features weighted by the dense kernel's column for the label (the sigmoid's derivative is a positive
-factor per image, which the per-map normalisation removes). That needs no gradients and is
-backend-neutral. At any other layer (a card's `cam_layer`, for finer maps) or with other heads it is
-gradient Grad-CAM, which needs the backend's autodiff (TensorFlow or JAX).
+Two methods (a card's `cam_method`), both from the features A and the gradients dy/dA at the layer:
+- "gradcam" (Selvaraju et al. 2017): sum_k mean_xy(dy/dA_k) * A_k, each channel weighted by its mean
+  gradient. Good at the last layers; at shallow ones the channel means mix in features from the whole
+  slice, and the map follows anatomy rather than the lesion.
+- "hirescam" (Draelos & Carin 2020): sum_k dy/dA_k * A_k element-wise, so a position counts only as far
+  as the score depends on it there. That keeps shallow layers' maps on the evidence, and their finer
+  grid resolves thin lesions (subarachnoid, layering intraventricular) that a stride-8 map cannot.
+
+At the last convolutional layer of a GAP -> Dense head both equal the class activation map: the
+features weighted by the dense kernel's column for the label (the gradient there is that column, the
+same at every position, times the sigmoid's derivative, a positive factor per image that the per-map
+normalisation removes). That needs no gradients and is backend-neutral. At any other layer (a card's
+`cam_layer`, for finer maps) or with other heads the backend's autodiff (TensorFlow or JAX) is needed.
 
 Upsampling puts each feature cell where its receptive field is centred. Keras' ResNets pad explicitly
 and then stride with 'valid' convolutions, so cell j of a stride-s map is centred on input pixel s*j,
@@ -21,21 +29,27 @@ import numpy as np
 
 # View name -> the image axes it flips ((B, H, W, C) arrays: 1 is vertical, 2 is horizontal).
 FLIPS: dict[str, tuple[int, ...]] = {"hflip": (2,), "vflip": (1,), "hvflip": (1, 2)}
+METHODS = ("gradcam", "hirescam")
+NAMES = {"gradcam": "Grad-CAM", "hirescam": "HiResCAM"}
 
 
 class CamExplainer:
     """Heat maps in [0, 1] at the model's input size, for any output of the model."""
 
-    def __init__(self, model, layer: str | None = None, augment: tuple[str, ...] = ()) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, model, layer: str | None = None, augment: tuple[str, ...] = (), method: str = "gradcam") -> None:  # type: ignore[no-untyped-def]
         import keras
 
         unknown = [a for a in augment if a not in FLIPS]
         if unknown:
             raise ValueError(f"unknown Grad-CAM augmentation(s) {unknown}; expected some of {sorted(FLIPS)}")
+        if method not in METHODS:
+            raise ValueError(f"unknown class-activation method {method!r}; expected one of {list(METHODS)}")
         self.model = model
         self.augment = tuple(augment)
+        self.method = method
         gap, head = _gap_dense_head(model)
-        target = model.get_layer(layer).output if layer else _last_conv_output(model)
+        self.layer = layer or _last_conv_layer(model).name
+        target = model.get_layer(self.layer).output
         if gap is not None and target is gap.input:
             self.mode = "cam"
             self.kernel = keras.ops.convert_to_numpy(head.kernel).astype(np.float32)
@@ -46,6 +60,11 @@ class CamExplainer:
         self._grad_fns: dict[int, object] = {}  # output index -> compiled gradient of the upper part
         # Keras' ResNets pad explicitly ("conv1_pad") and then use 'valid' strided convolutions.
         self.corner_aligned = any(layer.name == "conv1_pad" for layer in model.layers)
+
+    def describe(self) -> str:
+        """What the maps are, for report captions: e.g. 'HiResCAM at pool1_pool, averaged over hflip, vflip'."""
+        text = f"{NAMES[self.method]} at {self.layer}" if self.mode == "gradcam" else f"CAM at {self.layer}"
+        return text + (f", averaged over {', '.join(self.augment)}" if self.augment else "")
 
     def maps(self, images: np.ndarray, output_index: int) -> np.ndarray:
         """images (B, S, S, 3) float in [0, 1] -> (B, S, S) maps in [0, 1], averaged over the card's flips."""
@@ -64,12 +83,13 @@ class CamExplainer:
             feats = np.asarray(self.lower.predict_on_batch(images), np.float32)
             raw = feats @ self.kernel[:, output_index]
         else:
-            raw = gradcam_raw(self.lower, self.upper, images, output_index, self._grad_fns)
+            raw = cam_raw(self.lower, self.upper, images, output_index, self.method, self._grad_fns)
         return self._finish(raw, images.shape[1])
 
     def gradcam(self, images: np.ndarray, output_index: int) -> np.ndarray:
-        """Gradient Grad-CAM at the same layer regardless of head (checks the CAM shortcut)."""
-        return self._finish(gradcam_raw(self.lower, self.upper, images, output_index, self._grad_fns), images.shape[1])
+        """The gradient method at the same layer regardless of head (checks the CAM shortcut)."""
+        raw = cam_raw(self.lower, self.upper, images, output_index, self.method, self._grad_fns)
+        return self._finish(raw, images.shape[1])
 
     def _finish(self, raw: np.ndarray, size: int) -> np.ndarray:
         return normalise_and_upsample(raw, size, self.corner_aligned)
@@ -86,21 +106,24 @@ def _gap_dense_head(model):  # type: ignore[no-untyped-def]
     return None, None
 
 
-def _last_conv_output(model):  # type: ignore[no-untyped-def]
+def _last_conv_layer(model):  # type: ignore[no-untyped-def]
     for layer in reversed(model.layers):
-        shape = getattr(layer, "output", None)
-        if shape is not None and len(layer.output.shape) == 4:
-            return layer.output
+        output = getattr(layer, "output", None)
+        if output is not None and len(output.shape) == 4:
+            return layer
     raise ValueError("model has no layer with a 4-D (convolutional) output for Grad-CAM")
 
 
-def gradcam_raw(lower, upper, images: np.ndarray, output_index: int, cache: dict | None = None) -> np.ndarray:  # type: ignore[no-untyped-def]
-    """sum_k (mean of d y_c / d A_k) * A_k per image, at the layer's resolution (ReLU comes later)."""
+def cam_raw(lower, upper, images: np.ndarray, output_index: int, method: str = "gradcam",  # type: ignore[no-untyped-def]
+            cache: dict | None = None) -> np.ndarray:
+    """Per image, at the layer's resolution (ReLU comes later): sum_k (mean of dy_c/dA_k) * A_k for
+    gradcam, sum_k dy_c/dA_k * A_k position by position for hirescam."""
     feats = lower(images, training=False)
     grads = feature_grads(upper, feats, output_index, cache)
     feats = np.asarray(feats, np.float32)
-    weights = grads.mean(axis=(1, 2))  # (B, C)
-    return np.einsum("bhwc,bc->bhw", feats, weights)
+    if method == "hirescam":
+        return np.einsum("bhwc,bhwc->bhw", feats, grads)
+    return np.einsum("bhwc,bc->bhw", feats, grads.mean(axis=(1, 2)))
 
 
 def feature_grads(upper, feats, output_index: int, cache: dict | None = None) -> np.ndarray:  # type: ignore[no-untyped-def]

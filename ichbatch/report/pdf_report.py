@@ -186,8 +186,8 @@ def _image(arr: np.ndarray) -> ImageReader:
 
 def _key_slices(c: canvas.Canvas, r: StudyResult, y: float) -> None:
     c.setFont(BOLD, 10)
-    c.drawString(MARGIN, y - 6, "Key slices: brain window (40/80) and Grad-CAM for 'any'")
-    side = min(150.0, (y - MARGIN - 40) / 2)
+    c.drawString(MARGIN, y - 6, "Key slices: brain window (40/80) and heat map for 'any'")
+    side = min(150.0, (y - MARGIN - 52) / 2)
     any_col = r.outputs.index("any") if "any" in r.outputs else 0
     for col, idx in enumerate(r.key_slices):
         x = MARGIN + col * (side + 20)
@@ -199,6 +199,8 @@ def _key_slices(c: canvas.Canvas, r: StudyResult, y: float) -> None:
         c.setFont(FONT, 8)
         p = float(r.smoothed_probs[idx, any_col]) if r.smoothed_probs is not None else 0.0
         c.drawString(x, y - 32 - 2 * side, f"slice {idx + 1}   any {p:.3f}")
+    c.setFont(FONT, 8)
+    c.drawString(MARGIN, y - 46 - 2 * side, f"Heat map: {r.heatmap or 'Grad-CAM'}")
 
 
 def _montage_page(c: canvas.Canvas, r: StudyResult) -> None:
