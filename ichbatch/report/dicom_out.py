@@ -40,7 +40,7 @@ def write_dicom_outputs(result: StudyResult, pdf_bytes: bytes, folder: Path) -> 
         images = result.key_images.get(idx)
         if images is None:
             continue
-        comment = f"key slice {idx + 1}, heat map for 'any': {result.heatmap or 'Grad-CAM'}"
+        comment = f"key slice {idx + 1}, heat map for 'any'" + (f": {result.heatmap}" if result.heatmap else "")
         ds = secondary_capture(source, images["gradcam"], series_uid, n, comment, result)
         paths.append(_save(ds, Path(folder) / f"study_{stem}_key{n}.dcm"))
     return paths

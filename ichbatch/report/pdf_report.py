@@ -199,8 +199,9 @@ def _key_slices(c: canvas.Canvas, r: StudyResult, y: float) -> None:
         c.setFont(FONT, 8)
         p = float(r.smoothed_probs[idx, any_col]) if r.smoothed_probs is not None else 0.0
         c.drawString(x, y - 32 - 2 * side, f"slice {idx + 1}   any {p:.3f}")
-    c.setFont(FONT, 8)
-    c.drawString(MARGIN, y - 46 - 2 * side, f"Heat map: {r.heatmap or 'Grad-CAM'}")
+    if r.heatmap:
+        c.setFont(FONT, 8)
+        c.drawString(MARGIN, y - 46 - 2 * side, f"Heat map: {r.heatmap}")
 
 
 def _montage_page(c: canvas.Canvas, r: StudyResult) -> None:
