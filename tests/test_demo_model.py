@@ -53,9 +53,10 @@ def test_demo_report_maps_peak_inside_the_lesion():
         lesion = [k for k in range(20) if ph.masks[subtype][k].any()]
         x = np.stack([windows_np(resize_hu(ph.hu[k], card.input_size), card.windows) for k in lesion])
         flagged = engine.bundle.model.predict(x, verbose=0)[:, 0] >= card.thresholds["any"]
+        scale = 256 // card.input_size
         for k, heat in zip(np.array(lesion)[flagged], engine.explainer.maps(x[flagged], 0)):
             row, col = np.unravel_index(np.argmax(heat), heat.shape)
-            hits.setdefault(subtype, []).append(bool(ph.masks[subtype][k][row * 256 // card.input_size, col * 256 // card.input_size]))
+            hits.setdefault(subtype, []).append(bool(ph.masks[subtype][k][row * scale, col * scale]))
     assert set(hits) == {"epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"}
     assert np.mean([h for rows in hits.values() for h in rows]) >= 0.75, hits
     assert all(any(rows) for rows in hits.values()), hits
