@@ -37,7 +37,7 @@ def main() -> None:
     import keras
     import numpy as np
 
-    from ichbatch.cli import default_model
+    from ichbatch.model.locate import default_model
     from ichbatch.infer import default_device
     from ichbatch.pipeline import Engine, RunSettings, process_studies, select
     from ichbatch.discover import discover

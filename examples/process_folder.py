@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from ichbatch.cli import default_model
+from ichbatch.model.locate import default_model
 from ichbatch.pipeline import RunSettings, process_folder
 
 
@@ -21,7 +21,7 @@ def main(folder: str) -> None:
         print(f"{result.status.value:8} any={'n/a' if score is None else f'{score:.3f}'}  {result.message}")
 
     summary = process_folder([folder], settings, on_result=show)
-    print(f"{len(summary.results)} studies, {summary.n_slices} slices, {summary.slices_per_second:.1f} slices/s")
+    print(f"{summary.studies} studies, {summary.n_slices} slices, {summary.slices_per_second:.1f} slices/s")
 
 
 if __name__ == "__main__":

@@ -23,9 +23,11 @@ import numpy as np
 from ..config import DEFAULT_WINDOWS, LABELS, Window
 from ..errors import BundleError
 from .gradcam import FLIPS, METHODS
+from .locate import CARD, DEFAULT_MODEL, list_bundles, models_dirs, resolve
 
-CARD = "model.json"
-DEFAULT_MODEL = "ich-resnet50-demo"
+__all__ = ["CARD", "DEFAULT_MODEL", "Bundle", "ModelCard", "list_bundles", "load_bundle", "models_dirs", "read_card",
+           "resolve", "write_bundle"]
+
 
 
 @dataclass(frozen=True)
@@ -99,40 +101,6 @@ class Bundle:
     card: ModelCard
     path: Path
     model: Any  # keras.Model
-
-
-def models_dirs() -> list[Path]:
-    """Where bundle names are looked up: $ICHBATCH_MODELS, the checkout's models/, ./models."""
-    dirs = [Path(p) for p in os.environ.get("ICHBATCH_MODELS", "").split(os.pathsep) if p]
-    dirs += [Path(__file__).resolve().parents[2] / "models", Path.cwd() / "models"]
-    unique: list[Path] = []
-    for d in dirs:
-        if d.resolve() not in [u.resolve() for u in unique]:
-            unique.append(d)
-    return unique
-
-
-def resolve(name_or_path: str) -> Path:
-    """A bundle name (looked up in models_dirs) or a path to a bundle folder."""
-    path = Path(name_or_path)
-    if (path / CARD).is_file():
-        return path
-    for folder in models_dirs():
-        if (folder / name_or_path / CARD).is_file():
-            return folder / name_or_path
-    if path.exists():
-        raise BundleError(f"{path} is not a model bundle: it has no {CARD}")
-    names = ", ".join(sorted(n for n, _ in list_bundles())) or "none"
-    raise BundleError(f"no model bundle named {name_or_path!r} (installed: {names}); pass a name or a folder")
-
-
-def list_bundles() -> list[tuple[str, Path]]:
-    found: dict[str, Path] = {}
-    for folder in models_dirs():
-        if folder.is_dir():
-            for card in sorted(folder.glob(f"*/{CARD}")):
-                found.setdefault(card.parent.name, card.parent)
-    return sorted(found.items())
 
 
 def read_card(folder: Path) -> ModelCard:
@@ -226,7 +194,7 @@ def save_npz_weights(model, path: Path) -> None:  # type: ignore[no-untyped-def]
     """All variables as float16, keyed by order and path (small, and safe to load: no pickle)."""
     arrays = {f"{i:04d}|{v.path}": np.asarray(v.numpy(), np.float16) for i, v in enumerate(model.weights)}
     with open(path, "wb") as fh:
-        np.savez_compressed(fh, **arrays)
+        np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
 
 
 def load_npz_weights(model, path: Path) -> None:  # type: ignore[no-untyped-def]
