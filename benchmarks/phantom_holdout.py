@@ -56,7 +56,8 @@ def main() -> None:
         masks = load_masks(Path(tmp))
         truth = {s["study_uid"]: s for s in manifest["studies"]}
         choices = {c.study.study_uid: c for c in select(discover([tmp]), engine.settings.rules)}
-        results = process_studies(list(choices.values()), engine).results
+        results: list = []
+        process_studies(list(choices.values()), engine, on_result=results.append)
         aucs = {}
         for label in card.outputs:
             y = [truth[r.study.study_uid]["labels"][label] for r in results]
@@ -78,7 +79,9 @@ def main() -> None:
             mask = masks.get(r.study.study_uid)
             if mask is None or r.slice_probs is None:
                 continue
-            tp = [k for k in range(len(r.slice_probs)) if mask[k].any() and r.slice_probs[k, any_col] >= card.thresholds["any"]]
+            # Series slice k (0-based, z order): identities survive slices that failed to decode.
+            tp = [ident.index - 1 for row, ident in enumerate(r.slices)
+                  if mask[ident.index - 1].any() and r.slice_probs[row, any_col] >= card.thresholds["any"]]
             if not tp:
                 continue
             kinds = {s["index"]: "+".join(s["labels"]) for s in truth[r.study.study_uid]["lesion_slices"]}

@@ -6,24 +6,31 @@ Exit codes: 0 every study ok or skipped; 1 some study failed; 2 usage error (bad
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from . import NOT_FOR_DIAGNOSIS, __version__
 from .errors import BundleError, IchBatchError, OutputError
 
+if TYPE_CHECKING:
+    from .study import RunSettings
+
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_FATAL = 0, 1, 2, 3
 CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "ICHBATCH"}
 
 
 def _fatal(message: str, code: int) -> click.ClickException:
-    exc = click.ClickException(message)
-    exc.exit_code = code
-    return exc
+    """A ClickException whose exit code is `code` (click keeps the code on the class)."""
+    kind = type(f"Exit{code}", (click.ClickException,), {"exit_code": code})
+    return kind(message)
 
 
 @click.group(context_settings=CONTEXT)
@@ -44,84 +51,140 @@ def main(verbose: bool) -> None:
 
 
 def default_model() -> str:
-    from .model.bundle import DEFAULT_MODEL, list_bundles
+    from .model.locate import default_model as located
 
-    names = {name for name, _ in list_bundles()}
-    return DEFAULT_MODEL if DEFAULT_MODEL in names else "ich-resnet50-untrained"
+    return located()
+
+
+@dataclass(frozen=True)
+class StudyOptions:
+    """The options of the study path, the same for `run` and `watch`."""
+
+    model: str | None = None
+    tta: int | None = None
+    batch_size: int = 16
+    device: str = "auto"
+    precision: str = "auto"
+    aggregate: str = "max"
+    topk: int = 3
+    min_slices: int = 8
+    pseudonymize: bool = False
+    dicom_out: Path | None = None
+
+    def run_settings(self) -> RunSettings:
+        from .config import DEFAULT_RULES
+        from .study import RunSettings
+
+        return RunSettings(model=self.model or default_model(), tta=self.tta, batch_size=self.batch_size,
+                           device=self.device, precision=self.precision, aggregate=self.aggregate, topk=self.topk,
+                           rules=replace(DEFAULT_RULES, min_slices=self.min_slices))
+
+    def check(self) -> None:
+        """Everything that can be checked before discovery and before the Keras backend loads."""
+        from .model.bundle import read_card, resolve
+
+        try:
+            read_card(resolve(self.model or default_model()))
+        except BundleError as exc:
+            raise click.BadParameter(str(exc), param_hint="--model") from exc
+        if self.pseudonymize:
+            _pseudonym_key()
+        if self.device == "gpu":
+            from .infer import default_device
+
+            if default_device() != "gpu":
+                raise click.UsageError("--device gpu was asked for, but the Keras backend sees no GPU")
+
+    def pseudonym_key(self) -> bytes | None:
+        return _pseudonym_key() if self.pseudonymize else None
+
+
+STUDY_OPTIONS = (
+    click.option("--model", default=None, help="Bundle name or folder [default: the demo model, else the untrained stand-in]."),
+    click.option("--tta", type=click.IntRange(1, 8), default=None, help="Test-time augmentation views per slice [default: 2 on CPU, 8 on GPU]."),
+    click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True, help="Slices per model call."),
+    click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True),
+    click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True, help="Compute dtype; auto is bfloat16 on a GPU, float32 on a CPU."),
+    click.option("--aggregate", "aggregate", type=click.Choice(["max", "topk"]), default="max", show_default=True, help="Slice-to-study rule (README: Aggregation)."),
+    click.option("--topk", type=click.IntRange(1, 100), default=3, show_default=True, help="k for --aggregate topk."),
+    click.option("--min-slices", type=click.IntRange(1, 10000), default=8, show_default=True, help="Fewest axial slices a usable series has."),
+    click.option("--pseudonymize", is_flag=True, help="Replace patient ID and accession in the CSV by a keyed hash (key from ICHBATCH_PSEUDONYM_KEY)."),
+    click.option("--dicom-out", type=click.Path(file_okay=False, path_type=Path), help="Also write each report as DICOM Encapsulated PDF and the key images as Secondary Capture, in the original study."),
+)
+
+
+def study_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the study-path options; the command receives them as one StudyOptions argument `study`."""
+    names = [f.name for f in fields(StudyOptions)]
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs: Any) -> Any:
+        study = StudyOptions(**{n: kwargs.pop(n) for n in names})
+        return fn(study=study, **kwargs)
+
+    for option in reversed(STUDY_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
 
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Results CSV (rows for studies already in it are replaced).")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Results CSV; its store (<name>.ichbatch.sqlite) sits beside it. Rows for studies already in it are replaced.")
 @click.option("--reports", type=click.Path(file_okay=False, path_type=Path), help="Folder for the PDF reports [default: 'reports' beside the CSV].")
 @click.option("--no-reports", is_flag=True, help="Write the CSV only.")
-@click.option("--model", default=None, help="Bundle name or folder [default: the demo model, else the untrained stand-in].")
-@click.option("--tta", type=click.IntRange(1, 8), default=None, help="Test-time augmentation views per slice [default: 2 on CPU, 8 on GPU].")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True, help="Slices per model call.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True, help="Compute dtype; auto is bfloat16 on a GPU, float32 on a CPU.")
-@click.option("--aggregate", "agg", type=click.Choice(["max", "topk"]), default="max", show_default=True, help="Slice-to-study rule (README: Aggregation).")
-@click.option("--topk", type=click.IntRange(1, 100), default=3, show_default=True, help="k for --aggregate topk.")
-@click.option("--min-slices", type=click.IntRange(1, 10000), default=8, show_default=True, help="Fewest axial slices a usable series has.")
-@click.option("--slices", "slices_csv", type=click.Path(dir_okay=False, path_type=Path), help="Also write per-slice probabilities to this CSV.")
-@click.option("--pseudonymize", is_flag=True, help="Replace patient ID and accession in the CSV by a keyed hash (key from ICHBATCH_PSEUDONYM_KEY).")
-@click.option("--dicom-out", type=click.Path(file_okay=False, path_type=Path), help="Also write each report as DICOM Encapsulated PDF and the key images as Secondary Capture, in the original study.")
-def run(inputs: tuple[Path, ...], out: Path, reports: Path | None, no_reports: bool, model: str | None, tta: int | None,
-        batch_size: int, device: str, precision: str, agg: str, topk: int, min_slices: int, slices_csv: Path | None, pseudonymize: bool,
-        dicom_out: Path | None) -> None:
+@click.option("--resume", is_flag=True, help="Skip studies whose result is already complete in the store (same study, same instances, same model).")
+@click.option("--slices", "slices_csv", type=click.Path(dir_okay=False, path_type=Path), help="Also write per-slice probabilities of every study in the store to this CSV.")
+@study_options
+def run(inputs: tuple[Path, ...], out: Path, reports: Path | None, no_reports: bool, resume: bool,
+        slices_csv: Path | None, study: StudyOptions) -> None:
     """Process every study found under INPUTS (folders or files, nested, any file names).
 
     \b
     Examples:
       ichbatch run /data/export --out results.csv
       ichbatch run a/ b/ --out results.csv --reports pdfs --tta 4 --slices slices.csv
+      ichbatch run /archive --out results.csv --resume      # after a crash or Ctrl-C: only what is left
     """
-    code = _run(list(inputs), out, None if no_reports else (reports or out.parent / "reports"), model, tta, batch_size,
-                device, agg, topk, min_slices, slices_csv, pseudonymize, dicom_out, precision)
-    sys.exit(code)
+    folder = None if no_reports else (reports or out.parent / "reports")
+    sys.exit(_run(list(inputs), out, folder, study, slices_csv=slices_csv, resume=resume))
 
 
-def _run(inputs, out, reports, model, tta, batch_size, device, agg, topk, min_slices, slices_csv, pseudonymize,
-         dicom_out=None, precision="auto") -> int:  # type: ignore[no-untyped-def]
-    from dataclasses import replace
-
-    from .config import DEFAULT_RULES
+def _run(inputs: list[Path], out: Path, reports: Path | None, study: StudyOptions, *,
+         slices_csv: Path | None = None, resume: bool = False) -> int:
     from .domain import Status
-    from .pipeline import RunSettings, process_folder
+    from .errors import ExistingFileError
+    from .pipeline import process_folder
     from .progress import TerminalProgress
-    from .report.csv_report import write_file_issues, write_slices
-    from .report.html_index import write_index
-    from .report.outputs import OutputSettings, write_study_outputs
+    from .report.csv_report import write_slices
+    from .report.outputs import OutputSettings, OutputWriter
+    from .report.store import files_csv_path
 
-    key = _pseudonym_key() if pseudonymize else None
-    if device == "gpu":
-        from .infer import default_device
-
-        if default_device() != "gpu":
-            raise click.UsageError("--device gpu was asked for, but the Keras backend sees no GPU")
-    settings = RunSettings(model=model or default_model(), tta=tta, batch_size=batch_size, device=device,
-                           precision=precision, aggregate=agg, topk=topk, rules=replace(DEFAULT_RULES, min_slices=min_slices))
+    study.check()
     _check_writable(out.parent)
-    progress = TerminalProgress()
-    outputs = OutputSettings(csv=out, reports=reports, dicom_out=dicom_out, pseudonym_key=key)
+    outputs = OutputSettings(csv=out, reports=reports, dicom_out=study.dicom_out, pseudonym_key=study.pseudonym_key())
     try:
-        with progress:
-            summary = process_folder(inputs, settings, on_result=lambda r: write_study_outputs(r, outputs),
-                                     progress=progress.update)
+        writer = OutputWriter(outputs)
+    except ExistingFileError as exc:
+        raise click.UsageError(str(exc)) from exc
+    except OutputError as exc:
+        raise _fatal(str(exc), EXIT_FATAL) from exc
+    progress = TerminalProgress()
+    try:
+        with progress, writer:
+            summary = process_folder(inputs, study.run_settings(), sink=writer, progress=progress.update,
+                                     resume=writer if resume else None)
+            if slices_csv:
+                write_slices(slices_csv, writer.store)
+            issues = writer.store.file_issue_count()
     except BundleError as exc:
         raise _fatal(f"model: {exc}", EXIT_USAGE) from exc
     except OutputError as exc:
-        raise _fatal(f"{exc} (results written so far are intact)", EXIT_FATAL) from exc
-    if slices_csv:
-        write_slices(slices_csv, summary.results)
-    if out.exists():
-        write_index(out)
-    files_csv = out.with_name(out.stem + "_files.csv")
-    write_file_issues(files_csv, summary.file_issues)
+        raise _fatal(f"{exc} (results written so far are intact; rerun with --resume)", EXIT_FATAL) from exc
     ok, skipped, failed = (summary.count(s) for s in (Status.OK, Status.SKIPPED, Status.FAILED))
+    resumed = f"{summary.resumed} already complete (--resume); " if resume else ""
     click.echo(
-        f"{len(summary.results)} studies: {ok} ok, {skipped} skipped, {failed} failed; "
-        f"{len(summary.file_issues)} file(s) not used (see {files_csv.name}); "
+        f"{summary.studies} studies: {ok} ok, {skipped} skipped, {failed} failed; {resumed}"
+        f"{issues} file(s) not used (see {files_csv_path(out).name}); "
         f"{summary.n_slices} slices in {summary.seconds:.1f} s ({summary.slices_per_second:.1f} slices/s). "
         f"Results: {out}. {NOT_FOR_DIAGNOSIS}.",
         err=True,
@@ -181,9 +244,11 @@ def demo(out: Path, studies: int, model: str | None) -> None:
     """
     from .synth import synth_studies
 
+    options = StudyOptions(model=model)
+    options.check()
     synth_studies(out / "studies", studies, seed=2026)
     click.echo(f"generated {studies} phantom studies in {out / 'studies'}", err=True)
-    code = _run([out / "studies"], out / "results.csv", out / "reports", model, None, 16, "auto", "max", 3, 8, None, False)
+    code = _run([out / "studies"], out / "results.csv", out / "reports", options)
     click.echo(f"CSV: {out / 'results.csv'}  PDF reports: {out / 'reports'}", err=True)
     sys.exit(code)
 
@@ -197,14 +262,10 @@ def demo(out: Path, studies: int, model: str | None) -> None:
 @click.option("--max-attempts", type=click.IntRange(1, 100), default=3, show_default=True, help="Attempts before a study is marked failed.")
 @click.option("--after", type=click.Choice(["leave", "move", "delete"]), default="leave", show_default=True, help="What to do with a study's input files once its outputs are written.")
 @click.option("--archive", type=click.Path(file_okay=False, path_type=Path), help="Where --after move puts input files.")
-@click.option("--dicom-out", type=click.Path(file_okay=False, path_type=Path), help="Also write DICOM Encapsulated PDF and Secondary Capture outputs here.")
-@click.option("--model", default=None, help="Bundle name or folder [default: the demo model, else the untrained stand-in].")
-@click.option("--tta", type=click.IntRange(1, 8), default=None, help="TTA views per slice [default: 2 on CPU, 8 on GPU].")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True)
 @click.option("--log-uids", is_flag=True, help="Name studies by StudyInstanceUID in the log (default: a short hash, no identifiers).")
+@study_options
 def watch(incoming: Path, out: Path, quiet_seconds: float, rescan_seconds: float, poll: bool, max_attempts: int,
-          after: str, archive: Path | None, dicom_out: Path | None, model: str | None, tta: int | None, batch_size: int,
-          log_uids: bool) -> None:
+          after: str, archive: Path | None, log_uids: bool, study: StudyOptions) -> None:
     """Process each study that arrives in INCOMING exactly once, through restarts. Stop with Ctrl-C or SIGTERM.
 
     \b
@@ -212,21 +273,24 @@ def watch(incoming: Path, out: Path, quiet_seconds: float, rescan_seconds: float
       ichbatch watch /pacs/export --out /results
       ichbatch watch /mnt/share --out /results --poll --quiet-seconds 120 --after move --archive /done
     """
-    from .pipeline import RunSettings
+    from .errors import ExistingFileError
     from .watch.watcher import Watcher, WatchSettings
 
     if after == "move" and archive is None:
         raise click.UsageError("--after move needs --archive DIR")
+    study.check()
     _check_writable(out)
-    settings = WatchSettings(incoming=incoming, out=out, run=RunSettings(model=model or default_model(), tta=tta,
-                             batch_size=batch_size), quiet_seconds=quiet_seconds, rescan_seconds=rescan_seconds,
-                             poll=poll, max_attempts=max_attempts, after=after, archive=archive, dicom_out=dicom_out,
-                             log_uids=log_uids)
+    settings = WatchSettings(incoming=incoming, out=out, run=study.run_settings(), quiet_seconds=quiet_seconds,
+                             rescan_seconds=rescan_seconds, poll=poll, max_attempts=max_attempts, after=after,
+                             archive=archive, dicom_out=study.dicom_out, log_uids=log_uids,
+                             pseudonym_key=study.pseudonym_key())
     logging.getLogger("ichbatch").setLevel(logging.INFO)
     try:
         watcher = Watcher(settings)
     except BundleError as exc:
         raise _fatal(f"model: {exc}", EXIT_USAGE) from exc
+    except ExistingFileError as exc:
+        raise click.UsageError(str(exc)) from exc
     click.echo(f"watching {incoming} (quiet period {quiet_seconds:g} s); results in {out}. {NOT_FOR_DIAGNOSIS}.", err=True)
     watcher.run()
     click.echo("stopped; state is kept in the ledger", err=True)
@@ -253,7 +317,7 @@ def status(out: Path, last: int, uids: bool) -> None:
     click.echo("studies: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"))
     click.echo(f"last {last}:")
     for row in ledger.studies(limit=last):
-        click.echo(f"  {study_tag(row.study_uid, uids)}  {row.status:10}  v{row.version}  attempts {row.attempts}")
+        click.echo(f"  {study_tag(row.study_uid, uids)}  {row.status.value:10}  v{row.version}  attempts {row.attempts}")
     failures = ledger.studies(FAILED, limit=1000)
     if failures:
         click.echo("failures:")

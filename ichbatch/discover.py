@@ -69,15 +69,25 @@ def discover(
     """Header-read every file under the roots."""
     found = Discovery()
     for n, path in enumerate(iter_files(roots), 1):
-        try:
-            found.instances.append(read_instance(path))
-        except NotDicomError as exc:
-            found.issues.append(FileIssue(str(path), Status.SKIPPED, str(exc)))
-        except DicomReadError as exc:
-            found.issues.append(FileIssue(str(path), Status.FAILED, str(exc)))
+        seen = examine(path)
+        if isinstance(seen, FileIssue):
+            found.issues.append(seen)
+        else:
+            found.instances.append(seen)
         if progress:
             progress(n)
     return found
+
+
+def examine(path: Path) -> InstanceRef | FileIssue:
+    """One file, as `run` and `watch` both judge it: an instance, or an issue (skipped: not DICOM;
+    failed: DICOM that cannot be read)."""
+    try:
+        return read_instance(path)
+    except NotDicomError as exc:
+        return FileIssue(str(path), Status.SKIPPED, str(exc))
+    except DicomReadError as exc:
+        return FileIssue(str(path), Status.FAILED, str(exc))
 
 
 def read_instance(path: Path) -> InstanceRef:

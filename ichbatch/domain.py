@@ -1,11 +1,12 @@
 """Small frozen dataclasses passed between the pipeline stages.
 
-discover -> InstanceRef / FileIssue; series -> SeriesChoice (with SliceRef); infer -> slice probabilities;
-aggregate -> StudyResult; report writers read StudyResult only.
+discover -> InstanceRef / FileIssue; series -> SeriesChoice (with SliceRef); study path -> StudyResult
+(small, frozen, kept) and StudyImages (key images and maps, dropped once the writers have used them).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -89,9 +90,34 @@ class SliceRef:
     path: str
     frame: int | None
     position: Vec3
-    z: float  # position projected on the slice normal, in mm
+    z: float  # position along the head axis in mm, increasing from inferior to superior
     slope: float | None = None  # per-frame rescale (Enhanced CT), else read from the file
     intercept: float | None = None
+    sop_uid: str = ""
+    instance_number: int | None = None
+
+
+@dataclass(frozen=True)
+class SliceId:
+    """What a radiologist can find again in the viewer: never an index after decoding.
+
+    index is the 1-based place in the series' inferior-to-superior order, counted before decoding, so a
+    slice that fails to decode shifts no other slice's identity.
+    """
+
+    index: int
+    sop_uid: str
+    instance_number: int | None
+    z_mm: float
+    frame: int | None = None  # 0-based frame of a multi-frame (Enhanced CT) object
+
+    @property
+    def label(self) -> str:
+        """Short name for captions: Instance Number (and frame) and position."""
+        name = f"Im {self.instance_number}" if self.instance_number is not None else f"slice {self.index}"
+        if self.frame is not None:
+            name += f" fr {self.frame + 1}"
+        return f"{name}, z {self.z_mm:.1f} mm"
 
 
 @dataclass(frozen=True)
@@ -115,11 +141,15 @@ class SeriesChoice:
     reasons: dict[str, str]  # series_uid -> why chosen / why rejected
     warnings: tuple[str, ...] = ()
     message: str = ""  # why nothing was chosen
+    instances_digest: str = ""  # sha256 of the study's SOP Instance UIDs: same digest, same inputs (--resume)
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class StudyResult:
-    """Everything the report writers need about one study."""
+    """What is kept of one study: identifiers, scores, flags, status, reasons and slice identities.
+
+    Small by design (no images): a run over 100,000 studies keeps none of these beyond its own study.
+    """
 
     study: StudyMeta
     status: Status
@@ -127,17 +157,15 @@ class StudyResult:
     series_uid: str = ""
     series_description: str = ""
     source_path: str = ""  # one file of the series that was run, for copying patient/study modules
-    n_slices: int = 0
+    n_slices: int = 0  # slices scored (0 when the study failed or was skipped)
     labels: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()  # the model's outputs: the columns of slice_probs
-    slice_probs: np.ndarray | None = None  # (n_slices, n_labels), z order, after TTA
+    slices: tuple[SliceId, ...] = ()  # the scored slices, inferior to superior: the rows of slice_probs
+    slice_probs: np.ndarray | None = None  # (n_slices, n_outputs) after TTA
     smoothed_probs: np.ndarray | None = None
-    study_probs: dict[str, float | None] = field(default_factory=dict)  # None: label not provided
-    flags: dict[str, bool | None] = field(default_factory=dict)
-    key_slices: tuple[int, ...] = ()  # 0-based indices in z order
-    slice_z: tuple[float, ...] = ()
-    thumbnails: list[np.ndarray] = field(default_factory=list)  # small brain-window uint8 per slice
-    key_images: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # idx -> name -> RGB
+    study_probs: Mapping[str, float | None] = field(default_factory=dict)  # None: label not provided
+    flags: Mapping[str, bool | None] = field(default_factory=dict)
+    key_slices: tuple[SliceId, ...] = ()  # highest smoothed 'any' first
     warnings: tuple[str, ...] = ()
     model: str = ""
     model_version: str = ""
@@ -146,4 +174,27 @@ class StudyResult:
     tta: int = 1
     heatmap: str = ""  # how the key images' maps were made, e.g. "HiResCAM at pool1_pool, ..."
     seconds: float = 0.0
+    instances_digest: str = ""
     report_pdf: str = ""
+
+
+@dataclass(frozen=True)
+class KeyImage:
+    """One key slice rendered for the reports: brain window, overlay and the three windows, RGB uint8."""
+
+    slice: SliceId
+    brain: np.ndarray
+    gradcam: np.ndarray
+    subdural: np.ndarray
+    bone: np.ndarray
+
+
+@dataclass(frozen=True)
+class StudyImages:
+    """Pictures for the writers of one study; they live only until the study's outputs are written."""
+
+    thumbnails: tuple[np.ndarray, ...] = ()  # small brain-window uint8, one per scored slice
+    key_images: tuple[KeyImage, ...] = ()  # in the order of StudyResult.key_slices
+
+    def key_image(self, ident: SliceId) -> KeyImage | None:
+        return next((k for k in self.key_images if k.slice == ident), None)

@@ -30,3 +30,7 @@ class BundleError(IchBatchError):
 
 class OutputError(IchBatchError):
     """An output could not be written (unwritable folder, full disk)."""
+
+
+class ExistingFileError(IchBatchError):
+    """An output path holds a file ichbatch did not write; it is never overwritten (a usage error)."""

@@ -1,11 +1,13 @@
 """Stage 2: group instances by UID, choose the axial non-contrast CT series, order its slices.
 
 Every series gets a recorded reason, chosen or not. Slice order comes from ImagePositionPatient
-projected on the slice normal, never from file names or InstanceNumber.
+projected on the slice normal, turned to point to the head (+z in DICOM's patient coordinates, whatever
+the patient position), never from file names or InstanceNumber.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -39,7 +41,7 @@ def choose_series(series: list[SeriesGroup], rules: SelectionRules = DEFAULT_RUL
         if not usable:
             reasons[group.series_uid] = "rejected: " + _series_problem(group, rules)
             continue
-        slices, warnings = order_slices(usable)
+        slices, warnings = order_slices(usable, rules)
         if len(slices) < rules.min_slices:
             reasons[group.series_uid] = (
                 f"rejected: {len(slices)} axial slice(s), fewer than the minimum of {rules.min_slices}"
@@ -52,15 +54,24 @@ def choose_series(series: list[SeriesGroup], rules: SelectionRules = DEFAULT_RUL
         rank = (contrast, bone, derived, -len(slices), group.series_uid)
         candidates.append((rank, group, slices, warnings))
         reasons[group.series_uid] = _describe(len(slices), bone, contrast)
+    digest = instances_digest(i.sop_uid for g in series for i in g.instances)
     if not candidates:
-        return SeriesChoice(study, None, (), reasons, message=_skip_message(reasons))
+        return SeriesChoice(study, None, (), reasons, message=_skip_message(reasons), instances_digest=digest)
     candidates.sort(key=lambda c: c[0])
     _, best, slices, warnings = candidates[0]
     for _, other, _, _ in candidates[1:]:
         reasons[other.series_uid] = "not chosen: " + reasons[other.series_uid] + f" (preferred {best.series_uid})"
     reasons[best.series_uid] = "chosen: " + reasons[best.series_uid]
     # Identifiers come from the series that was run, not from whichever series sorted first.
-    return SeriesChoice(best.instances[0].study, best, slices, reasons, warnings=warnings)
+    return SeriesChoice(best.instances[0].study, best, slices, reasons, warnings=warnings, instances_digest=digest)
+
+
+def instances_digest(sop_uids: Iterable[str]) -> str:
+    """The same set of instances gives the same digest, in any order (how --resume knows a study)."""
+    digest = hashlib.sha256()
+    for uid in sorted(set(sop_uids)):
+        digest.update(uid.encode() + b"\n")
+    return digest.hexdigest()
 
 
 def _describe(n: int, bone: bool, contrast: bool) -> str:
@@ -124,16 +135,22 @@ def _orientation(inst: InstanceRef) -> tuple[float, ...] | None:
 
 
 def _normal(orientation: tuple[float, ...] | None) -> np.ndarray | None:
+    """The slice normal, pointing to the head: row x column points to the feet for feet-first scans."""
     if not orientation:
         return None
     row, col = np.asarray(orientation[:3]), np.asarray(orientation[3:])
     normal = np.cross(row, col)
     norm = np.linalg.norm(normal)
-    return normal / norm if norm > 1e-6 else None
+    if norm <= 1e-6:
+        return None
+    normal = normal / norm
+    return -normal if normal[2] < 0 else normal
 
 
-def order_slices(instances: list[InstanceRef]) -> tuple[tuple[SliceRef, ...], tuple[str, ...]]:
-    """Slices sorted along the normal, duplicates removed; spacing problems become warnings."""
+def order_slices(
+    instances: list[InstanceRef], rules: SelectionRules = DEFAULT_RULES
+) -> tuple[tuple[SliceRef, ...], tuple[str, ...]]:
+    """Slices sorted inferior to superior, duplicates removed; spacing problems become warnings."""
     normal = _normal(_orientation(instances[0]))
     assert normal is not None  # instances passed _instance_problem
     slices: list[SliceRef] = []
@@ -146,18 +163,21 @@ def order_slices(instances: list[InstanceRef]) -> tuple[tuple[SliceRef, ...], tu
                     missing += 1
                     continue
                 z = float(np.dot(fr.position, normal))
-                slices.append(SliceRef(inst.path, k, fr.position, z, fr.slope, fr.intercept))
+                slices.append(SliceRef(inst.path, k, fr.position, z, fr.slope, fr.intercept,
+                                       inst.sop_uid, inst.instance_number))
         elif inst.position is None:
             missing += 1
         else:
-            slices.append(SliceRef(inst.path, None, inst.position, float(np.dot(inst.position, normal))))
+            z = float(np.dot(inst.position, normal))
+            slices.append(SliceRef(inst.path, None, inst.position, z, sop_uid=inst.sop_uid,
+                                   instance_number=inst.instance_number))
     if missing:
         warnings.append(f"{missing} image(s) without ImagePositionPatient were left out")
     slices.sort(key=lambda s: (s.z, s.path, s.frame or 0))
     unique = _dedupe(slices)
     if len(unique) < len(slices):
         warnings.append(f"{len(slices) - len(unique)} duplicate slice position(s) removed")
-    warnings.extend(_spacing_warnings(unique, instances, normal))
+    warnings.extend(_spacing_warnings(unique, instances, normal, rules.max_gap_factor))
     return tuple(unique), tuple(warnings)
 
 
@@ -170,13 +190,15 @@ def _dedupe(slices: list[SliceRef]) -> list[SliceRef]:
     return unique
 
 
-def _spacing_warnings(slices: list[SliceRef], instances: list[InstanceRef], normal: np.ndarray) -> list[str]:
+def _spacing_warnings(
+    slices: list[SliceRef], instances: list[InstanceRef], normal: np.ndarray, max_gap_factor: float
+) -> list[str]:
     warnings: list[str] = []
     if len(slices) < 3:
         return warnings
     gaps = np.diff([s.z for s in slices])
     median = float(np.median(gaps))
-    if gaps.max() > DEFAULT_RULES.max_gap_factor * median:
+    if gaps.max() > max_gap_factor * median:
         warnings.append(f"gap in slices: {gaps.max():.2f} mm where the median spacing is {median:.2f} mm")
     elif gaps.max() - gaps.min() > 0.1 * median:
         warnings.append(f"uneven slice spacing: {gaps.min():.2f} to {gaps.max():.2f} mm")

@@ -86,7 +86,8 @@ def test_run_on_mixed_folder(mixed_folder, tiny_bundle, tmp_path):
     assert "Heat map: CAM at conv5_block3_out" in text  # the tiny bundle's head: plain CAM
     probs = df.loc[phantom_uids[0], [f"prob_{x}" for x in ("any", "subdural")]].astype(float)
     assert ((probs >= 0) & (probs <= 1)).all()
-    index = (out.parent / "results.html").read_text()
+    assert "5 studies (3 ok, 1 skipped, 1 failed)" in (out.parent / "results.html").read_text()
+    index = (out.parent / "results_pages" / "page-00001.html").read_text()
     assert index.count("<tr>") == 6 and index.count(".pdf\">PDF</a>") == 5
     files = pd.read_csv(out.with_name("results_files.csv"))
     by_name = {p.rsplit("/", 1)[1]: (st, msg) for p, st, msg in files[["path", "status", "message"]].itertuples(index=False)}
@@ -94,7 +95,10 @@ def test_run_on_mixed_folder(mixed_folder, tiny_bundle, tmp_path):
     assert by_name["cut_header.dcm"][0] == "failed" and "truncated or corrupt" in by_name["cut_header.dcm"][1]
     assert by_name["Thumbs.db"][0] == "skipped"
     slices = pd.read_csv(tmp_path / "slices.csv")
-    assert len(slices) == 10 + 10 + 12 and set(slices.columns) >= {"study_uid", "slice", "z_mm", "prob_any"}
+    assert len(slices) == 10 + 10 + 12
+    assert set(slices.columns) >= {"study_uid", "slice", "instance_number", "sop_uid", "z_mm", "prob_any"}
+    one = slices[slices["study_uid"] == study].sort_values("slice")
+    assert list(one["slice"]) == list(range(1, 13)) and one["z_mm"].is_monotonic_increasing
 
     # Re-running replaces rows rather than duplicating them.
     again = CliRunner().invoke(main, ["run", str(root / "phantoms"), "--out", str(out), "--model", str(tiny_bundle),
@@ -113,6 +117,11 @@ def test_usage_errors_exit_2(tmp_path, tiny_bundle):
     assert runner.invoke(main, ["run", str(tmp_path), "--out", "r.csv", "--tta", "9"]).exit_code == 2
     bad = runner.invoke(main, ["run", str(tmp_path), "--out", str(tmp_path / "r.csv"), "--model", "no-such-model"])
     assert bad.exit_code == 2 and "no model bundle named 'no-such-model'" in bad.output
+    sheet = tmp_path / "budget.csv"
+    sheet.write_text("item,cost\nscanner,1\n")
+    foreign = runner.invoke(main, ["run", str(tmp_path), "--out", str(sheet), "--model", str(tiny_bundle)])
+    assert foreign.exit_code == 2 and "not an ichbatch results CSV" in foreign.output
+    assert sheet.read_text() == "item,cost\nscanner,1\n"  # never overwritten
 
 
 def test_models_list_and_show():

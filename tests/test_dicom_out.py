@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from dataclasses import replace
 
 import numpy as np
 import pydicom
@@ -14,7 +15,7 @@ from ichbatch.report.dicom_out import ENCAPSULATED_PDF, SECONDARY_CAPTURE, write
 from ichbatch.report.pdf_report import render_pdf
 
 from .conftest import write_series
-from .test_report import _result
+from .test_report import _images, _result
 
 
 @pytest.fixture()
@@ -22,11 +23,10 @@ def outputs(tmp_path, phantom_hu):
     study = generate_uid()
     src = write_series(tmp_path / "src", phantom_hu[:2], study_uid=study, series_uid=generate_uid(),
                        patient_name="MÜLLER^ZOË", accession="ACC1")
-    result = _result(uid=study)
-    result.source_path = str(src[0])
-    result.heatmap = "HiResCAM at pool1_pool, averaged over hflip"
-    pdf = render_pdf(result)
-    return write_dicom_outputs(result, pdf, tmp_path / "dicom"), pdf, study
+    result = replace(_result(uid=study), source_path=str(src[0]),
+                     heatmap="HiResCAM at pool1_pool, averaged over hflip")
+    pdf = render_pdf(result, _images())
+    return write_dicom_outputs(result, _images(), pdf, tmp_path / "dicom"), pdf, study
 
 
 def test_outputs_join_the_original_study(outputs):
@@ -38,6 +38,9 @@ def test_outputs_join_the_original_study(outputs):
     assert len(keys) == 3 and all(k.SOPClassUID == SECONDARY_CAPTURE and k.StudyInstanceUID == study for k in keys)
     assert keys[0].SeriesInstanceUID != report.SeriesInstanceUID
     assert keys[0].pixel_array.shape == (64, 64, 3) and np.asarray(keys[0].pixel_array).max() > 0
+    # Each key image names its source slice, so a viewer can jump to it.
+    assert keys[0].SourceImageSequence[0].ReferencedSOPInstanceUID == "1.2.3.4.5.105"
+    assert "Im 35, z 5.0 mm" in keys[0].ImageComments
     assert keys[0].ImageComments.endswith("heat map for 'any': HiResCAM at pool1_pool, averaged over hflip")
 
 

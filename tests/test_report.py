@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -11,43 +12,80 @@ import pytest
 from pypdf import PdfReader
 
 from ichbatch.config import LABELS
-from ichbatch.domain import Status, StudyMeta, StudyResult
-from ichbatch.report.csv_report import COLUMNS, write_results
+from ichbatch.domain import KeyImage, SliceId, Status, StudyImages, StudyMeta, StudyResult
+from ichbatch.report.csv_report import COLUMNS
+from ichbatch.report.outputs import OutputSettings, OutputWriter
 from ichbatch.report.pdf_report import render_pdf, write_pdf
+
+N_SLICES = 6
+# Instance Numbers run against the z order (as in many exports); slice index counts from inferior.
+SLICES = tuple(SliceId(k + 1, f"1.2.3.4.5.{100 + k}", 40 - k, 5.0 * k - 20) for k in range(N_SLICES))
 
 
 def _result(uid: str = "1.2.3.4", name: str = "MÜLLER^ZOË", accession: str = "=HYPERLINK(1)") -> StudyResult:
-    n = 6
-    probs = np.tile(np.linspace(0.1, 0.9, n)[:, None], (1, 6)).astype(np.float32)
-    brain = np.zeros((64, 64), np.uint8)
-    brain[20:40, 20:40] = 200
-    rgb = np.repeat(brain[..., None], 3, axis=2)
+    probs = np.tile(np.linspace(0.1, 0.9, N_SLICES)[:, None], (1, 6)).astype(np.float32)
     return StudyResult(
         study=StudyMeta(uid, accession=accession, patient_id="-PID7", patient_name=name, study_date="20260102"),
         status=Status.OK, message="gap in slices: 10.00 mm", series_uid="1.2.3.4.5", series_description="HEAD",
-        n_slices=n, labels=LABELS, outputs=LABELS, slice_probs=probs, smoothed_probs=probs,
-        study_probs={label: 0.9 for label in LABELS}, flags={label: True for label in LABELS}, key_slices=(5, 4, 3),
-        slice_z=tuple(float(5 * k) for k in range(n)), thumbnails=[brain] * n,
-        key_images={k: {"brain": brain, "gradcam": rgb, "subdural": brain, "bone": brain} for k in (5, 4, 3)},
-        model="tiny", model_version="0.1", model_trained=False, tta=2, seconds=1.5,
+        n_slices=N_SLICES, labels=LABELS, outputs=LABELS, slices=SLICES, slice_probs=probs, smoothed_probs=probs,
+        study_probs={label: 0.9 for label in LABELS}, flags={label: True for label in LABELS},
+        key_slices=(SLICES[5], SLICES[4], SLICES[3]), model="tiny", model_version="0.1", model_trained=False, tta=2,
+        seconds=1.5, instances_digest="d1",
     )
+
+
+def _images() -> StudyImages:
+    brain = np.zeros((64, 64), np.uint8)
+    brain[20:40, 20:40] = 200
+    rgb = np.repeat(brain[..., None], 3, axis=2)
+    keys = tuple(KeyImage(SLICES[k], brain, rgb, brain, brain) for k in (5, 4, 3))
+    return StudyImages(thumbnails=(brain,) * N_SLICES, key_images=keys)
+
+
+def write_results(path, results, pseudonym_key=None, reports=None):  # type: ignore[no-untyped-def]
+    with OutputWriter(OutputSettings(csv=path, reports=reports, pseudonym_key=pseudonym_key)) as writer:
+        return [writer.write(r, _images()) for r in results]
 
 
 def test_csv_schema_neutralisation_and_replacement(tmp_path):
     path = tmp_path / "results.csv"
     write_results(path, [_result("1.2.3.4"), _result("1.2.3.5")])
-    again = _result("1.2.3.4")
-    again.study_probs = {label: 0.25 for label in LABELS}
+    again = replace(_result("1.2.3.4"), study_probs={label: 0.25 for label in LABELS})
     write_results(path, [again])  # a re-run replaces the study's row
     df = pd.read_csv(path, dtype=str, keep_default_na=False)
     assert tuple(df.columns) == COLUMNS
-    assert sorted(df["study_uid"]) == ["1.2.3.4", "1.2.3.5"]
+    assert list(df["study_uid"]) == ["1.2.3.4", "1.2.3.5"]  # replaced in place, not moved or duplicated
     row = df.set_index("study_uid").loc["1.2.3.4"]
     assert float(row["prob_any"]) == 0.25 and row["status"] == "ok" and row["flag_subdural"] == "1"
     assert row["accession"] == "'=HYPERLINK(1)" and row["patient_id"] == "'-PID7"
     assert row["key_slices"] == "6 5 4" and row["model"] == "tiny" and row["tta"] == "2"
+    assert row["key_instance_numbers"] == "35 36 37" and row["key_z_mm"] == "5.0 0.0 -5.0"
+    assert row["key_sop_uids"].split() == ["1.2.3.4.5.105", "1.2.3.4.5.104", "1.2.3.4.5.103"]
     assert "NOT FOR DIAGNOSIS" in row["notice"] and "UNTRAINED" in row["notice"]
     assert not list(tmp_path.glob(".*tmp"))  # no temp files left behind
+
+
+def test_line_breaks_in_header_text_stay_inside_one_row(tmp_path):
+    path = tmp_path / "results.csv"
+    evil = replace(_result("1.2.3.9"), series_description="HEAD\r=cmd|' /C calc'!A0\nSECOND")
+    write_results(path, [_result("1.2.3.4"), evil])
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    assert list(df["study_uid"]) == ["1.2.3.4", "1.2.3.9"]
+    assert df["series_description"][1].startswith("HEAD\r=cmd")
+
+
+def test_outputs_honour_the_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        write_results(tmp_path / "results.csv", [_result()], reports=tmp_path / "reports")
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "results.csv", tmp_path / "reports" / "study_1.2.3.4.pdf", tmp_path / "results.html"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    assert stat.S_IMODE((tmp_path / "reports").stat().st_mode) == 0o755
 
 
 def test_pseudonymized_identifiers(tmp_path):
@@ -58,31 +96,32 @@ def test_pseudonymized_identifiers(tmp_path):
 
 
 def test_pdf_says_what_a_trained_model_was_trained_on(tmp_path):
-    result = _result()
-    result.model_trained, result.model_trained_on = True, "140 generated phantom studies - synthetic phantoms"
-    text = PdfReader(write_pdf(result, tmp_path)).pages[0].extract_text()
+    result = replace(_result(), model_trained=True, model_trained_on="140 generated phantom studies - synthetic phantoms")
+    text = PdfReader(write_pdf(result, _images(), tmp_path)).pages[0].extract_text()
     assert "Model trained on: 140 generated phantom studies - synthetic phantoms" in text and "UNTRAINED" not in text
 
 
 def test_pdf_text_has_identifiers_scores_and_notice(tmp_path):
-    path = write_pdf(_result(), tmp_path)
+    path = write_pdf(_result(), _images(), tmp_path)
     assert path.name == "study_1.2.3.4.pdf"
     text = "\n".join(page.extract_text() for page in PdfReader(path).pages)
     for expected in ("NOT FOR DIAGNOSIS", "MÜLLER^ZOË", "1.2.3.4", "tiny 0.1", "0.900", "FLAGGED", "UNTRAINED", "2026-01-02"):
         assert expected in text, expected
+    # Key slices are named as the viewer shows them (Instance Number) with their position, not by index.
+    assert "Im 35, z 5.0 mm" in text and "inferior: Im 40, z -20.0 mm" in text and "slice 6" not in text
     fonts = PdfReader(path).pages[0]["/Resources"]["/Font"]
     base_fonts = [str(fonts[f].get_object()["/BaseFont"]) for f in fonts]
     assert any(b.endswith("+BitstreamVeraSans-Roman") for b in base_fonts), base_fonts  # an embedded TTF subset
 
 
 def test_pdf_names_never_come_from_header_text(tmp_path):
-    path = write_pdf(_result(uid="../../etc/passwd"), tmp_path)
+    path = write_pdf(_result(uid="../../etc/passwd"), _images(), tmp_path)
     assert path.parent == tmp_path and path.name.startswith("study_h") and "/" not in path.name[6:]
 
 
 @pytest.mark.skipif(shutil.which("pdftoppm") is None, reason="poppler-utils (pdftoppm) not installed")
 def test_pdf_key_image_area_is_not_blank(tmp_path):
-    (tmp_path / "r.pdf").write_bytes(render_pdf(_result()))
+    (tmp_path / "r.pdf").write_bytes(render_pdf(_result(), _images()))
     subprocess.run(["pdftoppm", "-r", "40", "-gray", "-f", "1", "-l", "1", str(tmp_path / "r.pdf"), str(tmp_path / "p")],
                    check=True)
     page = _read_pgm(next(tmp_path.glob("p*.pgm")))
@@ -98,16 +137,17 @@ def _read_pgm(path) -> np.ndarray:
 
 
 def test_html_index_lists_every_study_with_thumbnail_and_link(tmp_path):
-    from ichbatch.report.html_index import write_index, write_thumbnail
-
     reports = tmp_path / "reports"
-    results = [_result("1.2.3.4"), _result("1.2.3.5", name="<script>x</script>")]
-    for r in results:
-        r.report_pdf = str(write_pdf(r, reports))
-        write_thumbnail(r, reports)
-    write_results(tmp_path / "results.csv", results)
-    page = write_index(tmp_path / "results.csv").read_text()
-    assert page.count("<tr>") == 3 and "NOT FOR DIAGNOSIS" in page
-    assert 'href="reports/study_1.2.3.4.pdf"' in page and 'src="reports/study_1.2.3.5.png"' in page
+    results = [_result("1.2.3.4"), _result("1.2.3.5", name="<script>x</script>"), _result("1.2.3.6")]
+    with OutputWriter(OutputSettings(csv=tmp_path / "results.csv", reports=reports, index_page_size=2)) as writer:
+        for r in results:
+            writer.write(r, _images())
+    landing = (tmp_path / "results.html").read_text()
+    assert "3 studies (3 ok, 0 skipped, 0 failed)" in landing and "NOT FOR DIAGNOSIS" in landing
+    page1 = (tmp_path / "results_pages" / "page-00001.html").read_text()
+    page2 = (tmp_path / "results_pages" / "page-00002.html").read_text()
+    assert page1.count("<tr>") == 3 and page2.count("<tr>") == 2  # two studies a page, plus the header
+    assert 'href="../reports/study_1.2.3.4.pdf"' in page1 and 'src="../reports/study_1.2.3.5.png"' in page1
+    assert 'href="page-00002.html">next' in page1 and "previous" in page2  # the page before got its link
     assert (reports / "study_1.2.3.5.png").read_bytes()[:4] == b"\x89PNG"
-    assert "<script>" not in page
+    assert "<script>" not in page1

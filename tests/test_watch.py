@@ -204,10 +204,11 @@ def test_unwritable_csv_is_retried_without_using_up_attempts(tmp_path, tiny_bund
 
     incoming, out = tmp_path / "in", tmp_path / "out"
     synth_studies(incoming, 1, seed=27, n_slices=8, size=64)
-    (out / "results.csv").mkdir(parents=True)  # the CSV path is blocked: every write fails
     settings = WatchSettings(incoming=incoming, out=out, run=RunSettings(model=str(tiny_bundle), tta=1),
                              quiet_seconds=0, max_attempts=1, backoff_seconds=0)
     watcher = Watcher(settings)
+    (out / "results.csv").unlink()
+    (out / "results.csv").mkdir()  # the CSV path is blocked once the watcher runs: every write fails
     _settle(watcher)
     (row,) = watcher.ledger.studies()
     assert row.status == "pending" and row.attempts == 0 and "outputs not written" in row.message

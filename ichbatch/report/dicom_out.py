@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from .. import NOT_FOR_DIAGNOSIS, __version__
-from ..domain import StudyResult
+from ..domain import StudyImages, StudyResult
 from .files import atomic_write_bytes, safe_stem
 
 ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
@@ -28,7 +28,7 @@ PATIENT_STUDY_TAGS = (
 PDF_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902
 
 
-def write_dicom_outputs(result: StudyResult, pdf_bytes: bytes, folder: Path) -> list[Path]:
+def write_dicom_outputs(result: StudyResult, images: StudyImages, pdf_bytes: bytes, folder: Path) -> list[Path]:
     """Write the report and the key images; returns the files written."""
     source = pydicom.dcmread(result.source_path, stop_before_pixels=True)
     stem = safe_stem(result.study.study_uid)
@@ -36,12 +36,13 @@ def write_dicom_outputs(result: StudyResult, pdf_bytes: bytes, folder: Path) -> 
     pdf_ds = encapsulated_pdf(source, pdf_bytes, result)
     paths.append(_save(pdf_ds, Path(folder) / f"study_{stem}_report.dcm"))
     series_uid = generate_uid()
-    for n, idx in enumerate(result.key_slices, 1):
-        images = result.key_images.get(idx)
-        if images is None:
+    for n, ident in enumerate(result.key_slices, 1):
+        key = images.key_image(ident)
+        if key is None:
             continue
-        comment = f"key slice {idx + 1}, heat map for 'any'" + (f": {result.heatmap}" if result.heatmap else "")
-        ds = secondary_capture(source, images["gradcam"], series_uid, n, comment, result)
+        comment = f"key slice {ident.label}, heat map for 'any'" + (f": {result.heatmap}" if result.heatmap else "")
+        ds = secondary_capture(source, key.gradcam, series_uid, n, comment, result)
+        _reference_source(ds, source, ident.sop_uid)
         paths.append(_save(ds, Path(folder) / f"study_{stem}_key{n}.dcm"))
     return paths
 
@@ -56,7 +57,7 @@ def _save(ds: Dataset, path: Path) -> Path:
 def _base(source: Dataset, sop_class: str, modality: str, series_uid: str, series_number: int,
           instance: int, result: StudyResult) -> Dataset:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPClassUID = UID(sop_class)
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
@@ -105,3 +106,13 @@ def secondary_capture(source: Dataset, rgb: np.ndarray, series_uid: str, instanc
     ds.LossyImageCompression = "00"
     ds.PixelData = np.ascontiguousarray(rgb, np.uint8).tobytes()
     return ds
+
+
+def _reference_source(ds: Dataset, source: Dataset, sop_uid: str) -> None:
+    """Source Image Sequence: the CT slice the key image was made from, so a viewer can find it."""
+    if not sop_uid:
+        return
+    item = Dataset()
+    item.ReferencedSOPClassUID = source.get("SOPClassUID", "")
+    item.ReferencedSOPInstanceUID = sop_uid
+    ds.SourceImageSequence = [item]

@@ -6,13 +6,32 @@ import hashlib
 import os
 import re
 import tempfile
+import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import OutputError
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def file_mode() -> int:
+    """The mode open() would give a new file (0644 under the usual umask 022). mkstemp's 0600 would hide
+    outputs from a PACS gateway or a colleague in the same group."""
+    with _UMASK_LOCK:  # the only way to read the umask is to set it; keep that step unobserved
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, then rename: readers never see half a file."""
+    atomic_write_chunks(path, [data])
+
+
+def atomic_write_chunks(path: Path, chunks: Iterable[bytes]) -> None:
+    """atomic_write_bytes for output too large to hold in memory at once (streamed in chunks)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -20,14 +39,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except OSError as exc:
         raise OutputError(f"cannot write to {path.parent}: {exc.strerror}") from exc
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            for chunk in chunks:
+                fh.write(chunk)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror}") from exc
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write {path}: {exc.strerror}") from exc
+        raise
 
 
 def safe_stem(uid: str) -> str:

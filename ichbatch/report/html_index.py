@@ -1,7 +1,9 @@
-"""results.html beside the CSV: one line per study with a key-slice thumbnail, scores and a PDF link.
+"""results.html beside the CSV: counts, and pages of studies with a key-slice thumbnail, scores and a
+PDF link, read from the results store.
 
-Built from the CSV (so it lists every study, including those from earlier runs) and thumbnails saved
-beside the PDFs. Self-contained: opens from disk in a browser, no server, no scripts.
+Bounded time per study: studies sit on fixed pages in order of first arrival (`<csv stem>_pages/`), so
+a finished study rewrites only its own page, the page before it when it opens a new one (its 'next'
+link), and the small landing page. Self-contained: opens from disk, no server, no scripts.
 """
 
 from __future__ import annotations
@@ -11,26 +13,30 @@ import os
 from pathlib import Path
 
 import cv2
-import pandas as pd
 
 from .. import NOT_FOR_DIAGNOSIS
 from ..config import LABELS
-from ..domain import StudyResult
+from ..domain import Status, StudyImages, StudyResult
 from .files import atomic_write_bytes, safe_stem
+from .store import ResultsStore, StoredStudy
 
 THUMB_PX = 128
+STYLE = """body{font-family:sans-serif;margin:1em} .banner{background:#b00020;color:#fff;padding:.5em;font-weight:bold}
+table{border-collapse:collapse} td,th{border:1px solid #ccc;padding:4px;font-size:13px} .flag{color:#b00020;font-weight:bold}"""
 
 
 def thumb_name(study_uid: str) -> str:
     return f"study_{safe_stem(study_uid)}.png"
 
 
-def write_thumbnail(result: StudyResult, folder: Path) -> Path | None:
-    """The top key slice with its Grad-CAM overlay, small, as PNG."""
-    if not result.key_slices or result.key_slices[0] not in result.key_images:
+def write_thumbnail(result: StudyResult, images: StudyImages, folder: Path) -> Path | None:
+    """The top key slice with its heat-map overlay, small, as PNG."""
+    if not result.key_slices:
         return None
-    rgb = result.key_images[result.key_slices[0]]["gradcam"]
-    small = cv2.resize(rgb, (THUMB_PX, THUMB_PX), interpolation=cv2.INTER_AREA)
+    key = images.key_image(result.key_slices[0])
+    if key is None:
+        return None
+    small = cv2.resize(key.gradcam, (THUMB_PX, THUMB_PX), interpolation=cv2.INTER_AREA)
     ok, png = cv2.imencode(".png", cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
     if not ok:
         return None
@@ -39,29 +45,72 @@ def write_thumbnail(result: StudyResult, folder: Path) -> Path | None:
     return path
 
 
-def write_index(csv_path: Path, out: Path | None = None) -> Path:
-    out = Path(out or Path(csv_path).with_name("results.html"))
-    df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    rows = "\n".join(_row(r, out.parent) for r in df.to_dict("records"))
-    heads = "".join(f"<th>{html.escape(x)}</th>" for x in ("key slice", "study", "status", *LABELS, "report"))
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>ichbatch results</title>
-<style>body{{font-family:sans-serif;margin:1em}} .banner{{background:#b00020;color:#fff;padding:.5em;font-weight:bold}}
-table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px;font-size:13px}} .flag{{color:#b00020;font-weight:bold}}</style>
+class HtmlIndex:
+    def __init__(self, store: ResultsStore, csv_path: Path, page_size: int = 250) -> None:
+        self.store = store
+        self.csv_path = Path(csv_path)
+        self.landing = self.csv_path.with_suffix(".html")
+        self.folder = self.csv_path.with_name(self.csv_path.stem + "_pages")
+        self.page_size = page_size
+
+    def page_path(self, number: int) -> Path:
+        return self.folder / f"page-{number:05d}.html"
+
+    def pages(self) -> int:
+        return max(1, -(-self.store.count() // self.page_size))
+
+    def update(self, study_uid: str) -> None:
+        """After one study: its page (and the previous one when it opened a page), and the landing page."""
+        stored = self.store.study(study_uid)
+        if stored is None:
+            return
+        number = (stored.seq - 1) // self.page_size + 1
+        last = self.pages()
+        self._write_page(number, last)
+        if number > 1 and (stored.seq - 1) % self.page_size == 0:
+            self._write_page(number - 1, last)
+        self._write_landing(last)
+
+    def render_all(self) -> None:
+        last = self.pages()
+        for number in range(1, last + 1):
+            self._write_page(number, last)
+        self._write_landing(last)
+
+    def _write_landing(self, last: int) -> None:
+        counts = ", ".join(f"{self.store.count(s.value)} {s.value}" for s in Status)
+        links = " ".join(f'<a href="{html.escape(_rel(self.page_path(n), self.landing.parent))}">{n}</a>'
+                         for n in range(1, last + 1))
+        body = (f"<p>{self.store.count()} studies ({counts}), from {html.escape(self.csv_path.name)}; "
+                f"{self.page_size} per page, in order of arrival.</p><p>Pages: {links}</p>")
+        atomic_write_bytes(self.landing, _page("ichbatch results", body).encode("utf-8"))
+
+    def _write_page(self, number: int, last: int) -> None:
+        path = self.page_path(number)
+        rows = "\n".join(_row(s, path.parent) for s in self.store.page(number, self.page_size))
+        heads = "".join(f"<th>{html.escape(x)}</th>" for x in ("key slice", "study", "status", *LABELS, "report"))
+        nav = [f'<a href="{html.escape(_rel(self.landing, path.parent))}">all pages</a>']
+        if number > 1:
+            nav.append(f'<a href="{self.page_path(number - 1).name}">previous</a>')
+        if number < last:
+            nav.append(f'<a href="{self.page_path(number + 1).name}">next</a>')
+        body = f"<p>Page {number}. {' | '.join(nav)}</p><table><tr>{heads}</tr>\n{rows}\n</table>"
+        atomic_write_bytes(path, _page(f"ichbatch results, page {number}", body).encode("utf-8"))
+
+
+def _page(title: str, body: str) -> str:
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{STYLE}</style>
 </head><body><div class="banner">{html.escape(NOT_FOR_DIAGNOSIS)}</div>
-<h1>ichbatch results</h1><p>{len(df)} studies, from {html.escape(Path(csv_path).name)}.</p>
-<table><tr>{heads}</tr>
-{rows}
-</table></body></html>
+<h1>{html.escape(title)}</h1>{body}</body></html>
 """
-    atomic_write_bytes(out, page.encode("utf-8"))
-    return out
 
 
-def _row(r: dict[str, str], base: Path) -> str:
+def _row(s: StoredStudy, base: Path) -> str:
+    r = s.row
     pdf = r.get("report_pdf", "")
-    thumb = Path(pdf).with_name(thumb_name(r["study_uid"])) if pdf else None
-    img = f'<img src="{html.escape(_rel(thumb, base))}" width="{THUMB_PX}" alt="key slice">' if thumb and thumb.exists() else ""
+    thumb = next((p for p in s.outputs if p.endswith(".png")), "")
+    img = f'<img src="{html.escape(_rel(Path(thumb), base))}" width="{THUMB_PX}" alt="key slice">' if thumb else ""
     cells = [img, html.escape(r["study_uid"]) + "<br>" + html.escape(r.get("accession", "")),
              html.escape(r["status"]) + ("<br><small>" + html.escape(r["message"][:200]) + "</small>" if r["message"] else "")]
     for label in LABELS:
@@ -72,7 +121,7 @@ def _row(r: dict[str, str], base: Path) -> str:
 
 
 def _rel(path: Path, base: Path) -> str:
-    return os.path.relpath(path, base).replace(os.sep, "/")
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(base)).replace(os.sep, "/")
 
 
-__all__ = ["write_index", "write_thumbnail"]
+__all__ = ["HtmlIndex", "write_thumbnail"]

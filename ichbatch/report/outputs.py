@@ -1,19 +1,24 @@
-"""All outputs of one study, in a safe order: PDF and thumbnail, DICOM objects, then the CSV row.
+"""All outputs of one study, in a safe order: PDF and thumbnail, DICOM objects, then the store commit
+(which shows the CSV row), then the study's page of the HTML index.
 
-The CSV row comes last, so a row never points at a report that was not written. `run` and `watch` both
-call this; each file is written atomically.
+The store commit comes last among the files, so a row never points at a report that was not written;
+the PDF is rendered once and used for the file and the DICOM copy. `run` and `watch` both write
+through OutputWriter; each file is written atomically.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..domain import Status, StudyResult
+from ..domain import FileIssue, Status, StudyImages, StudyResult
 from ..errors import OutputError
-from .csv_report import write_results
-from .html_index import write_thumbnail
-from .pdf_report import render_pdf, write_pdf
+from .csv_report import COLUMNS, row, slice_rows
+from .files import atomic_write_bytes
+from .html_index import HtmlIndex, write_thumbnail
+from .pdf_report import pdf_name, render_pdf
+from .store import ResultsStore
 
 
 @dataclass(frozen=True)
@@ -22,21 +27,78 @@ class OutputSettings:
     reports: Path | None = None
     dicom_out: Path | None = None
     pseudonym_key: bytes | None = None
+    rebuild_seconds: float = 30.0  # how often a replaced row may rewrite the whole CSV
+    index_page_size: int = 250
 
 
-def write_study_outputs(result: StudyResult, settings: OutputSettings) -> None:
-    """Raises OutputError only when the CSV itself cannot be written; report failures go in the row."""
-    if settings.reports is not None:
+class OutputWriter:
+    """Writes each study's outputs and commits it to the results store; one per output CSV."""
+
+    def __init__(self, settings: OutputSettings, run_id: str | None = None) -> None:
+        self.settings = settings
+        self.run_id = run_id or uuid.uuid4().hex[:12]
+        self.store = ResultsStore(settings.csv, COLUMNS, settings.rebuild_seconds)
+        self.index = HtmlIndex(self.store, settings.csv, settings.index_page_size)
+
+    def close(self) -> None:
+        self.store.flush()
+        self.index.render_all()
+        self.store.close()
+
+    def __enter__(self) -> OutputWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def is_complete(self, study_uid: str, instances_digest: str, model: str) -> bool:
+        return self.store.is_complete(study_uid, instances_digest, model)
+
+    def record_file_issue(self, issue: FileIssue) -> None:
+        self.store.put_file_issue(issue.path, issue.status.value, issue.message)
+
+    def forget_file_issue(self, path: str) -> None:
+        self.store.forget_file_issue(path)
+
+    def write(self, result: StudyResult, images: StudyImages) -> StudyResult:
+        """Raises OutputError only when the store or CSV cannot be written; report failures go in the row."""
+        outputs: list[str] = []
+        result, pdf = self._write_report(result, images, outputs)
+        if self.settings.dicom_out is not None and result.status == Status.OK and pdf is not None:
+            result = self._write_dicom(result, images, pdf, outputs)
+        self.store.put_study(row(result, self.settings.pseudonym_key), instances_digest=result.instances_digest,
+                             model=f"{result.model} {result.model_version}", outputs=outputs, run_id=self.run_id,
+                             slices=slice_rows(result))
+        self.index.update(result.study.study_uid)
+        return result
+
+    def _write_report(self, result: StudyResult, images: StudyImages,
+                      outputs: list[str]) -> tuple[StudyResult, bytes | None]:
+        """The PDF, rendered once: written to the reports folder and, when asked, wrapped in DICOM."""
+        folder = self.settings.reports
+        if folder is None and self.settings.dicom_out is None:
+            return result, None
+        if folder is not None:
+            result = replace(result, report_pdf=str(Path(folder) / pdf_name(result.study.study_uid)))
+        pdf = render_pdf(result, images)
+        if folder is None:
+            return result, pdf
         try:
-            result.report_pdf = str(write_pdf(result, settings.reports))
-            write_thumbnail(result, settings.reports)
+            atomic_write_bytes(Path(result.report_pdf), pdf)
+            outputs.append(result.report_pdf)
+            thumb = write_thumbnail(result, images, folder)
+            if thumb is not None:
+                outputs.append(str(thumb))
         except OutputError as exc:
-            result.status, result.message = Status.FAILED, f"report not written: {exc}"
-    if settings.dicom_out is not None and result.status == Status.OK:
+            return replace(result, status=Status.FAILED, report_pdf="", message=f"report not written: {exc}"), None
+        return result, pdf
+
+    def _write_dicom(self, result: StudyResult, images: StudyImages, pdf: bytes, outputs: list[str]) -> StudyResult:
         from .dicom_out import write_dicom_outputs
 
+        assert self.settings.dicom_out is not None
         try:
-            write_dicom_outputs(result, render_pdf(result), settings.dicom_out)
+            outputs.extend(str(p) for p in write_dicom_outputs(result, images, pdf, self.settings.dicom_out))
         except (OutputError, OSError, ValueError) as exc:
-            result.status, result.message = Status.FAILED, f"DICOM outputs not written: {exc}"
-    write_results(settings.csv, [result], settings.pseudonym_key)
+            return replace(result, status=Status.FAILED, message=f"DICOM outputs not written: {exc}")
+        return result

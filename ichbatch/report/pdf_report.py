@@ -20,7 +20,7 @@ from reportlab.pdfbase.ttfonts import TTFont
 from reportlab.pdfgen import canvas
 
 from .. import NOT_FOR_DIAGNOSIS
-from ..domain import Status, StudyResult
+from ..domain import Status, StudyImages, StudyResult
 from .files import atomic_write_bytes, safe_stem
 
 FONT, BOLD = "IchVera", "IchVeraBold"
@@ -42,18 +42,19 @@ def _register_fonts() -> None:
     pdfmetrics.registerFont(TTFont(BOLD, str(folder / "VeraBd.ttf")))
 
 
-def pdf_name(result: StudyResult) -> str:
-    return f"study_{safe_stem(result.study.study_uid)}.pdf"
+def pdf_name(study_uid: str) -> str:
+    return f"study_{safe_stem(study_uid)}.pdf"
 
 
-def write_pdf(result: StudyResult, folder: Path) -> Path:
+def write_pdf(result: StudyResult, images: StudyImages, folder: Path) -> Path:
     """Render the report and write it atomically; returns its path."""
-    path = Path(folder) / pdf_name(result)
-    atomic_write_bytes(path, render_pdf(result))
+    path = Path(folder) / pdf_name(result.study.study_uid)
+    atomic_write_bytes(path, render_pdf(result, images))
     return path
 
 
-def render_pdf(result: StudyResult) -> bytes:
+def render_pdf(result: StudyResult, images: StudyImages | None = None) -> bytes:
+    images = images or StudyImages()
     _register_fonts()
     buf = io.BytesIO()
     c = canvas.Canvas(buf, pagesize=A4, pageCompression=1)
@@ -63,9 +64,9 @@ def render_pdf(result: StudyResult) -> bytes:
     if result.status == Status.OK:
         y = _score_table(c, result, y)
         y = _chart(c, result, y)
-        _key_slices(c, result, y)
+        _key_slices(c, result, images, y)
         c.showPage()
-        _montage_page(c, result)
+        _montage_page(c, result, images)
     else:
         c.setFont(BOLD, 12)
         c.drawString(MARGIN, y - 20, f"Status: {result.status.value}")
@@ -175,8 +176,9 @@ def _chart(c: canvas.Canvas, r: StudyResult, y: float) -> float:
         c.drawString(x0 + w + 6, y0 + h - 9 * (j + 1), label)
     c.setFillColor(colors.black)
     c.setLineWidth(1)
-    c.drawString(x0, y0 - 10, "slice 1 (inferior)")
-    c.drawRightString(x0 + w, y0 - 10, f"slice {n} (superior)")
+    if r.slices:
+        c.drawString(x0, y0 - 10, f"inferior: {r.slices[0].label}")
+        c.drawRightString(x0 + w, y0 - 10, f"superior: {r.slices[-1].label}")
     return y0 - 20
 
 
@@ -184,36 +186,37 @@ def _image(arr: np.ndarray) -> ImageReader:
     return ImageReader(Image.fromarray(arr))
 
 
-def _key_slices(c: canvas.Canvas, r: StudyResult, y: float) -> None:
+def _key_slices(c: canvas.Canvas, r: StudyResult, images: StudyImages, y: float) -> None:
     c.setFont(BOLD, 10)
     c.drawString(MARGIN, y - 6, "Key slices: brain window (40/80) and heat map for 'any'")
     side = min(150.0, (y - MARGIN - 52) / 2)
     any_col = r.outputs.index("any") if "any" in r.outputs else 0
-    for col, idx in enumerate(r.key_slices):
+    for col, ident in enumerate(r.key_slices):
         x = MARGIN + col * (side + 20)
-        images = r.key_images.get(idx)
-        if images is None:
+        key = images.key_image(ident)
+        if key is None:
             continue
-        c.drawImage(_image(images["brain"]), x, y - 16 - side, side, side)
-        c.drawImage(_image(images["gradcam"]), x, y - 22 - 2 * side, side, side)
+        c.drawImage(_image(key.brain), x, y - 16 - side, side, side)
+        c.drawImage(_image(key.gradcam), x, y - 22 - 2 * side, side, side)
         c.setFont(FONT, 8)
-        p = float(r.smoothed_probs[idx, any_col]) if r.smoothed_probs is not None else 0.0
-        c.drawString(x, y - 32 - 2 * side, f"slice {idx + 1}   any {p:.3f}")
+        row = r.slices.index(ident)
+        p = float(r.smoothed_probs[row, any_col]) if r.smoothed_probs is not None else 0.0
+        c.drawString(x, y - 32 - 2 * side, f"{ident.label}   any {p:.3f}")
     if r.heatmap:
         c.setFont(FONT, 8)
         c.drawString(MARGIN, y - 46 - 2 * side, f"Heat map: {r.heatmap}")
 
 
-def _montage_page(c: canvas.Canvas, r: StudyResult) -> None:
+def _montage_page(c: canvas.Canvas, r: StudyResult, images: StudyImages) -> None:
     c.setFont(BOLD, 11)
     c.drawString(MARGIN, PAGE_H - MARGIN, f"All slices with their 'any' score - {NOT_FOR_DIAGNOSIS}")
-    n = len(r.thumbnails)
+    n = len(images.thumbnails)
     per_row = 8
     cell = (PAGE_W - 2 * MARGIN) / per_row
     any_col = r.outputs.index("any") if "any" in r.outputs else 0
     c.setFont(FONT, 6.5)
     y_top = PAGE_H - MARGIN - 12
-    for k, thumb in enumerate(r.thumbnails):
+    for k, (thumb, ident) in enumerate(zip(images.thumbnails, r.slices)):
         row, col = divmod(k, per_row)
         x, y = MARGIN + col * cell, y_top - (row + 1) * (cell + 8)
         if y < PAGE_H / 2 - 60:
@@ -221,17 +224,18 @@ def _montage_page(c: canvas.Canvas, r: StudyResult) -> None:
             break
         c.drawImage(_image(thumb), x + 1, y + 8, cell - 2, cell - 2)
         score = float(r.slice_probs[k, any_col]) if r.slice_probs is not None else 0.0
-        if k in r.key_slices:
+        if ident in r.key_slices:
             c.setStrokeColor(colors.red)
             c.rect(x + 1, y + 8, cell - 2, cell - 2, stroke=1, fill=0)
-        c.drawString(x + 2, y, f"{k + 1}: {score:.2f}")
-    if r.key_slices and r.key_slices[0] in r.key_images:
-        images = r.key_images[r.key_slices[0]]
+        name = f"Im {ident.instance_number}" if ident.instance_number is not None else f"#{ident.index}"
+        c.drawString(x + 2, y, f"{name}: {score:.2f}")
+    top = images.key_image(r.key_slices[0]) if r.key_slices else None
+    if top is not None:
         side = (PAGE_W - 2 * MARGIN - 20) / 3
         c.setFont(BOLD, 10)
-        c.drawString(MARGIN, MARGIN + side + 16, f"Top key slice {r.key_slices[0] + 1} in the three windows")
+        c.drawString(MARGIN, MARGIN + side + 16, f"Top key slice ({top.slice.label}) in the three windows")
         c.setFont(FONT, 8)
         for i, name in enumerate(("brain", "subdural", "bone")):
             x = MARGIN + i * (side + 10)
-            c.drawImage(_image(images[name]), x, MARGIN + 4, side, side)
+            c.drawImage(_image(getattr(top, name)), x, MARGIN + 4, side, side)
             c.drawString(x, MARGIN - 6, name)

@@ -1,8 +1,10 @@
-"""The watcher's memory: a SQLite database (WAL) of files seen and studies with their status.
+"""The watcher's memory: a SQLite database (WAL) of files seen and studies with their state.
 
 A study moves pending -> processing -> done | failed. A crash leaves it in 'processing', which the next
 start turns back into 'pending'. A file that arrives for a done study makes it pending again, and the
-new result replaces the old row and report (a new version, never a duplicate).
+new result replaces the old row and report (a new version, never a duplicate). Every change that
+touches more than one row is one transaction (BEGIN IMMEDIATE), so an interrupt at any point leaves
+either the whole change or none of it.
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ from __future__ import annotations
 import sqlite3
 import time
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
+
+from ..report.store import Transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -23,13 +28,22 @@ CREATE TABLE IF NOT EXISTS studies (
     finished_at REAL
 );
 """
-PENDING, PROCESSING, DONE, FAILED = "pending", "processing", "done", "failed"
+
+
+class StudyState(str, Enum):
+    PENDING = "pending"
+    PROCESSING = "processing"
+    DONE = "done"
+    FAILED = "failed"
+
+
+PENDING, PROCESSING, DONE, FAILED = StudyState.PENDING, StudyState.PROCESSING, StudyState.DONE, StudyState.FAILED
 
 
 @dataclass(frozen=True)
 class StudyRow:
     study_uid: str
-    status: str
+    status: StudyState
     last_change: float
     attempts: int
     retry_at: float
@@ -57,7 +71,7 @@ class Ledger:
     def record_file(self, path: str, study_uid: str | None, size: int, mtime: float, problem: str = "") -> None:
         """A new or changed file: its study (if any) becomes pending and its quiet period restarts."""
         now = time.time()
-        with self.db:
+        with Transaction(self.db):
             self.db.execute(
                 "INSERT INTO files(path, study_uid, size, mtime, seen_at, problem) VALUES(?,?,?,?,?,?) "
                 "ON CONFLICT(path) DO UPDATE SET study_uid=excluded.study_uid, size=excluded.size, "
@@ -65,14 +79,18 @@ class Ledger:
                 (path, study_uid, size, mtime, now, problem),
             )
             if study_uid:
-                self.db.execute(
-                    "INSERT INTO studies(study_uid, status, last_change) VALUES(?,?,?) ON CONFLICT(study_uid) DO "
-                    "UPDATE SET status=?, last_change=?, attempts=CASE WHEN status IN (?, ?) THEN 0 ELSE attempts END",
-                    (study_uid, PENDING, now, PENDING, now, DONE, FAILED),
-                )
+                self._mark_pending(study_uid, now)
+
+    def _mark_pending(self, study_uid: str, now: float) -> None:
+        self.db.execute(
+            "INSERT INTO studies(study_uid, status, last_change) VALUES(?,?,?) ON CONFLICT(study_uid) DO "
+            "UPDATE SET status=?, last_change=?, attempts=CASE WHEN status IN (?, ?) THEN 0 ELSE attempts END",
+            (study_uid, PENDING.value, now, PENDING.value, now, DONE.value, FAILED.value),
+        )
 
     def forget_file(self, path: str) -> None:
-        self.db.execute("DELETE FROM files WHERE path=?", (path,))
+        with Transaction(self.db):
+            self.db.execute("DELETE FROM files WHERE path=?", (path,))
 
     def study_files(self, study_uid: str) -> list[tuple[str, int, float]]:
         rows = self.db.execute("SELECT path, size, mtime FROM files WHERE study_uid=? ORDER BY path", (study_uid,))
@@ -83,45 +101,53 @@ class Ledger:
         now = time.time()
         rows = self.db.execute(
             "SELECT study_uid FROM studies WHERE status=? AND last_change<=? AND retry_at<=? ORDER BY last_change",
-            (PENDING, now - quiet_seconds, now),
+            (PENDING.value, now - quiet_seconds, now),
         )
         return [r[0] for r in rows]
 
-    def start(self, study_uid: str) -> int:
-        """Mark processing; returns the attempt number."""
-        with self.db:
-            self.db.execute("UPDATE studies SET status=?, attempts=attempts+1 WHERE study_uid=?", (PROCESSING, study_uid))
+    def start(self, study_uid: str) -> int | None:
+        """Claim a pending study (mark processing); returns the attempt number, or None if it was not pending."""
+        with Transaction(self.db):
+            claimed = self.db.execute("UPDATE studies SET status=?, attempts=attempts+1 WHERE study_uid=? AND status=?",
+                                      (PROCESSING.value, study_uid, PENDING.value)).rowcount
+            if not claimed:
+                return None
             return int(self.db.execute("SELECT attempts FROM studies WHERE study_uid=?", (study_uid,)).fetchone()[0])
 
-    def finish(self, study_uid: str, status: str, message: str, outputs: str) -> None:
+    def finish(self, study_uid: str, status: StudyState, message: str, outputs: str) -> bool:
         """Done (or failed for good) unless a file arrived meanwhile, in which case it stays pending."""
-        with self.db:
-            self.db.execute(
+        with Transaction(self.db):
+            return bool(self.db.execute(
                 "UPDATE studies SET status=?, message=?, outputs=?, finished_at=?, version=version+1 "
                 "WHERE study_uid=? AND status=?",
-                (status, message, outputs, time.time(), study_uid, PROCESSING),
-            )
+                (StudyState(status).value, message, outputs, time.time(), study_uid, PROCESSING.value),
+            ).rowcount)
 
     def retry_later(self, study_uid: str, delay: float, message: str, count_attempt: bool = True) -> None:
         """Back to pending after a delay. count_attempt=False: the failure was not the study's (an
         unwritable output), so the attempt that start() counted is given back."""
-        self.db.execute(
-            "UPDATE studies SET status=?, retry_at=?, message=?, attempts=attempts-? WHERE study_uid=? AND status=?",
-            (PENDING, time.time() + delay, message, 0 if count_attempt else 1, study_uid, PROCESSING),
-        )
+        with Transaction(self.db):
+            self.db.execute(
+                "UPDATE studies SET status=?, retry_at=?, message=?, attempts=attempts-? WHERE study_uid=? AND status=?",
+                (PENDING.value, time.time() + delay, message, 0 if count_attempt else 1, study_uid, PROCESSING.value),
+            )
 
     def recover(self) -> int:
         """After a crash: studies left in 'processing' are processed again."""
-        cur = self.db.execute("UPDATE studies SET status=? WHERE status=?", (PENDING, PROCESSING))
-        return cur.rowcount
+        with Transaction(self.db):
+            return self.db.execute("UPDATE studies SET status=? WHERE status=?", (PENDING.value, PROCESSING.value)).rowcount
 
     def counts(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT status, COUNT(*) FROM studies GROUP BY status").fetchall())
 
-    def studies(self, status: str | None = None, limit: int = 20) -> list[StudyRow]:
+    def studies(self, status: StudyState | None = None, limit: int = 20) -> list[StudyRow]:
         query = "SELECT * FROM studies" + (" WHERE status=?" if status else "") + " ORDER BY last_change DESC LIMIT ?"
-        args = (status, limit) if status else (limit,)
-        return [StudyRow(*r) for r in self.db.execute(query, args)]
+        args = (StudyState(status).value, limit) if status else (limit,)
+        return [_row(r) for r in self.db.execute(query, args)]
 
     def bad_files(self, limit: int = 20) -> list[tuple[str, str]]:
         return list(self.db.execute("SELECT path, problem FROM files WHERE problem!='' ORDER BY seen_at DESC LIMIT ?", (limit,)))
+
+
+def _row(r: tuple) -> StudyRow:  # type: ignore[type-arg]
+    return StudyRow(r[0], StudyState(r[1]), *r[2:])

@@ -15,24 +15,37 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
-from ..discover import iter_files, read_instance
-from ..domain import Status
-from ..errors import DicomReadError, NotDicomError, OutputError
-from ..pipeline import Engine, RunSettings, process_studies
-from ..report.html_index import write_index
-from ..report.outputs import OutputSettings, write_study_outputs
+from ..discover import examine, iter_files
+from ..domain import FileIssue, InstanceRef, Status, StudyResult
+from ..errors import DicomReadError, OutputError
+from ..report.outputs import OutputSettings, OutputWriter
 from ..series import choose_series, group_studies
+from ..study import Engine, RunSettings, StudyPath
 from .ledger import DONE, FAILED, Ledger
 
 log = logging.getLogger(__name__)
 LEDGER_NAME = "ichbatch-ledger.sqlite"
-AFTER_CHOICES = ("leave", "move", "delete")
+RESULTS_NAME = "results.csv"
+
+
+class After(str, Enum):
+    """What happens to a study's input files once its outputs are safely written."""
+
+    LEAVE = "leave"
+    MOVE = "move"
+    DELETE = "delete"
+
+
+AFTER_CHOICES = tuple(a.value for a in After)
 
 
 @dataclass(frozen=True)
 class WatchSettings:
+    """Checked when built, so a script that builds one directly gets the same errors as the CLI."""
+
     incoming: Path
     out: Path
     run: RunSettings
@@ -41,14 +54,33 @@ class WatchSettings:
     poll: bool = False
     max_attempts: int = 3
     backoff_seconds: float = 5.0
-    after: str = "leave"  # what happens to a study's input files once its outputs are safely written
+    after: After | str = After.LEAVE  # a str is turned into After when the settings are built
     archive: Path | None = None
     dicom_out: Path | None = None
     log_uids: bool = False  # name studies by StudyInstanceUID in logs (off: a short hash)
+    pseudonym_key: bytes | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "after", After(self.after))
+        except ValueError:
+            raise ValueError(f"after must be one of {list(AFTER_CHOICES)}. Received: {self.after!r}") from None
+        if self.after == After.MOVE and self.archive is None:
+            raise ValueError("after='move' needs an archive folder (--archive DIR)")
+        for name in ("quiet_seconds", "backoff_seconds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more. Received: {getattr(self, name)!r}")
+        if self.rescan_seconds <= 0:
+            raise ValueError(f"rescan_seconds must be more than 0. Received: {self.rescan_seconds!r}")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1. Received: {self.max_attempts!r}")
 
     @property
     def outputs(self) -> OutputSettings:
-        return OutputSettings(csv=self.out / "results.csv", reports=self.out / "reports", dicom_out=self.dicom_out)
+        # rebuild_seconds=0: a new version of a study (a late file) shows in the CSV at once; in watch
+        # mode that is rare, unlike a batch re-run over a whole archive.
+        return OutputSettings(csv=self.out / RESULTS_NAME, reports=self.out / "reports", dicom_out=self.dicom_out,
+                              pseudonym_key=self.pseudonym_key, rebuild_seconds=0.0)
 
 
 def study_tag(study_uid: str, log_uids: bool = False) -> str:
@@ -64,16 +96,19 @@ class Watcher:
             raise ValueError("--after move needs --archive DIR")
         self.settings = settings
         settings.out.mkdir(parents=True, exist_ok=True)
-        self.ledger = Ledger(settings.out / LEDGER_NAME)
         self._remove_stale_temp_files()
         self.engine = Engine(settings.run)
+        self.ledger = Ledger(settings.out / LEDGER_NAME)
+        self.writer = OutputWriter(settings.outputs)
+        self.path = StudyPath(self.engine, self.writer)
         self.stop_event = threading.Event()
         self.wake = threading.Event()
 
     def _remove_stale_temp_files(self) -> None:
         """A killed watcher can leave the temp file of an atomic write; the real file is untouched."""
         outputs = self.settings.outputs
-        for folder in (self.settings.out, outputs.reports, self.settings.dicom_out):
+        pages = self.settings.out / (Path(RESULTS_NAME).stem + "_pages")
+        for folder in (self.settings.out, outputs.reports, self.settings.dicom_out, pages):
             if folder is not None and folder.is_dir():
                 for tmp in folder.glob(".*.tmp"):
                     tmp.unlink(missing_ok=True)
@@ -92,13 +127,27 @@ class Watcher:
                     self.wake.clear()
                     self.scan()
                     last_scan = time.time()
-                self.process_ready()
+                if not self.process_ready():
+                    self._flush_outputs()  # idle: bring a replaced row into the CSV now
                 self.wake.wait(timeout=min(1.0, self.settings.quiet_seconds / 2 or 0.1))
         finally:
             if observer is not None:
                 observer.stop()
                 observer.join(timeout=5)
-            self.ledger.close()
+            self.close()
+
+    def close(self) -> None:
+        try:
+            self.writer.close()
+        except OutputError as exc:
+            log.error("results could not be brought up to date on exit (%s); the store keeps them", exc)
+        self.ledger.close()
+
+    def _flush_outputs(self) -> None:
+        try:
+            self.writer.store.flush()
+        except OutputError as exc:
+            log.error("results CSV not rewritten (%s); will retry", exc)
 
     def stop(self, *_: object) -> None:
         self.stop_event.set()
@@ -141,20 +190,38 @@ class Watcher:
             if self.ledger.file_state(str(path)) == state:
                 continue
             changed += 1
-            try:
-                inst = read_instance(path)
-                self.ledger.record_file(str(path), inst.study_uid, *state)
-            except (NotDicomError, DicomReadError) as exc:
+            seen = examine(path)
+            if isinstance(seen, FileIssue):
                 # Maybe still being written: recorded with its size, so it is read again when it changes.
-                self.ledger.record_file(str(path), None, *state, problem=str(exc))
+                self.ledger.record_file(str(path), None, *state, problem=seen.message)
+                self._record_issue(seen)
+            else:
+                self.ledger.record_file(str(path), seen.study_uid, *state)
+                self._forget_issue(str(path))
         return changed
 
-    def process_ready(self) -> None:
+    def _record_issue(self, issue: FileIssue) -> None:
+        try:
+            self.writer.record_file_issue(issue)
+        except OutputError as exc:
+            log.error("file issue not recorded (%s)", exc)
+
+    def _forget_issue(self, path: str) -> None:
+        try:
+            self.writer.forget_file_issue(path)
+        except OutputError as exc:
+            log.error("file issue not cleared (%s)", exc)
+
+    def process_ready(self) -> int:
+        """Process every ready, complete study; returns how many were processed."""
+        done = 0
         for study_uid in self.ledger.ready(self.settings.quiet_seconds):
             if self.stop_event.is_set():
-                return
+                break
             if self._complete(study_uid):
                 self.process(study_uid)
+                done += 1
+        return done
 
     def _complete(self, study_uid: str) -> bool:
         """Every file of the study still has the size and time it had when recorded."""
@@ -172,10 +239,10 @@ class Watcher:
     def process(self, study_uid: str) -> None:
         tag = study_tag(study_uid, self.settings.log_uids)
         attempt = self.ledger.start(study_uid)
+        if attempt is None:
+            return  # no longer pending (a file arrived, or another step took it)
         try:
             result = self._run_study(study_uid)
-            write_study_outputs(result, self.settings.outputs)
-            write_index(self.settings.outputs.csv)
         except OutputError as exc:
             # Full disk or unwritable folder: not the study's fault, so retry without using up attempts.
             log.error("%s: outputs could not be written (%s); will retry", tag, exc)
@@ -190,22 +257,22 @@ class Watcher:
             return
         status = FAILED if result.status == Status.FAILED else DONE
         self.ledger.finish(study_uid, status, f"{result.status.value}: {result.message}", result.report_pdf)
-        log.info("%s: %s (attempt %d)", tag, result.status.value, attempt)
+        log.info("%s: %s%s (attempt %d)", tag, result.status.value, _flag_text(result), attempt)
         if status == DONE:
             self._dispose_inputs(study_uid)
 
-    def _run_study(self, study_uid: str):  # type: ignore[no-untyped-def]
-        instances = []
+    def _run_study(self, study_uid: str) -> StudyResult:
+        instances: list[InstanceRef] = []
         for path, _, _ in self.ledger.study_files(study_uid):
-            try:
-                instances.append(read_instance(Path(path)))
-            except (NotDicomError, DicomReadError, FileNotFoundError):
-                continue
+            seen = examine(Path(path))
+            if isinstance(seen, InstanceRef):
+                instances.append(seen)
+            elif Path(path).exists():
+                self._record_issue(seen)
         series = group_studies(instances).get(study_uid)
         if not series:
             raise DicomReadError("no readable DICOM files left for this study")
-        choice = choose_series(series, self.settings.run.rules)
-        return process_studies([choice], self.engine).results[0]
+        return self.path.process(choose_series(series, self.settings.run.rules))
 
     def _failed_attempt(self, study_uid: str, attempt: int, message: str) -> None:
         if attempt >= self.settings.max_attempts:
@@ -218,13 +285,13 @@ class Watcher:
         return min(self.settings.backoff_seconds * 2 ** max(attempt - 1, 0), 300.0)
 
     def _dispose_inputs(self, study_uid: str) -> None:
-        if self.settings.after == "leave":
+        if self.settings.after == After.LEAVE:
             return
         incoming = self.settings.incoming.resolve()
         for path, _, _ in self.ledger.study_files(study_uid):
             src = Path(path)
             try:
-                if self.settings.after == "move":
+                if self.settings.after == After.MOVE:
                     assert self.settings.archive is not None
                     dest = self.settings.archive / src.resolve().relative_to(incoming)
                     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -234,4 +301,12 @@ class Watcher:
                 self.ledger.forget_file(path)
             except (OSError, ValueError) as exc:
                 log.warning("%s: could not %s an input file (%s)", study_tag(study_uid, self.settings.log_uids),
-                            self.settings.after, exc)
+                            After(self.settings.after).value, exc)
+
+
+def _flag_text(result: StudyResult) -> str:
+    """What the log line says of the outcome: the flag for 'any' (no identifiers)."""
+    flag = result.flags.get("any")
+    if flag is None:
+        return ""
+    return ", any FLAGGED" if flag else ", any not flagged"

@@ -1,0 +1,213 @@
+"""The one study path: resume after SIGKILL, run and watch agree, slice identity, the ledger's transactions."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from click.testing import CliRunner
+from pydicom.uid import generate_uid
+
+from ichbatch.cli import main
+from ichbatch.discover import discover
+from ichbatch.report.store import store_path
+from ichbatch.series import choose_series, group_studies, order_slices
+from ichbatch.synth import Encoding, synth_studies
+
+from .conftest import write_series
+
+TIMING = ["seconds", "report_pdf"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
+
+
+def _committed(csv: Path) -> dict[str, tuple[str, float]]:
+    """study_uid -> (run_id, finished_at) as the store holds them."""
+    db = store_path(csv)
+    if not db.exists():
+        return {}
+    try:
+        with sqlite3.connect(db, timeout=5) as con:
+            return {u: (r, f) for u, r, f in con.execute("SELECT study_uid, run_id, finished_at FROM studies")}
+    except sqlite3.OperationalError:
+        return {}
+
+
+def test_sigkill_halfway_then_resume_gives_one_row_per_study_and_redoes_nothing(tmp_path, tiny_bundle):
+    n = 8
+    synth_studies(tmp_path / "in", n, seed=21, n_slices=12, size=96, encoding=Encoding())
+    csv = tmp_path / "out" / "results.csv"
+    cmd = [sys.executable, "-m", "ichbatch.cli", "run", str(tmp_path / "in"), "--out", str(csv), "--model",
+           str(tiny_bundle), "--tta", "1", "--batch-size", "4"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while len(_committed(csv)) < 2:
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "run exited"
+        assert time.time() < deadline, "no study finished in time"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = _committed(csv)
+    assert 2 <= len(before) < n, "the run finished before it could be killed halfway"
+    rows = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    assert set(rows["study_uid"]) <= set(before)  # the CSV never shows a study the store does not hold
+
+    result = subprocess.run(cmd + ["--resume"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"{len(before)} already complete (--resume)" in result.stderr
+    after = _committed(csv)
+    assert len(after) == n
+    assert {u: after[u] for u in before} == before  # finished studies were not processed again
+    rows = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    assert len(rows) == n and rows["study_uid"].is_unique and set(rows["study_uid"]) == set(after)
+    assert (rows["status"] == "ok").all()
+    assert not list(csv.parent.rglob(".*.tmp"))
+
+
+def test_resume_redoes_a_study_whose_instances_changed(tmp_path, tiny_bundle, phantom_hu):
+    study = generate_uid()
+    write_series(tmp_path / "in" / "a", phantom_hu[:10], study_uid=study, series_uid=generate_uid())
+    csv = tmp_path / "results.csv"
+    args = ["run", str(tmp_path / "in"), "--out", str(csv), "--model", str(tiny_bundle), "--tta", "1", "--no-reports"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    first = _committed(csv)[study]
+    assert "1 already complete" in CliRunner().invoke(main, [*args, "--resume"]).output
+    assert _committed(csv)[study] == first
+    # A late slice arrives: same study, new set of instances, so --resume runs it again.
+    write_series(tmp_path / "in" / "b", phantom_hu[10:11], study_uid=study, series_uid=generate_uid())
+    result = CliRunner().invoke(main, [*args, "--resume"])
+    assert "0 already complete" in result.output and _committed(csv)[study] != first
+
+
+def _export(root: Path, phantom_hu: np.ndarray) -> Path:
+    synth_studies(root / "phantoms", 2, seed=5, n_slices=10, size=96, encoding=Encoding())
+    broken = write_series(root / "one_bad_slice", phantom_hu, study_uid=generate_uid(), series_uid=generate_uid())
+    broken[3].write_bytes(broken[3].read_bytes()[:-3000])  # pixel data cut short
+    (root / "notes.txt").write_text("not dicom")
+    first = next((root / "phantoms").rglob("*.dcm"))
+    (root / "cut_header.dcm").write_bytes(first.read_bytes()[:400])
+    return root
+
+
+def test_run_and_watch_write_the_same_rows_and_file_issues(tmp_path, tiny_bundle, phantom_hu):
+    from ichbatch.study import RunSettings
+    from ichbatch.watch.watcher import Watcher, WatchSettings
+
+    incoming = _export(tmp_path / "incoming", phantom_hu)
+    run_csv = tmp_path / "run" / "results.csv"
+    result = CliRunner().invoke(main, ["run", str(incoming), "--out", str(run_csv), "--model", str(tiny_bundle),
+                                       "--tta", "1", "--batch-size", "8"])
+    assert result.exit_code == 0, result.output
+    watch_out = tmp_path / "watch"
+    watcher = Watcher(WatchSettings(incoming=incoming, out=watch_out, quiet_seconds=0.0,
+                                    run=RunSettings(model=str(tiny_bundle), tta=1, batch_size=8)))
+    try:
+        watcher.scan()
+        assert watcher.process_ready() == 3
+    finally:
+        watcher.close()
+    ran = pd.read_csv(run_csv, dtype=str, keep_default_na=False).sort_values("study_uid").reset_index(drop=True)
+    watched = pd.read_csv(watch_out / "results.csv", dtype=str, keep_default_na=False)
+    watched = watched.sort_values("study_uid").reset_index(drop=True)
+    assert len(ran) == 3 and (ran["status"] == "ok").all()
+    pd.testing.assert_frame_equal(ran.drop(columns=TIMING), watched.drop(columns=TIMING))
+    assert [Path(p).name for p in ran["report_pdf"]] == [Path(p).name for p in watched["report_pdf"]]
+    files_run = pd.read_csv(tmp_path / "run" / "results_files.csv", dtype=str).sort_values("path")
+    files_watch = pd.read_csv(watch_out / "results_files.csv", dtype=str).sort_values("path")
+    pd.testing.assert_frame_equal(files_run.reset_index(drop=True), files_watch.reset_index(drop=True))
+    names = {Path(p).name: st for p, st in zip(files_run["path"], files_run["status"])}
+    assert names.pop("notes.txt") == names.pop("manifest.json") == names.pop("lesion_masks.npz") == "skipped"
+    assert names.pop("cut_header.dcm") == "failed"  # DICOM whose header cannot be read
+    assert list(names.values()) == ["failed"]  # the slice whose pixels were cut short
+    assert "1 slice(s) could not be decoded" in ran.loc[ran["n_slices"] == "11", "message"].iloc[0]
+
+
+def test_ledger_interrupted_while_recording_a_file_loses_nothing(tmp_path, tiny_bundle, phantom_hu, monkeypatch):
+    from ichbatch.study import RunSettings
+    from ichbatch.watch.ledger import Ledger
+    from ichbatch.watch.watcher import Watcher, WatchSettings
+
+    study = generate_uid()
+    write_series(tmp_path / "in", phantom_hu[:9], study_uid=study, series_uid=generate_uid())
+    settings = WatchSettings(incoming=tmp_path / "in", out=tmp_path / "out", quiet_seconds=0.0,
+                             run=RunSettings(model=str(tiny_bundle), tta=1, batch_size=8))
+    watcher = Watcher(settings)
+
+    def interrupted(self, study_uid, now):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt  # Ctrl-C after the file row was written, before its study was
+
+    monkeypatch.setattr(Ledger, "_mark_pending", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        watcher.scan()
+    assert all(watcher.ledger.file_state(str(p)) is None for p in (tmp_path / "in").iterdir())  # rolled back
+    watcher.close()
+    monkeypatch.undo()
+    restarted = Watcher(settings)
+    try:
+        restarted.scan()
+        assert restarted.process_ready() == 1
+    finally:
+        restarted.close()
+    rows = pd.read_csv(tmp_path / "out" / "results.csv", dtype=str)
+    assert list(rows["study_uid"]) == [study] and rows["status"][0] == "ok"
+
+
+def test_watch_settings_check_their_own_values(tmp_path):
+    from ichbatch.study import RunSettings
+    from ichbatch.watch.watcher import After, WatchSettings
+
+    base = {"incoming": tmp_path, "out": tmp_path / "o", "run": RunSettings(model="x")}
+    assert WatchSettings(**base, after="delete").after is After.DELETE
+    with pytest.raises(ValueError, match="after must be one of"):
+        WatchSettings(**base, after="remove")
+    with pytest.raises(ValueError, match="archive"):
+        WatchSettings(**base, after=After.MOVE)
+    with pytest.raises(ValueError, match="max_attempts"):
+        WatchSettings(**base, max_attempts=0)
+
+
+def test_feet_first_series_is_ordered_inferior_to_superior(tmp_path, phantom_hu):
+    paths = write_series(tmp_path, phantom_hu[:8], study_uid=generate_uid(), series_uid=generate_uid())
+    for p in paths:  # the same slices as a feet-first acquisition: flipped rows, normal pointing to the feet
+        ds = pydicom.dcmread(p)
+        ds.PatientPosition = "FFS"
+        ds.ImageOrientationPatient = [-1, 0, 0, 0, 1, 0]
+        ds.save_as(p)
+    instances = discover([tmp_path]).instances
+    slices, _ = order_slices(instances)
+    z_patient = [s.position[2] for s in slices]
+    assert z_patient == sorted(z_patient)  # inferior (lowest patient z) first
+    assert [s.z for s in slices] == sorted(s.z for s in slices) and slices[0].z == pytest.approx(z_patient[0])
+
+
+def test_a_slice_that_fails_to_decode_shifts_no_other_slice(tmp_path, tiny_bundle, phantom_hu):
+    from ichbatch.study import Engine, RunSettings, StudyPath
+
+    paths = write_series(tmp_path, phantom_hu, study_uid=generate_uid(), series_uid=generate_uid())
+    choice = choose_series(next(iter(group_studies(discover([tmp_path]).instances).values())))
+    engine = Engine(RunSettings(model=str(tiny_bundle), tta=1, batch_size=4))
+    whole = StudyPath(engine).process(choice)
+    bad = choice.slices[2]  # the third slice from inferior
+    Path(bad.path).write_bytes(Path(bad.path).read_bytes()[:-3000])
+    assert len(paths) == len(whole.slices) == 12
+    partial = StudyPath(engine).process(choice)
+    assert partial.n_slices == 11
+    assert [s.index for s in partial.slices] == [1, 2, *range(4, 13)]
+    kept = {s.sop_uid: s for s in partial.slices}
+    for s in whole.slices:
+        if s.sop_uid != bad.sop_uid:
+            assert kept[s.sop_uid] == s  # same index, Instance Number and position as without the failure
+    assert whole.slices[0].instance_number == 12 and whole.slices[0].z_mm == 0.0  # write_series numbers top down
+    for s, probs in zip(partial.slices, partial.slice_probs):  # scores follow their slice
+        np.testing.assert_allclose(probs, whole.slice_probs[s.index - 1], atol=1e-5)
