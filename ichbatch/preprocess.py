@@ -50,7 +50,7 @@ def window_ops(hu, windows: tuple[Window, ...]):  # type: ignore[no-untyped-def]
 
 def tta_transforms(n: int) -> list[tuple[str, float, float, float, float]]:
     """The first n views as (name, flip, angle in degrees, scale, shift as a fraction of the size)."""
-    views = [
+    views: list[tuple[str, float, float, float, float]] = [
         ("identity", 0, 0.0, 1.0, 0.0),
         ("hflip", 1, 0.0, 1.0, 0.0),
         ("rotate+8", 0, 8.0, 1.0, 0.0),

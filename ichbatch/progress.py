@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 
 class TerminalProgress:
@@ -10,7 +11,7 @@ class TerminalProgress:
 
     def __init__(self) -> None:
         self.bar = None
-        self.tasks: dict[str, int] = {}
+        self.tasks: dict[str, Any] = {}  # stage -> rich TaskID
         if sys.stderr.isatty():
             from rich.progress import Progress
 

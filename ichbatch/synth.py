@@ -383,7 +383,7 @@ def ct_slice_dataset(
     """A CT Image Storage dataset holding one axial slice of HU values: 16-bit storage, unsigned unless
     the intercept is 0 (then signed, as some scanners write)."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+    meta.MediaStorageSOPClassUID = UID(CT_IMAGE_STORAGE)
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
@@ -459,7 +459,7 @@ def synth_studies(
             masks[study_uid] = np.packbits(union, axis=-1)  # (slices, rows, cols/8), z order
         if progress:
             progress("generating phantoms", i + 1, n_studies)
-    np.savez_compressed(out / "lesion_masks.npz", **masks)
+    np.savez_compressed(out / "lesion_masks.npz", **masks)  # type: ignore[arg-type]  # numpy stub: **kwds as bool
     manifest = {"seed": seed, "generator": "ichbatch.synth", "size": size, "lesion_masks": "lesion_masks.npz",
                 "studies": studies}
     tmp = out / "manifest.json.tmp"
