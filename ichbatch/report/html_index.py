@@ -71,6 +71,12 @@ class HtmlIndex:
             self._write_page(number - 1, last)
         self._write_landing(last)
 
+    def ensure(self) -> None:
+        """Pages are kept current study by study; only a missing index (a CSV from before the store, or
+        pages deleted by hand) is rendered whole, once."""
+        if not self.landing.exists() or not self.page_path(self.pages()).exists():
+            self.render_all()
+
     def render_all(self) -> None:
         last = self.pages()
         for number in range(1, last + 1):

@@ -42,7 +42,7 @@ class OutputWriter:
 
     def close(self) -> None:
         self.store.flush()
-        self.index.render_all()
+        self.index.ensure()
         self.store.close()
 
     def __enter__(self) -> OutputWriter:
