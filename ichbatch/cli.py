@@ -276,14 +276,15 @@ def watch(incoming: Path, out: Path, quiet_seconds: float, rescan_seconds: float
     from .errors import ExistingFileError
     from .watch.watcher import Watcher, WatchSettings
 
-    if after == "move" and archive is None:
-        raise click.UsageError("--after move needs --archive DIR")
+    try:  # WatchSettings checks its own values (--after move without --archive, ranges)
+        settings = WatchSettings(incoming=incoming, out=out, run=study.run_settings(), quiet_seconds=quiet_seconds,
+                                 rescan_seconds=rescan_seconds, poll=poll, max_attempts=max_attempts, after=after,
+                                 archive=archive, dicom_out=study.dicom_out, log_uids=log_uids,
+                                 pseudonym_key=study.pseudonym_key())
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
     study.check()
     _check_writable(out)
-    settings = WatchSettings(incoming=incoming, out=out, run=study.run_settings(), quiet_seconds=quiet_seconds,
-                             rescan_seconds=rescan_seconds, poll=poll, max_attempts=max_attempts, after=after,
-                             archive=archive, dicom_out=study.dicom_out, log_uids=log_uids,
-                             pseudonym_key=study.pseudonym_key())
     logging.getLogger("ichbatch").setLevel(logging.INFO)
     try:
         watcher = Watcher(settings)

@@ -45,12 +45,7 @@ class RunSummary:
 
 
 def select(discovery: Discovery, rules: SelectionRules) -> list[SeriesChoice]:
-    return list(iter_choices(discovery, rules))
-
-
-def iter_choices(discovery: Discovery, rules: SelectionRules) -> Iterator[SeriesChoice]:
-    for series in group_studies(discovery.instances).values():
-        yield choose_series(series, rules)
+    return [choose_series(series, rules) for series in group_studies(discovery.instances).values()]
 
 
 class ResumeCheck(Protocol):

@@ -106,9 +106,8 @@ class StudyPath:
 
     def process_many(self, choices: Iterable[SeriesChoice]) -> Iterator[StudyResult]:
         """Each study's result once its outputs are written, in input order."""
-        pending: list[SeriesChoice] = []
         started = time.perf_counter()
-        for choice, decoded, probs in self._score(choices, pending):
+        for choice, decoded, probs in self._score(choices):
             try:
                 result, images = self._finish(choice, decoded, probs, time.perf_counter() - started)
             except Exception as exc:  # one study's failure must not stop the batch
@@ -120,8 +119,7 @@ class StudyPath:
     def _write(self, result: StudyResult, images: StudyImages) -> StudyResult:
         return self.sink.write(result, images) if self.sink else result
 
-    def _score(self, choices: Iterable[SeriesChoice],
-               pending: list[SeriesChoice]) -> Iterator[tuple[SeriesChoice, list[_Decoded], np.ndarray]]:
+    def _score(self, choices: Iterable[SeriesChoice]) -> Iterator[tuple[SeriesChoice, list[_Decoded], np.ndarray]]:
         """Stream the slices of every runnable study through the model; yield each study when complete.
 
         Studies with no usable series pass straight through, in order, with no slices.

@@ -92,8 +92,6 @@ def study_tag(study_uid: str, log_uids: bool = False) -> str:
 
 class Watcher:
     def __init__(self, settings: WatchSettings) -> None:
-        if settings.after == "move" and settings.archive is None:
-            raise ValueError("--after move needs --archive DIR")
         self.settings = settings
         settings.out.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temp_files()
