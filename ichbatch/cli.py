@@ -1,7 +1,7 @@
 """Command line: parse, call the library, print. Library errors become clear messages here.
 
 Exit codes: 0 every study ok or skipped; 1 some study failed; 2 usage error (bad option, unknown model);
-3 a fatal error that stopped the run (outputs could not be written).
+3 a fatal error that stopped the run (outputs could not be written); 4 nothing to do (no study found).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .errors import BundleError, IchBatchError, OutputError
 if TYPE_CHECKING:
     from .study import RunSettings
 
-EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_FATAL = 0, 1, 2, 3
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_FATAL, EXIT_NOTHING = 0, 1, 2, 3, 4
 CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "ICHBATCH"}
 
 
@@ -33,10 +33,33 @@ def _fatal(message: str, code: int) -> click.ClickException:
     return kind(message)
 
 
+def _log_setting(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Logging options work before and after the subcommand; each one seen reconfigures logging."""
+    from .logs import configure
+
+    state = ctx.find_root().meta.setdefault("ichbatch.log", {"verbose": 0, "log_file": None, "log_format": "text"})
+    if param.name == "verbose":
+        state["verbose"] = max(state["verbose"], value or 0)
+    elif value is not None:
+        state[str(param.name)] = value
+    configure(state["verbose"], state["log_file"], state["log_format"])
+    return value
+
+
+def _logging_options() -> list[click.Option]:
+    return [
+        click.Option(["-v", "--verbose"], count=True, expose_value=False, callback=_log_setting,
+                     help="-v: log each stage; -vv: debug, and the libraries' own messages. No patient identifiers."),
+        click.Option(["--log-file"], type=click.Path(dir_okay=False, path_type=Path), expose_value=False,
+                     callback=_log_setting, help="Also write the log to this file."),
+        click.Option(["--log-format"], type=click.Choice(["text", "json"]), expose_value=False,
+                     callback=_log_setting, help="text (ISO time, level, message) or json (one object a line) [default: text]."),
+    ]
+
+
 @click.group(context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="ichbatch")
-@click.option("-v", "--verbose", is_flag=True, help="Log each stage (no patient identifiers).")
-def main(verbose: bool) -> None:
+def main() -> None:
     """Flag intracranial hemorrhage on head CT DICOM, in batch. RESEARCH USE ONLY, NOT FOR DIAGNOSIS.
 
     \b
@@ -45,9 +68,6 @@ def main(verbose: bool) -> None:
       ichbatch run /data/studies --out results.csv
       ichbatch synth phantoms --studies 10 --seed 1
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # TensorFlow prints C++ INFO lines (oneDNN notices) at import; keep the terminal for our own output.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1" if verbose else "3")
 
 
 def default_model() -> str:
@@ -161,6 +181,8 @@ def _run(inputs: list[Path], out: Path, reports: Path | None, study: StudyOption
 
     study.check()
     _check_writable(out.parent)
+    if reports is not None and reports.exists() and not reports.is_dir():
+        raise click.BadParameter(f"{reports} is a file; the reports go in a folder", param_hint="--reports")
     outputs = OutputSettings(csv=out, reports=reports, dicom_out=study.dicom_out, pseudonym_key=study.pseudonym_key())
     try:
         writer = OutputWriter(outputs)
@@ -180,6 +202,10 @@ def _run(inputs: list[Path], out: Path, reports: Path | None, study: StudyOption
         raise _fatal(f"model: {exc}", EXIT_USAGE) from exc
     except OutputError as exc:
         raise _fatal(f"{exc} (results written so far are intact; rerun with --resume)", EXIT_FATAL) from exc
+    if summary.studies == 0 and summary.resumed == 0:
+        click.echo(f"nothing to do: no DICOM study found under {', '.join(map(str, inputs))} ({issues} other file(s), "
+                   f"see {files_csv_path(out).name}); {out} has the header only. {NOT_FOR_DIAGNOSIS}.", err=True)
+        return EXIT_NOTHING
     ok, skipped, failed = (summary.count(s) for s in (Status.OK, Status.SKIPPED, Status.FAILED))
     resumed = f"{summary.resumed} already complete (--resume); " if resume else ""
     click.echo(
@@ -247,7 +273,9 @@ def demo(out: Path, studies: int, model: str | None) -> None:
     options = StudyOptions(model=model)
     options.check()
     synth_studies(out / "studies", studies, seed=2026)
-    click.echo(f"generated {studies} phantom studies in {out / 'studies'}", err=True)
+    for truth in ("manifest.json", "lesion_masks.npz"):  # beside the studies, so the run does not list them as unused
+        os.replace(out / "studies" / truth, out / truth)
+    click.echo(f"generated {studies} phantom studies in {out / 'studies'} (truth: {out / 'manifest.json'})", err=True)
     code = _run([out / "studies"], out / "results.csv", out / "reports", options)
     click.echo(f"CSV: {out / 'results.csv'}  PDF reports: {out / 'reports'}", err=True)
     sys.exit(code)
@@ -285,7 +313,8 @@ def watch(incoming: Path, out: Path, quiet_seconds: float, rescan_seconds: float
         raise click.UsageError(str(exc)) from exc
     study.check()
     _check_writable(out)
-    logging.getLogger("ichbatch").setLevel(logging.INFO)
+    if logging.getLogger("ichbatch").getEffectiveLevel() > logging.INFO:
+        logging.getLogger("ichbatch").setLevel(logging.INFO)  # a server's log: one line per study
     try:
         watcher = Watcher(settings)
     except BundleError as exc:
@@ -395,11 +424,17 @@ def evaluate(predictions: Path, labels: Path, out: Path, model: str | None, targ
     if model:
         from .model.bundle import read_card, resolve
 
-        thresholds = read_card(resolve(model)).thresholds
+        try:
+            thresholds = read_card(resolve(model)).thresholds
+        except BundleError as exc:
+            raise click.BadParameter(str(exc), param_hint="--model") from exc
     try:
         result = evaluate_files(predictions, labels, thresholds, target_sensitivity)
     except IchBatchError as exc:
         raise _fatal(str(exc), EXIT_USAGE) from exc
+    except (ValueError, KeyError, UnicodeDecodeError) as exc:  # a file that is not what it claims to be
+        raise _fatal(f"cannot evaluate {predictions.name} against {labels.name}: {type(exc).__name__}: {exc}",
+                     EXIT_USAGE) from exc
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "metrics.json", json.dumps(result, indent=1).encode())
     plot(result, out)
@@ -473,6 +508,31 @@ def models_import(model_file: Path, name: str, dest: Path, version: str, outputs
     except (BundleError, ValueError) as exc:
         raise _fatal(str(exc), EXIT_USAGE) from exc
     click.echo(f"bundle written to {folder}")
+
+
+def _finish_options(group: click.Group) -> None:
+    """Every command takes the logging options, and every option's help names its environment variable."""
+    for command in group.commands.values():
+        command.params.extend(_logging_options())
+        if isinstance(command, click.Group):
+            _finish_options(command)
+    for command in [group, *_all_commands(group)]:
+        for param in command.params:
+            if isinstance(param, click.Option):
+                param.show_envvar = True
+
+
+def _all_commands(group: click.Group) -> list[click.Command]:
+    found: list[click.Command] = []
+    for command in group.commands.values():
+        found.append(command)
+        if isinstance(command, click.Group):
+            found.extend(_all_commands(command))
+    return found
+
+
+main.params.extend(_logging_options())
+_finish_options(main)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,6 +8,7 @@ memory does not grow with the number of studies.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -17,10 +18,12 @@ from typing import Protocol
 
 from .config import SelectionRules
 from .discover import Discovery, discover
+from .logs import outcome, study_tag
 from .domain import SeriesChoice, Status, StudyResult
 from .series import choose_series, group_studies
 from .study import Engine, RunSettings, StudyPath, StudySink, resolve_precision
 
+log = logging.getLogger(__name__)
 __all__ = ["Engine", "RunSettings", "RunSummary", "process_folder", "process_studies", "resolve_precision", "select"]
 
 
@@ -65,6 +68,7 @@ def process_studies(
     start = time.perf_counter()
     for result in path.process_many(choices):
         summary.counts[result.status.value] += 1
+        log.info("%s: %s, %d slices", study_tag(result.study.study_uid), outcome(result), result.n_slices)
         if on_result:
             on_result(result)
     summary.n_slices += path.n_slices
@@ -85,6 +89,7 @@ def process_folder(
     start = time.perf_counter()
     discovery = discover(inputs, progress=(lambda n: progress("reading headers", n, 0)) if progress else None)
     summary = RunSummary(file_issues=len(discovery.issues))
+    log.info("%d DICOM instances and %d other files found", len(discovery.instances), len(discovery.issues))
     if sink is not None:
         for issue in discovery.issues:
             sink.record_file_issue(issue)

@@ -21,6 +21,7 @@ from .config import BONE, BRAIN, DEFAULT_RULES, SUBDURAL, SelectionRules
 from .domain import FileIssue, KeyImage, SeriesChoice, SliceId, SliceRef, Status, StudyImages, StudyResult
 from .errors import DecodeError
 from .infer import Predictor, default_device, default_tta, default_workers, prefetch_map
+from .model.backend import import_backend
 from .model.bundle import Bundle, load_bundle
 from .model.gradcam import CamExplainer, overlay
 from .pixels import load_hu
@@ -48,6 +49,7 @@ class Engine:
     """A loaded model with its predictor and explainer, reused across studies (and by watch)."""
 
     def __init__(self, settings: RunSettings) -> None:
+        import_backend()
         self.settings = settings
         device = default_device() if settings.device == "auto" else settings.device
         self.precision = resolve_precision(settings.precision, device)

@@ -105,7 +105,7 @@ def test_pdf_text_has_identifiers_scores_and_notice(tmp_path):
     path = write_pdf(_result(), _images(), tmp_path)
     assert path.name == "study_1.2.3.4.pdf"
     text = "\n".join(page.extract_text() for page in PdfReader(path).pages)
-    for expected in ("NOT FOR DIAGNOSIS", "MÜLLER^ZOË", "1.2.3.4", "tiny 0.1", "0.900", "FLAGGED", "UNTRAINED", "2026-01-02"):
+    for expected in ("NOT FOR DIAGNOSIS", "MÜLLER, ZOË", "1.2.3.4", "tiny 0.1", "0.900", "FLAGGED", "UNTRAINED", "2026-01-02"):
         assert expected in text, expected
     # Key slices are named as the viewer shows them (Instance Number) with their position, not by index.
     assert "Im 35, z 5.0 mm" in text and "inferior: Im 40, z -20.0 mm" in text and "slice 6" not in text

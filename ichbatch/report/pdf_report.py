@@ -60,17 +60,20 @@ def render_pdf(result: StudyResult, images: StudyImages | None = None) -> bytes:
     c = canvas.Canvas(buf, pagesize=A4, pageCompression=1)
     c.setTitle(f"ichbatch report {result.study.study_uid}")
     c.setAuthor("ichbatch")
+    pages = 2 if result.status == Status.OK else 1
     y = _header(c, result)
     if result.status == Status.OK:
         y = _score_table(c, result, y)
         y = _chart(c, result, y)
         _key_slices(c, result, images, y)
+        _footer(c, result, 1, pages)
         c.showPage()
         _montage_page(c, result, images)
     else:
         c.setFont(BOLD, 12)
         c.drawString(MARGIN, y - 20, f"Status: {result.status.value}")
         _wrapped(c, result.message, MARGIN, y - 40, FONT, 9)
+    _footer(c, result, pages, pages)
     c.showPage()
     c.save()
     return buf.getvalue()
@@ -88,16 +91,14 @@ def _header(c: canvas.Canvas, r: StudyResult) -> float:
     c.drawString(MARGIN, y, "Intracranial hemorrhage screen (ichbatch)")
     s = r.study
     lines = [
-        f"Patient: {s.patient_name or '-'}    ID: {s.patient_id or '-'}",
+        f"Patient: {person_name(s.patient_name)}    ID: {s.patient_id or '-'}",
         f"Accession: {s.accession or '-'}    Study date: {_date(s.study_date)}",
         f"Study UID: {s.study_uid}",
         f"Series: {r.series_description or '-'} ({r.n_slices} slices)  UID: {r.series_uid or '-'}",
         f"Model: {r.model} {r.model_version}    TTA views: {r.tta}    Status: {r.status.value}",
     ]
-    c.setFont(FONT, 9)
-    for line in lines:
-        y -= 13
-        c.drawString(MARGIN, y, line)
+    for line in lines:  # wrapped, never clipped: descriptions and UIDs can be long
+        y = _wrapped(c, line, MARGIN, y - 13, FONT, 9) + 11
     if r.model_trained and r.model_trained_on:
         y = _wrapped(c, f"Model trained on: {r.model_trained_on}", MARGIN, y - 13, FONT, 9) + 11
     if not r.model_trained:
@@ -107,6 +108,31 @@ def _header(c: canvas.Canvas, r: StudyResult) -> float:
         c.drawString(MARGIN, y, "UNTRAINED MODEL: placeholder weights. The scores below are meaningless.")
         c.setFillColor(colors.black)
     return y - 10
+
+
+def person_name(dicom_name: str) -> str:
+    """DICOM PN 'DOE^JANE^M^DR^JR' as people write it: 'DOE, JANE M, DR, JR' (empty parts left out)."""
+    if not dicom_name.strip():
+        return "-"
+    alphabetic = dicom_name.split("=")[0]  # ideographic and phonetic forms follow '='
+    family, given, middle, prefix, suffix = (alphabetic.split("^") + [""] * 5)[:5]
+    first = " ".join(p for p in (given, middle) if p.strip())
+    parts = [p.strip() for p in (family, first, prefix, suffix) if p.strip()]
+    return ", ".join(parts) if parts else "-"
+
+
+def _footer(c: canvas.Canvas, r: StudyResult, page: int, pages: int) -> None:
+    """On every page: who and which study this is, the notice, and the page number."""
+    s = r.study
+    c.setFont(FONT, 7)
+    c.setFillColor(colors.black)
+    text = (f"{person_name(s.patient_name)} | ID {s.patient_id or '-'} | Acc. {s.accession or '-'} | "
+            f"{_date(s.study_date)} | Study UID {s.study_uid}")
+    while pdfmetrics.stringWidth(text, FONT, 7) > PAGE_W - 2 * MARGIN - 60 and len(text) > 20:
+        text = text[:-4] + "..."  # an over-long UID is elided here; page 1 prints it in full
+    c.drawString(MARGIN, 16, text)
+    c.drawRightString(PAGE_W - MARGIN, 16, f"Page {page} of {pages}")
+    c.drawCentredString(PAGE_W / 2, 6, f"{NOT_FOR_DIAGNOSIS} - model {r.model} {r.model_version}")
 
 
 def _date(d: str) -> str:

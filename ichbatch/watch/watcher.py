@@ -7,7 +7,6 @@ missed); a periodic rescan catches whatever events missed in any case.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -21,6 +20,7 @@ from pathlib import Path
 from ..discover import examine, iter_files
 from ..domain import FileIssue, InstanceRef, Status, StudyResult
 from ..errors import DicomReadError, OutputError
+from ..logs import outcome, study_tag
 from ..report.outputs import OutputSettings, OutputWriter
 from ..series import choose_series, group_studies
 from ..study import Engine, RunSettings, StudyPath
@@ -81,13 +81,6 @@ class WatchSettings:
         # mode that is rare, unlike a batch re-run over a whole archive.
         return OutputSettings(csv=self.out / RESULTS_NAME, reports=self.out / "reports", dicom_out=self.dicom_out,
                               pseudonym_key=self.pseudonym_key, rebuild_seconds=0.0)
-
-
-def study_tag(study_uid: str, log_uids: bool = False) -> str:
-    """How logs name a study: by default a short hash, so UIDs (and so patients) are not traceable."""
-    if log_uids:
-        return study_uid
-    return "study-" + hashlib.sha256(study_uid.encode()).hexdigest()[:10]
 
 
 class Watcher:
@@ -255,7 +248,7 @@ class Watcher:
             return
         status = FAILED if result.status == Status.FAILED else DONE
         self.ledger.finish(study_uid, status, f"{result.status.value}: {result.message}", result.report_pdf)
-        log.info("%s: %s%s (attempt %d)", tag, result.status.value, _flag_text(result), attempt)
+        log.info("%s: %s (attempt %d)", tag, outcome(result), attempt)
         if status == DONE:
             self._dispose_inputs(study_uid)
 
@@ -301,10 +294,3 @@ class Watcher:
                 log.warning("%s: could not %s an input file (%s)", study_tag(study_uid, self.settings.log_uids),
                             After(self.settings.after).value, exc)
 
-
-def _flag_text(result: StudyResult) -> str:
-    """What the log line says of the outcome: the flag for 'any' (no identifiers)."""
-    flag = result.flags.get("any")
-    if flag is None:
-        return ""
-    return ", any FLAGGED" if flag else ", any not flagged"
