@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import NOT_FOR_DIAGNOSIS, __version__
-from .errors import BundleError, IchBatchError, OutputError
+from .errors import BundleError, IchBatchError, OutputError, OutputLockedError
 
 if TYPE_CHECKING:
     from .study import RunSettings
@@ -186,7 +186,7 @@ def _run(inputs: list[Path], out: Path, reports: Path | None, study: StudyOption
     outputs = OutputSettings(csv=out, reports=reports, dicom_out=study.dicom_out, pseudonym_key=study.pseudonym_key())
     try:
         writer = OutputWriter(outputs)
-    except ExistingFileError as exc:
+    except (ExistingFileError, OutputLockedError) as exc:
         raise click.UsageError(str(exc)) from exc
     except OutputError as exc:
         raise _fatal(str(exc), EXIT_FATAL) from exc
@@ -319,7 +319,7 @@ def watch(incoming: Path, out: Path, quiet_seconds: float, rescan_seconds: float
         watcher = Watcher(settings)
     except BundleError as exc:
         raise _fatal(f"model: {exc}", EXIT_USAGE) from exc
-    except ExistingFileError as exc:
+    except (ExistingFileError, OutputLockedError) as exc:
         raise click.UsageError(str(exc)) from exc
     click.echo(f"watching {incoming} (quiet period {quiet_seconds:g} s); results in {out}. {NOT_FOR_DIAGNOSIS}.", err=True)
     watcher.run()

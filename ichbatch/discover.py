@@ -7,6 +7,7 @@ costs one small read per file.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from pydicom.errors import InvalidDicomError
 
 from .domain import FileIssue, FrameGeometry, InstanceRef, Status, StudyMeta, Vec3
 from .errors import DicomReadError, NotDicomError
+from .limits import check_inflated_size
 
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 # Names that file managers and PACS viewers leave behind: recorded as skipped without reading.
@@ -129,7 +131,11 @@ def read_instance(path: Path) -> InstanceRef:
 def read_header(path: Path) -> Dataset:
     """Read everything but the pixel values (deferred), recognising DICOM by content."""
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            # Opening a FIFO blocks until someone writes to it; a device can be endless. Never open them.
+            raise NotDicomError(f"{path}: not a regular file (FIFO, socket or device); skipped without reading")
+        size = st.st_size
         with open(path, "rb") as fh:
             head = fh.read(132)
     except OSError as exc:
@@ -139,6 +145,8 @@ def read_header(path: Path) -> Dataset:
     if path.name.lower() in KNOWN_JUNK:
         raise NotDicomError(f"{path}: {path.name} is not DICOM (ignored)")
     has_preamble = len(head) == 132 and head[128:132] == b"DICM"
+    if has_preamble:
+        check_inflated_size(path)
     try:
         ds = pydicom.dcmread(path, defer_size=4096, force=not has_preamble)
         ds.get("StudyInstanceUID")  # force parsing of the elements we rely on

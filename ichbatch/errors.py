@@ -32,5 +32,13 @@ class OutputError(IchBatchError):
     """An output could not be written (unwritable folder, full disk)."""
 
 
+class DiskFullError(OutputError):
+    """No space left (or quota reached) where outputs go: wait and retry, it is nobody's study's fault."""
+
+
+class OutputLockedError(IchBatchError):
+    """Another ichbatch process is writing the same results; a second writer is refused (a usage error)."""
+
+
 class ExistingFileError(IchBatchError):
     """An output path holds a file ichbatch did not write; it is never overwritten (a usage error)."""

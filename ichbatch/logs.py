@@ -61,6 +61,18 @@ class JsonFormatter(IsoFormatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class LibraryFilter(logging.Filter):
+    """Below -vv, only our own records and other libraries' errors pass. A filter on our handlers, not a
+    level on the libraries' loggers: pydicom sets its logger's level again when it is imported."""
+
+    def __init__(self, verbosity: int) -> None:
+        super().__init__()
+        self.verbosity = verbosity
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.verbosity >= 2 or record.name.startswith("ichbatch") or record.levelno >= logging.ERROR
+
+
 def configure(verbosity: int = 0, log_file: Path | None = None, fmt: str = "text") -> None:
     """0: warnings and errors; 1 (-v): each stage; 2 (-vv): debug, and the libraries' own messages."""
     if fmt not in ("text", "json"):
@@ -77,6 +89,7 @@ def configure(verbosity: int = 0, log_file: Path | None = None, fmt: str = "text
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
     for handler in handlers:
         handler.setFormatter(formatter)
+        handler.addFilter(LibraryFilter(verbosity))
         root.addHandler(handler)
         _handlers.append(handler)
     root.setLevel(logging.WARNING)

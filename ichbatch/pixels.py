@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -17,6 +18,7 @@ from pydicom.dataset import Dataset
 from .config import AIR_HU, HU_MAX, HU_MIN
 from .domain import SliceRef
 from .errors import DecodeError
+from .limits import MalformedPixelData, check_dimensions, check_inflated_size
 
 # Share of pixels allowed outside the plausible range before a decode is distrusted. Scanners write
 # out-of-field pixels at -2000 to -4000 HU (treated as air by the clip below), and metal can pass
@@ -34,12 +36,14 @@ class HUSlice:
 def load_hu(ref: SliceRef) -> HUSlice:
     """Decode ref's pixels and convert to HU, trying the fallback decoder when the first fails."""
     try:
+        check_inflated_size(Path(ref.path))
         ds = pydicom.dcmread(ref.path)
     except Exception as exc:
         raise DecodeError(f"{ref.path}: cannot read file ({type(exc).__name__}: {exc})") from exc
+    _check_size(ds, ref)  # malformed data is refused here, never handed to the fallback decoder
     try:
         return _checked(_hu_from_pydicom(ds, ref), ref)
-    except Exception as first:  # any decoder failure: try the other decoder before giving up
+    except Exception as first:  # a decoder failure: try the other decoder before giving up
         try:
             hu = _checked(HUSlice(_hu_from_simpleitk(ref)), ref)
         except Exception as second:
@@ -48,6 +52,21 @@ def load_hu(ref: SliceRef) -> HUSlice:
                 f"(pydicom: {_short(first)}; SimpleITK: {_short(second)})"
             ) from first
         return HUSlice(hu.hu, hu.warnings + (f"decoded with SimpleITK after pydicom failed: {_short(first)}",))
+
+
+def _check_size(ds: Dataset, ref: SliceRef) -> None:
+    """The header's dimensions within the limits, and (uncompressed) backed by enough bytes."""
+    def number(name: str, default: int) -> int:
+        try:
+            return int(ds.get(name, default) or default)
+        except (TypeError, ValueError):
+            raise MalformedPixelData(f"{ref.path}: ({name}) is not a number") from None
+
+    compressed = ds.file_meta.get("TransferSyntaxUID") is not None and ds.file_meta.TransferSyntaxUID.is_compressed
+    data = ds.get("PixelData")
+    check_dimensions(ref.path, number("Rows", 0), number("Columns", 0), number("NumberOfFrames", 1),
+                     number("SamplesPerPixel", 1), number("BitsAllocated", 16),
+                     None if compressed or data is None else len(data))
 
 
 def _short(exc: BaseException) -> str:

@@ -55,7 +55,11 @@ def test_every_option_shows_its_environment_variable():
     text = CliRunner().invoke(main, ["run", "--help"]).output
     for var in ("ICHBATCH_RUN_BATCH_SIZE", "ICHBATCH_RUN_MODEL", "ICHBATCH_RUN_RESUME", "ICHBATCH_RUN_LOG_FILE"):
         assert var in text, var
-    assert "ICHBATCH_WATCH_QUIET_SECONDS" in CliRunner().invoke(main, ["watch", "--help"]).output
+    watch_help = CliRunner().invoke(main, ["watch", "--help"]).output
+    assert "ICHBATCH_WATCH_QUIET_SECONDS" in watch_help
+    # run and watch share the study-path options
+    for option in ("--pseudonymize", "--device", "--precision", "--aggregate", "--topk", "--min-slices", "--dicom-out"):
+        assert option in watch_help and option in text, option
 
 
 def test_start_up_is_quiet_unless_asked(tmp_path, tiny_bundle, small_study):

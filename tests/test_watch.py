@@ -155,7 +155,7 @@ def test_broken_study_and_unwritable_reports_get_clear_statuses(tmp_path, tiny_b
     _settle(watcher)
     new = [r for r in watcher.ledger.studies() if r.study_uid not in (good_uid, broken_uid)]
     assert new[0].status == "failed" and "report not written" in new[0].message
-    watcher.ledger.close()
+    watcher.close()
 
 
 def test_late_file_makes_a_new_version_and_move_archives_after_outputs(tmp_path, tiny_bundle):
@@ -183,7 +183,7 @@ def test_late_file_makes_a_new_version_and_move_archives_after_outputs(tmp_path,
     again = pd.read_csv(out / "results.csv", dtype=str)
     assert again["study_uid"].tolist() == [uid] and again["n_slices"].tolist() == ["10"]
     assert watcher.ledger.studies()[0].version == 2
-    watcher.ledger.close()
+    watcher.close()
 
     # A second study, with --after move: inputs leave the folder only once outputs are written.
     synth_studies(incoming / "next", 1, seed=26, n_slices=8, size=64)
@@ -195,7 +195,7 @@ def test_late_file_makes_a_new_version_and_move_archives_after_outputs(tmp_path,
     assert len(pd.read_csv(out / "results.csv")) == 2
     assert len(list(archive.rglob("*.dcm"))) == 8 and not list((incoming / "next").rglob("*.dcm"))
     assert len(list(incoming.glob("*.dcm"))) == 10  # the first study was done before: untouched
-    watcher.ledger.close()
+    watcher.close()
 
 
 def test_unwritable_csv_is_retried_without_using_up_attempts(tmp_path, tiny_bundle):
@@ -216,4 +216,4 @@ def test_unwritable_csv_is_retried_without_using_up_attempts(tmp_path, tiny_bund
     watcher.process_ready()
     (row,) = watcher.ledger.studies()
     assert row.status == "done" and len(pd.read_csv(out / "results.csv")) == 1
-    watcher.ledger.close()
+    watcher.close()

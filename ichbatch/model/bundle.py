@@ -22,6 +22,7 @@ import numpy as np
 
 from ..config import DEFAULT_WINDOWS, LABELS, Window
 from ..errors import BundleError
+from ..limits import MAX_INPUT_SIZE
 from .gradcam import FLIPS, METHODS
 from .locate import CARD, DEFAULT_MODEL, list_bundles, models_dirs, resolve
 
@@ -59,14 +60,14 @@ class ModelCard:
         if unknown:
             raise BundleError(f"model.json has unknown field(s) {sorted(unknown)}")
         data = dict(data)
-        data["windows"] = tuple(Window(**w) for w in data.get("windows", [asdict(w) for w in DEFAULT_WINDOWS]))
-        for key in ("labels", "outputs", "cam_augment"):
-            if key in data:
-                data[key] = tuple(data[key])
         try:
+            data["windows"] = tuple(Window(**w) for w in data.get("windows", [asdict(w) for w in DEFAULT_WINDOWS]))
+            for key in ("labels", "outputs", "cam_augment"):
+                if key in data:
+                    data[key] = tuple(data[key])
             card = cls(**data)
         except TypeError as exc:
-            raise BundleError(f"model.json is missing a required field: {exc}") from exc
+            raise BundleError(f"model.json: a field is missing or of the wrong kind ({exc})") from exc
         card.validate()
         return card
 
@@ -78,6 +79,9 @@ class ModelCard:
         return data
 
     def validate(self) -> None:
+        problems = self._type_problems()
+        if problems:
+            raise BundleError(f"model.json of {self.name!r}: " + "; ".join(problems))
         if self.architecture not in ("resnet50", "keras"):
             raise BundleError(f"unknown architecture {self.architecture!r}; expected 'resnet50' or 'keras'")
         if not set(self.outputs) <= set(self.labels):
@@ -90,6 +94,33 @@ class ModelCard:
             raise BundleError(f"cam_method {self.cam_method!r}: expected one of {list(METHODS)}")
         if self.weights is None and (self.trained or self.architecture != "resnet50"):
             raise BundleError(f"bundle {self.name}: no weights file, but the card does not say it is untrained")
+
+    def _type_problems(self) -> list[str]:
+        """Every value that a file could get wrong, each with one message (ranges before allocation)."""
+        problems = []
+        for name in ("name", "version", "architecture", "trained_on", "intended_use", "cam_method"):
+            if not isinstance(getattr(self, name), str):
+                problems.append(f"{name} must be text. Received: {getattr(self, name)!r}")
+        if not isinstance(self.trained, bool):
+            problems.append(f"trained must be true or false. Received: {self.trained!r}")
+        if isinstance(self.input_size, bool) or not isinstance(self.input_size, int) \
+                or not 32 <= self.input_size <= MAX_INPUT_SIZE:
+            problems.append(f"input_size must be a whole number from 32 to {MAX_INPUT_SIZE}. Received: {self.input_size!r}")
+        for w in self.windows:
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (w.center, w.width)) \
+                    or not w.width > 0:
+                problems.append(f"window {w.name!r} needs a number center and a width above 0. "
+                                f"Received: center {w.center!r}, width {w.width!r}")
+        if not isinstance(self.thresholds, dict):
+            problems.append(f"thresholds must map labels to numbers between 0 and 1. Received: {self.thresholds!r}")
+        else:
+            for label, value in self.thresholds.items():
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                    problems.append(f"threshold for {label!r} must be a number between 0 and 1 (not 0 or 1). "
+                                    f"Received: {value!r}")
+                if label not in self.labels:
+                    problems.append(f"threshold for {label!r}, which is not among the labels {list(self.labels)}")
+        return problems
 
     @property
     def display_name(self) -> str:

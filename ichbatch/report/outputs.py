@@ -13,9 +13,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..domain import FileIssue, Status, StudyImages, StudyResult
-from ..errors import OutputError
-from .csv_report import COLUMNS, row, slice_rows
-from .files import atomic_write_bytes
+from ..errors import DiskFullError, OutputError
+from .csv_report import COLUMNS, cell, row, slice_rows
+from .files import OutputLock, atomic_write_bytes, remove_stale_temp_files
 from .html_index import HtmlIndex, write_thumbnail
 from .pdf_report import pdf_name, render_pdf
 from .store import ResultsStore
@@ -37,13 +37,30 @@ class OutputWriter:
     def __init__(self, settings: OutputSettings, run_id: str | None = None) -> None:
         self.settings = settings
         self.run_id = run_id or uuid.uuid4().hex[:12]
-        self.store = ResultsStore(settings.csv, COLUMNS, settings.rebuild_seconds)
+        self.lock = OutputLock(settings.csv)  # before anything is read or cleaned: one writer at a time
+        try:
+            self._remove_stale_temp_files()
+            self.store = ResultsStore(settings.csv, COLUMNS, settings.rebuild_seconds)
+        except BaseException:
+            self.lock.release()
+            raise
         self.index = HtmlIndex(self.store, settings.csv, settings.index_page_size)
 
+    def _remove_stale_temp_files(self) -> None:
+        """A killed run or watcher can leave the temp file of an atomic write; the real file is untouched."""
+        csv = Path(self.settings.csv)
+        remove_stale_temp_files(csv.parent, [csv.name, csv.stem + "_files.csv", csv.stem + ".html"])
+        remove_stale_temp_files(csv.with_name(csv.stem + "_pages"), ["page-"])
+        remove_stale_temp_files(self.settings.reports, ["study_"])
+        remove_stale_temp_files(self.settings.dicom_out, ["study_"])
+
     def close(self) -> None:
-        self.store.flush()
-        self.index.ensure()
-        self.store.close()
+        try:
+            self.store.flush()
+            self.index.ensure()
+            self.store.close()
+        finally:
+            self.lock.release()
 
     def __enter__(self) -> OutputWriter:
         return self
@@ -55,10 +72,11 @@ class OutputWriter:
         return self.store.is_complete(study_uid, instances_digest, model)
 
     def record_file_issue(self, issue: FileIssue) -> None:
-        self.store.put_file_issue(issue.path, issue.status.value, issue.message)
+        # Paths and messages hold file names and header text: neutralised like every other CSV cell.
+        self.store.put_file_issue(cell(issue.path), issue.status.value, cell(issue.message))
 
     def forget_file_issue(self, path: str) -> None:
-        self.store.forget_file_issue(path)
+        self.store.forget_file_issue(cell(path))
 
     def write(self, result: StudyResult, images: StudyImages) -> StudyResult:
         """Raises OutputError only when the store or CSV cannot be written; report failures go in the row."""
@@ -89,6 +107,8 @@ class OutputWriter:
             thumb = write_thumbnail(result, images, folder)
             if thumb is not None:
                 outputs.append(str(thumb))
+        except DiskFullError:
+            raise  # not the study's fault: the caller waits and retries
         except OutputError as exc:
             return replace(result, status=Status.FAILED, report_pdf="", message=f"report not written: {exc}"), None
         return result, pdf
@@ -99,6 +119,8 @@ class OutputWriter:
         assert self.settings.dicom_out is not None
         try:
             outputs.extend(str(p) for p in write_dicom_outputs(result, images, pdf, self.settings.dicom_out))
+        except DiskFullError:
+            raise
         except (OutputError, OSError, ValueError) as exc:
             return replace(result, status=Status.FAILED, message=f"DICOM outputs not written: {exc}")
         return result

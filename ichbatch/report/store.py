@@ -19,8 +19,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ExistingFileError, OutputError
-from .files import atomic_write_chunks
+from ..errors import DiskFullError, ExistingFileError, OutputError
+from .files import atomic_write_chunks, output_error
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, seq INTEGER NOT NULL, r
 CREATE TABLE IF NOT EXISTS mirrors (name TEXT PRIMARY KEY, size INTEGER NOT NULL, dirty INTEGER NOT NULL);
 """
 FILE_COLUMNS: tuple[str, ...] = ("path", "status", "message")
+SQLITE_FULL = 13  # sqlite3.SQLITE_FULL, named in the module only from Python 3.11
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ class CsvMirror:
                 size = fh.tell()
         except OSError as exc:
             self._record(-1, True)  # whatever reached the file, the next write rebuilds it
-            raise OutputError(f"cannot append to {self.path}: {exc.strerror}") from exc
+            raise output_error(f"cannot append to {self.path}", exc) from exc
         self._record(size, False)
 
     def mark_dirty(self) -> None:
@@ -285,8 +286,25 @@ class Transaction:
         self.db.execute("BEGIN IMMEDIATE")
         return self.db
 
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+    def __exit__(self, exc_type: object, exc: object, _tb: object) -> None:
+        if exc_type is not None:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise storage_error(exc) from exc
+            return
+        try:
+            self.db.execute("COMMIT")
+        except sqlite3.Error as err:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise storage_error(err) from err
+
+
+def storage_error(exc: sqlite3.Error) -> OutputError:
+    """SQLite's 'database or disk is full' is a full disk like any other write's."""
+    full = getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL or "full" in str(exc)
+    return (DiskFullError if full else OutputError)(f"the results database could not be written: {exc}")
 
 
 def _stored(row: tuple) -> StoredStudy:  # type: ignore[type-arg]

@@ -133,9 +133,12 @@ class Ledger:
             )
 
     def recover(self) -> int:
-        """After a crash: studies left in 'processing' are processed again."""
+        """After a crash: studies left in 'processing' are processed again, behind the studies already
+        waiting (a study that crashed the watcher must not be first in the queue on every restart).
+        Its attempt was counted when it started."""
         with Transaction(self.db):
-            return self.db.execute("UPDATE studies SET status=? WHERE status=?", (PENDING.value, PROCESSING.value)).rowcount
+            return self.db.execute("UPDATE studies SET status=?, last_change=? WHERE status=?",
+                                   (PENDING.value, time.time(), PROCESSING.value)).rowcount
 
     def counts(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT status, COUNT(*) FROM studies GROUP BY status").fetchall())

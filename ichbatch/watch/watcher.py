@@ -67,6 +67,9 @@ class WatchSettings:
             raise ValueError(f"after must be one of {list(AFTER_CHOICES)}. Received: {self.after!r}") from None
         if self.after == After.MOVE and self.archive is None:
             raise ValueError("after='move' needs an archive folder (--archive DIR)")
+        if self.archive is not None and Path(self.archive).resolve().is_relative_to(Path(self.incoming).resolve()):
+            # Its files would arrive again as new studies, again and again.
+            raise ValueError(f"the archive folder {self.archive} is inside INCOMING; choose a folder outside it")
         for name in ("quiet_seconds", "backoff_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more. Received: {getattr(self, name)!r}")
@@ -87,22 +90,19 @@ class Watcher:
     def __init__(self, settings: WatchSettings) -> None:
         self.settings = settings
         settings.out.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_temp_files()
-        self.engine = Engine(settings.run)
+        self.writer = OutputWriter(settings.outputs)  # takes the output lock and cleans stale temp files
+        try:
+            self.engine = Engine(settings.run)
+        except BaseException:
+            self.writer.close()
+            raise
         self.ledger = Ledger(settings.out / LEDGER_NAME)
-        self.writer = OutputWriter(settings.outputs)
         self.path = StudyPath(self.engine, self.writer)
         self.stop_event = threading.Event()
         self.wake = threading.Event()
-
-    def _remove_stale_temp_files(self) -> None:
-        """A killed watcher can leave the temp file of an atomic write; the real file is untouched."""
-        outputs = self.settings.outputs
-        pages = self.settings.out / (Path(RESULTS_NAME).stem + "_pages")
-        for folder in (self.settings.out, outputs.reports, self.settings.dicom_out, pages):
-            if folder is not None and folder.is_dir():
-                for tmp in folder.glob(".*.tmp"):
-                    tmp.unlink(missing_ok=True)
+        self._last_scan = 0.0
+        self._interrupted: str | None = None  # a study whose outputs a storage failure stopped half-way
+        self._trouble_since: float | None = None
 
     def run(self) -> None:
         """Until SIGINT/SIGTERM: scan, process what is ready, sleep until an event or the next rescan."""
@@ -111,21 +111,42 @@ class Watcher:
             log.warning("%d study(ies) were in progress when the watcher stopped; processing them again", recovered)
         observer = self._start_observer()
         self._install_signals()
-        last_scan = 0.0
         try:
             while not self.stop_event.is_set():
-                if self.wake.is_set() or time.time() - last_scan >= self.settings.rescan_seconds:
-                    self.wake.clear()
-                    self.scan()
-                    last_scan = time.time()
-                if not self.process_ready():
-                    self._flush_outputs()  # idle: bring a replaced row into the CSV now
+                self.step()
                 self.wake.wait(timeout=min(1.0, self.settings.quiet_seconds / 2 or 0.1))
         finally:
             if observer is not None:
                 observer.stop()
                 observer.join(timeout=5)
             self.close()
+
+    def step(self) -> None:
+        """One round: scan when due, process what is ready, tidy the CSV when idle. A full disk or an
+        unwritable output is logged, waited out and retried: never fatal, never a study's fault."""
+        try:
+            self._release_interrupted()
+            if self.wake.is_set() or time.time() - self._last_scan >= self.settings.rescan_seconds:
+                self.wake.clear()
+                self.scan()
+                self._last_scan = time.time()
+            if not self.process_ready():
+                self._flush_outputs()  # idle: bring a replaced row into the CSV now
+        except OutputError as exc:
+            if self._trouble_since is None:
+                self._trouble_since = time.time()
+                log.error("outputs or ledger cannot be written (%s); waiting and retrying", exc)
+            self.stop_event.wait(self.settings.backoff_seconds)
+            return
+        if self._trouble_since is not None:
+            log.warning("outputs writable again after %.0f s; carrying on", time.time() - self._trouble_since)
+            self._trouble_since = None
+
+    def _release_interrupted(self) -> None:
+        """Give back the attempt of a study that a storage failure interrupted, once the ledger can be written."""
+        if self._interrupted is not None:
+            self.ledger.retry_later(self._interrupted, 0.0, "outputs not written (storage)", count_attempt=False)
+            self._interrupted = None
 
     def close(self) -> None:
         try:
@@ -233,6 +254,20 @@ class Watcher:
         if attempt is None:
             return  # no longer pending (a file arrived, or another step took it)
         try:
+            self._process_claimed(study_uid, tag, attempt)
+        except OutputError:
+            self._interrupted = study_uid  # the ledger could not record the outcome either
+            raise
+
+    def _process_claimed(self, study_uid: str, tag: str, attempt: int) -> None:
+        if attempt > self.settings.max_attempts:
+            # Attempts are counted when they start, so one that never ended (the process died on this
+            # study) still counts: a study that kills the watcher cannot be retried forever.
+            self.ledger.finish(study_uid, FAILED, f"quarantined: all {self.settings.max_attempts} attempts used, the "
+                               "last one ended with the watcher stopping (crash, out of memory or kill)", "")
+            log.error("%s: quarantined after %d attempts", tag, attempt - 1)
+            return
+        try:
             result = self._run_study(study_uid)
         except OutputError as exc:
             # Full disk or unwritable folder: not the study's fault, so retry without using up attempts.
@@ -279,18 +314,32 @@ class Watcher:
         if self.settings.after == After.LEAVE:
             return
         incoming = self.settings.incoming.resolve()
+        tag = study_tag(study_uid, self.settings.log_uids)
         for path, _, _ in self.ledger.study_files(study_uid):
             src = Path(path)
+            real = src.resolve()
+            if not real.is_relative_to(incoming):
+                # Reached through a link to somewhere else: that is someone's original, not our inbox.
+                log.warning("%s: an input file lies outside INCOMING through a link; left in place", tag)
+                continue
             try:
                 if self.settings.after == After.MOVE:
                     assert self.settings.archive is not None
-                    dest = self.settings.archive / src.resolve().relative_to(incoming)
+                    dest = _free_name(self.settings.archive / real.relative_to(incoming))
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     shutil.move(str(src), dest)
                 else:
                     src.unlink()
                 self.ledger.forget_file(path)
-            except (OSError, ValueError) as exc:
-                log.warning("%s: could not %s an input file (%s)", study_tag(study_uid, self.settings.log_uids),
-                            After(self.settings.after).value, exc)
+            except OSError as exc:
+                log.warning("%s: could not %s an input file (%s)", tag, After(self.settings.after).value, exc.strerror)
+
+
+def _free_name(dest: Path) -> Path:
+    """dest, or dest with -1, -2 ... before its suffix: an archived file is never overwritten."""
+    candidate, n = dest, 0
+    while candidate.exists() or candidate.is_symlink():
+        n += 1
+        candidate = dest.with_name(f"{dest.stem}-{n}{dest.suffix}")
+    return candidate
 
