@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import os
 import struct
 import subprocess
 import sys
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -264,29 +267,43 @@ def test_files_csv_cells_are_neutralised(tmp_path, tiny_bundle, monkeypatch):
     assert files["path"][0] == "'=HYPERLINK(1)/+note.txt" and files["message"][0].startswith("'=")
 
 
-def test_a_full_disk_under_the_watcher_is_waited_out(tmp_path, tiny_bundle, phantom_hu, caplog):
-    import errno
-    import logging
-
-    out = tmp_path / "out"
-    out.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(out)], capture_output=True, text=True)
+@contextlib.contextmanager
+def small_tmpfs(folder: Path, size_mb: int) -> Iterator[Path]:
+    """A small file system mounted at folder (skip where mounting is not allowed); unmounted after."""
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
     try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def fill(folder: Path) -> Path:
+    """Write a file until the file system says it is full; returns the file (delete it to free the space)."""
+    filler = folder / "filler"
+    with open(filler, "wb") as fh:
+        try:
+            while True:
+                fh.write(bytes(1 << 16))
+                fh.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    return filler
+
+
+def test_a_full_disk_under_the_watcher_is_waited_out(tmp_path, tiny_bundle, phantom_hu, caplog):
+    import logging
+
+    with small_tmpfs(tmp_path / "out", 8) as out:
         uids = [generate_uid(), generate_uid()]
         for k, uid in enumerate(uids):
             write_series(tmp_path / "in" / f"s{k}", phantom_hu[:9], study_uid=uid, series_uid=generate_uid())
         watcher = Watcher(WatchSettings(incoming=tmp_path / "in", out=out, quiet_seconds=0.0, backoff_seconds=0.0,
                                         rescan_seconds=0.1, run=RunSettings(model=str(tiny_bundle), tta=1)))
-        filler = out / "filler"
-        with open(filler, "wb") as fh:  # the disk fills up
-            try:
-                while True:
-                    fh.write(bytes(1 << 16))
-                    fh.flush()
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC
+        filler = fill(out)  # the disk fills up
         try:
             with caplog.at_level(logging.WARNING, logger="ichbatch"):
                 for _ in range(4):
@@ -305,8 +322,6 @@ def test_a_full_disk_under_the_watcher_is_waited_out(tmp_path, tiny_bundle, phan
             watcher.close()
         csv = pd.read_csv(out / "results.csv")
         assert sorted(csv["study_uid"]) == sorted(uids) and (csv["status"] == "ok").all()  # each once
-    finally:
-        subprocess.run(["umount", "-l", str(out)], capture_output=True)
 
 
 def test_a_header_that_understates_the_bit_depth_is_not_trusted(tmp_path, tiny_bundle, phantom_hu):
@@ -324,21 +339,9 @@ def test_a_header_that_understates_the_bit_depth_is_not_trusted(tmp_path, tiny_b
 
 
 def test_a_full_disk_stops_run_with_exit_3_and_resume_finishes(tmp_path, tiny_bundle, phantom_hu):
-    out = tmp_path / "out"
-    out.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(out)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "out", 4) as out:
         write_series(tmp_path / "in", phantom_hu[:9], study_uid=generate_uid(), series_uid=generate_uid())
-        filler = out / "filler"
-        with open(filler, "wb") as fh:
-            try:
-                while True:
-                    fh.write(bytes(1 << 16))
-                    fh.flush()
-            except OSError:
-                pass
+        filler = fill(out)
         args = ["run", str(tmp_path / "in"), "--out", str(out / "results.csv"), "--model", str(tiny_bundle), "--tta", "1"]
         full = CliRunner().invoke(main, args)
         assert full.exit_code == 3 and "No space left" in full.output, full.output
@@ -346,8 +349,6 @@ def test_a_full_disk_stops_run_with_exit_3_and_resume_finishes(tmp_path, tiny_bu
         again = CliRunner().invoke(main, [*args, "--resume"])
         assert again.exit_code == 0, again.output
         assert list(pd.read_csv(out / "results.csv")["status"]) == ["ok"]
-    finally:
-        subprocess.run(["umount", "-l", str(out)], capture_output=True)
 
 
 def test_library_warnings_quote_no_uid_at_default_verbosity(tmp_path, tiny_bundle, phantom_hu):
