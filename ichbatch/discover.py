@@ -18,7 +18,7 @@ from pydicom.errors import InvalidDicomError
 
 from .domain import FileIssue, FrameGeometry, InstanceRef, Status, StudyMeta, Vec3
 from .errors import DicomReadError, NotDicomError
-from .limits import check_inflated_size
+from .limits import HEAD_BYTES, check_inflated_size
 
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 # Names that file managers and PACS viewers leave behind: recorded as skipped without reading.
@@ -137,16 +137,16 @@ def read_header(path: Path) -> Dataset:
             raise NotDicomError(f"{path}: not a regular file (FIFO, socket or device); skipped without reading")
         size = st.st_size
         with open(path, "rb") as fh:
-            head = fh.read(132)
+            head = fh.read(HEAD_BYTES)
     except OSError as exc:
         raise DicomReadError(f"{path}: cannot read file ({exc.strerror})") from exc
     if size == 0:
         raise NotDicomError(f"{path}: empty file (0 bytes)")
     if path.name.lower() in KNOWN_JUNK:
         raise NotDicomError(f"{path}: {path.name} is not DICOM (ignored)")
-    has_preamble = len(head) == 132 and head[128:132] == b"DICM"
+    has_preamble = len(head) >= 132 and head[128:132] == b"DICM"
     if has_preamble:
-        check_inflated_size(path)
+        check_inflated_size(path, head)
     try:
         ds = pydicom.dcmread(path, defer_size=4096, force=not has_preamble)
         ds.get("StudyInstanceUID")  # force parsing of the elements we rely on

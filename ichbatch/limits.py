@@ -65,9 +65,18 @@ def _dimension_problem(rows: int, columns: int, frames: int, samples: int, bits:
     return ""
 
 
-def check_inflated_size(path: Path) -> None:
+HEAD_BYTES = 4096  # the preamble and file meta of any ordinary file fit in these
+
+
+def check_inflated_size(path: Path, head: bytes | None = None) -> None:
     """A deflated file is inflated in a stream and refused once it passes the ceiling, before pydicom
-    inflates it whole."""
+    inflates it whole. `head`: the file's first bytes when the caller has them; a file whose first
+    HEAD_BYTES do not name the deflated transfer syntax costs nothing more."""
+    if head is None:
+        with open(path, "rb") as fh:
+            head = fh.read(HEAD_BYTES)
+    if DeflatedExplicitVRLittleEndian.encode() not in head:
+        return
     try:
         meta = read_file_meta_info(path)
         start = 132 + 12 + int(meta.FileMetaInformationGroupLength)  # preamble, DICM, group length element

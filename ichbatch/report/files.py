@@ -6,8 +6,8 @@ import errno
 import fcntl
 import hashlib
 import os
-import socket
 import re
+import socket
 import tempfile
 import threading
 from collections.abc import Iterable
