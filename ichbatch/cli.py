@@ -206,10 +206,11 @@ def _run(inputs: list[Path], out: Path, reports: Path | None, study: StudyOption
         click.echo(f"nothing to do: no DICOM study found under {', '.join(map(str, inputs))} ({issues} other file(s), "
                    f"see {files_csv_path(out).name}); {out} has the header only. {NOT_FOR_DIAGNOSIS}.", err=True)
         return EXIT_NOTHING
-    ok, skipped, failed = (summary.count(s) for s in (Status.OK, Status.SKIPPED, Status.FAILED))
+    ok, unassessed, skipped, failed = (summary.count(s) for s in Status)
     resumed = f"{summary.resumed} already complete (--resume); " if resume else ""
     click.echo(
-        f"{summary.studies} studies: {ok} ok, {skipped} skipped, {failed} failed; {resumed}"
+        f"{summary.studies} studies: {ok} ok, {unassessed} not assessed (outside the model's domain), "
+        f"{skipped} skipped, {failed} failed; {resumed}"
         f"{issues} file(s) not used (see {files_csv_path(out).name}); "
         f"{summary.n_slices} slices in {summary.seconds:.1f} s ({summary.slices_per_second:.1f} slices/s). "
         f"Results: {out}. {NOT_FOR_DIAGNOSIS}.",
@@ -290,10 +291,11 @@ def demo(out: Path, studies: int, model: str | None) -> None:
 @click.option("--max-attempts", type=click.IntRange(1, 100), default=3, show_default=True, help="Attempts before a study is marked failed.")
 @click.option("--after", type=click.Choice(["leave", "move", "delete"]), default="leave", show_default=True, help="What to do with a study's input files once its outputs are written.")
 @click.option("--archive", type=click.Path(file_okay=False, path_type=Path), help="Where --after move puts input files.")
+@click.option("--settle-seconds", type=click.FloatRange(0), default=300.0, show_default=True, help="With --after move/delete: how long a processed study's files stay, so that late slices join it; then its result is final.")
 @click.option("--log-uids", is_flag=True, help="Name studies by StudyInstanceUID in the log (default: a short hash, no identifiers).")
 @study_options
 def watch(incoming: Path, out: Path, quiet_seconds: float, rescan_seconds: float, poll: bool, max_attempts: int,
-          after: str, archive: Path | None, log_uids: bool, study: StudyOptions) -> None:
+          after: str, archive: Path | None, settle_seconds: float, log_uids: bool, study: StudyOptions) -> None:
     """Process each study that arrives in INCOMING exactly once, through restarts. Stop with Ctrl-C or SIGTERM.
 
     \b
@@ -307,7 +309,7 @@ def watch(incoming: Path, out: Path, quiet_seconds: float, rescan_seconds: float
     try:  # WatchSettings checks its own values (--after move without --archive, ranges)
         settings = WatchSettings(incoming=incoming, out=out, run=study.run_settings(), quiet_seconds=quiet_seconds,
                                  rescan_seconds=rescan_seconds, poll=poll, max_attempts=max_attempts, after=after,
-                                 archive=archive, dicom_out=study.dicom_out, log_uids=log_uids,
+                                 archive=archive, settle_seconds=settle_seconds, dicom_out=study.dicom_out, log_uids=log_uids,
                                  pseudonym_key=study.pseudonym_key())
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
@@ -440,9 +442,20 @@ def evaluate(predictions: Path, labels: Path, out: Path, model: str | None, targ
     plot(result, out)
     for level in ("slice", "study"):
         if level in result:
-            aucs = ", ".join(f"{k} {v['auc']:.3f}" if v["auc"] is not None else f"{k} n/a" for k, v in result[level]["labels"].items())
-            click.echo(f"{level} level (n={result[level]['n']}): AUC {aucs}")
-    click.echo(f"metrics: {out / 'metrics.json'}")
+            click.echo(f"{level} level (n={result[level]['n']}):")
+            for name, m in result[level]["labels"].items():
+                at = m["at_card_threshold"]
+                click.echo(f"  {name:17s} AUC {_with_ci(m['auc'], m['auc_ci95'])}  PR AUC {_with_ci(m['pr_auc'], m['pr_auc_ci95'])}"
+                           f"  sens {_with_ci(at['sensitivity'], at['sensitivity_ci95'])}"
+                           f"  spec {_with_ci(at['specificity'], at['specificity_ci95'])} at {at['threshold']:g}")
+    click.echo(f"({result['method']})")
+    click.echo(f"metrics: {out / 'metrics.json'}; plots: {out}")
+
+
+def _with_ci(value: float | None, ci: list[float] | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
 
 
 @main.group()
@@ -508,6 +521,72 @@ def models_import(model_file: Path, name: str, dest: Path, version: str, outputs
     except (BundleError, ValueError) as exc:
         raise _fatal(str(exc), EXIT_USAGE) from exc
     click.echo(f"bundle written to {folder}")
+
+
+@models.command("fit-domain")
+@click.argument("bundle")
+@click.argument("data", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--fitted-on", required=True, help="What DATA is, in words (goes on the card), e.g. 'held-out phantoms, seed 101'.")
+@click.option("--tta", type=click.IntRange(1, 8), default=None, help="TTA views, as in the runs it will check [default: as run on this device].")
+@click.option("--dims", type=click.IntRange(2, 512), default=64, show_default=True, help="Principal components of the pooled features.")
+@click.option("--quantile", type=click.FloatRange(0.5, 1.0), default=0.99, show_default=True, help="Quantile of held-out study scores that sets the threshold.")
+@click.option("--margin", type=click.FloatRange(1.0), default=1.25, show_default=True, help="Factor on that quantile.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fit/held-out split of the studies.")
+def models_fit_domain(bundle: str, data: tuple[Path, ...], fitted_on: str, tta: int | None, dims: int, quantile: float,
+                      margin: float, seed: int) -> None:
+    """Fit the feature-space domain check of BUNDLE on DATA (DICOM studies like its training data).
+
+    Half the studies fit the feature space, the other half set the threshold. Studies scoring above it
+    at run time are reported as not assessed.
+
+    \b
+    Example:
+      ichbatch models fit-domain models/my-model /data/heldout --fitted-on "200 held-out training studies"
+    """
+    from .fitting import fit_bundle_domain
+
+    try:
+        card = fit_bundle_domain(bundle, list(data), fitted_on, tta=tta, dims=dims, quantile=quantile,
+                                 margin=margin, seed=seed)
+    except (BundleError, ValueError) as exc:
+        raise _fatal(str(exc), EXIT_USAGE) from exc
+    assert card.domain is not None
+    click.echo(f"domain check written to {resolve_path(bundle)}: threshold {card.domain['threshold']:.3f}, "
+               f"{card.domain['held_out_outside']:.1%} of {card.domain['held_out_studies']} held-out studies above it")
+
+
+@models.command("calibrate")
+@click.argument("bundle")
+@click.argument("data", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--labels", "labels", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Slice labels of DATA: a synth manifest.json or a CSV with study_uid, slice and one 0/1 column per label.")
+@click.option("--fitted-on", required=True, help="What DATA is, in words (goes on the card).")
+@click.option("--tta", type=click.IntRange(1, 8), default=None, help="TTA views, as in the runs [default: as run on this device].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split that measures the calibration error.")
+def models_calibrate(bundle: str, data: tuple[Path, ...], labels: Path, fitted_on: str, tta: int | None, seed: int) -> None:
+    """Fit Platt scaling per label of BUNDLE on labelled held-out studies DATA; the card's thresholds then
+    apply to calibrated scores. The card records the calibration error before and after.
+
+    \b
+    Example:
+      ichbatch synth heldout --studies 60 --seed 101
+      ichbatch models calibrate models/my-model heldout --labels heldout/manifest.json --fitted-on "60 held-out phantoms"
+    """
+    from .fitting import calibrate_bundle
+
+    try:
+        card = calibrate_bundle(bundle, list(data), labels, fitted_on, tta=tta, seed=seed)
+    except (BundleError, ValueError) as exc:
+        raise _fatal(str(exc), EXIT_USAGE) from exc
+    assert card.calibration is not None
+    for label in card.outputs:
+        click.echo(f"{label:17s} ECE {card.calibration['ece_before'][label]:.3f} -> {card.calibration['ece_after'][label]:.3f}")
+    click.echo(f"calibration written to the card of {resolve_path(bundle)}")
+
+
+def resolve_path(bundle: str) -> Path:
+    from .model.bundle import resolve
+
+    return resolve(bundle)
 
 
 def _finish_options(group: click.Group) -> None:

@@ -125,6 +125,10 @@ def read_instance(path: Path) -> InstanceRef:
         contrast_agent=str(ds.get("ContrastBolusAgent", "")),
         gantry_tilt=float(ds.get("GantryDetectorTilt", 0) or 0),
         frames=_enhanced_frames(ds),
+        body_part=str(ds.get("BodyPartExamined", "") or "").strip().upper(),
+        slice_thickness=_float(ds.get("SliceThickness")),
+        pixel_spacing=max(_floats(ds.get("PixelSpacing"), 2) or (None,)),  # type: ignore[type-var]
+        kvp=_float(ds.get("KVP")),
     )
 
 
@@ -227,6 +231,13 @@ def _floats(value, n: int) -> tuple[float, ...] | None:  # type: ignore[no-untyp
 def _vec3(value) -> Vec3 | None:  # type: ignore[no-untyped-def]
     vals = _floats(value, 3)
     return (vals[0], vals[1], vals[2]) if vals else None
+
+
+def _float(value) -> float | None:  # type: ignore[no-untyped-def]
+    try:
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _int(value) -> int | None:  # type: ignore[no-untyped-def]

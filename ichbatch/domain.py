@@ -17,6 +17,7 @@ Vec3 = tuple[float, float, float]
 
 class Status(str, Enum):
     OK = "ok"
+    NOT_ASSESSED = "not_assessed"  # the model's card rules it out, or it lies outside the training domain
     SKIPPED = "skipped"
     FAILED = "failed"
 
@@ -68,6 +69,10 @@ class InstanceRef:
     contrast_agent: str = ""
     gantry_tilt: float = 0.0
     frames: tuple[FrameGeometry, ...] = ()  # Enhanced CT only
+    body_part: str = ""
+    slice_thickness: float | None = None  # mm
+    pixel_spacing: float | None = None  # mm, the larger of row and column spacing
+    kvp: float | None = None
 
     @property
     def study_uid(self) -> str:
@@ -176,17 +181,23 @@ class StudyResult:
     seconds: float = 0.0
     instances_digest: str = ""
     report_pdf: str = ""
+    domain_score: float | None = None  # distance from the model's training data (None: the card has no check)
+    domain_threshold: float | None = None  # above it the study is not assessed
 
 
 @dataclass(frozen=True)
 class KeyImage:
-    """One key slice rendered for the reports: brain window, overlay and the three windows, RGB uint8."""
+    """One key slice rendered for the reports: brain window, overlay and the three windows, RGB uint8.
+
+    The overlay's heat is the class-activation map's shape times the slice's probability for the label:
+    one fixed 0-1 scale for every study, so a faint map means a low score, never a rescaled one."""
 
     slice: SliceId
     brain: np.ndarray
-    gradcam: np.ndarray
+    gradcam: np.ndarray | None  # the overlay, or None when no label is flagged (nothing to explain)
     subdural: np.ndarray
     bone: np.ndarray
+    heat_label: str = ""  # the flagged label the overlay explains
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,16 @@
-"""`ichbatch evaluate`: metrics of predictions against labels, slice- and study-level.
+"""`ichbatch evaluate`: metrics of predictions against labels, slice- and study-level, with intervals.
 
-- RSNA 2019 weighted multi-label log loss: per-label binary log loss, weighted 2 for `any` and 1 for
+scikit-learn computes the metrics and SciPy the binomial intervals (well-kept, tested code instead of
+our own rank sums):
+- ROC AUC and PR AUC (average precision) per label, each with a bootstrap 95% interval: 1000
+  resamples of studies (slices of one study are not independent, so slice-level metrics resample
+  whole studies too), percentile method, fixed seed.
+- Sensitivity and specificity at the card's thresholds (or a target sensitivity), with Wilson 95%
+  intervals.
+- The RSNA 2019 weighted multi-label log loss: per-label binary log loss, weighted 2 for `any` and 1 for
   each subtype, divided by the sum of the weights.
-- ROC AUC per label (the Mann-Whitney statistic, ties counted half).
-- Sensitivity and specificity at given thresholds, and the threshold that reaches a target sensitivity.
-- Calibration: ten equal-width bins of predicted probability, observed rate per bin, and the expected
-  calibration error (the count-weighted mean gap).
+- Reliability: ten equal-width bins of predicted probability, the observed rate per bin, and the
+  expected calibration error (the count-weighted mean gap); a reliability diagram per level.
 Study level: predictions and labels are reduced per study by their maximum over slices.
 """
 
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,21 +28,32 @@ from .config import LABELS
 from .errors import IchBatchError
 
 EPS = 1e-7
+BOOTSTRAP = 1000
+
+
+def _both_classes(y: np.ndarray) -> bool:
+    return 0 < int(np.sum(y)) < len(y)
 
 
 def roc_auc(y: np.ndarray, p: np.ndarray) -> float | None:
-    y, p = np.asarray(y).astype(bool), np.asarray(p, np.float64)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return None
-    ranks = pd.Series(p).rank(method="average").to_numpy()
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y).astype(int)
+    return float(roc_auc_score(y, p)) if _both_classes(y) else None
+
+
+def pr_auc(y: np.ndarray, p: np.ndarray) -> float | None:
+    from sklearn.metrics import average_precision_score
+
+    y = np.asarray(y).astype(int)
+    return float(average_precision_score(y, p)) if _both_classes(y) else None
 
 
 def log_loss(y: np.ndarray, p: np.ndarray) -> float:
+    from sklearn.metrics import log_loss as sk_log_loss
+
     p = np.clip(np.asarray(p, np.float64), EPS, 1 - EPS)
-    y = np.asarray(y, np.float64)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    return float(sk_log_loss(np.asarray(y).astype(int), p, labels=[0, 1]))
 
 
 def weighted_log_loss(y: np.ndarray, p: np.ndarray, labels: tuple[str, ...]) -> float:
@@ -45,11 +62,22 @@ def weighted_log_loss(y: np.ndarray, p: np.ndarray, labels: tuple[str, ...]) -> 
     return float((weights * losses).sum() / weights.sum())
 
 
-def sens_spec(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float | None]:
+def wilson(successes: int, n: int) -> list[float] | None:
+    """Wilson score 95% interval of a proportion (SciPy)."""
+    if n == 0:
+        return None
+    from scipy.stats import binomtest
+
+    ci = binomtest(successes, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
+def sens_spec(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, object]:
     y, flag = np.asarray(y).astype(bool), np.asarray(p) >= threshold
-    sens = float((flag & y).sum() / y.sum()) if y.any() else None
-    spec = float((~flag & ~y).sum() / (~y).sum()) if (~y).any() else None
-    return {"threshold": float(threshold), "sensitivity": sens, "specificity": spec}
+    tp, tn, pos, neg = int((flag & y).sum()), int((~flag & ~y).sum()), int(y.sum()), int((~y).sum())
+    return {"threshold": float(threshold),
+            "sensitivity": tp / pos if pos else None, "sensitivity_ci95": wilson(tp, pos),
+            "specificity": tn / neg if neg else None, "specificity_ci95": wilson(tn, neg)}
 
 
 def threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, target: float) -> float | None:
@@ -61,14 +89,12 @@ def threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, target: float) -> fl
 
 
 def roc_points(y: np.ndarray, p: np.ndarray, max_points: int = 200) -> dict[str, list[float]]:
-    """False- and true-positive rates at every distinct threshold (thinned to max_points)."""
-    y, p = np.asarray(y).astype(bool), np.asarray(p, np.float64)
-    if y.all() or not y.any():
+    from sklearn.metrics import roc_curve
+
+    y = np.asarray(y).astype(int)
+    if not _both_classes(y):
         return {"fpr": [], "tpr": []}
-    order = np.argsort(-p, kind="stable")
-    tps, fps = np.cumsum(y[order]), np.cumsum(~y[order])
-    last = np.r_[np.diff(p[order]) != 0, True]  # one point per distinct threshold
-    tpr, fpr = np.r_[0, tps[last] / y.sum()], np.r_[0, fps[last] / (~y).sum()]
+    fpr, tpr, _ = roc_curve(y, p)
     keep = np.unique(np.linspace(0, len(tpr) - 1, min(max_points, len(tpr))).astype(int))
     return {"fpr": fpr[keep].round(4).tolist(), "tpr": tpr[keep].round(4).tolist()}
 
@@ -86,21 +112,42 @@ def calibration(y: np.ndarray, p: np.ndarray, bins: int = 10) -> dict:
     return {"bins": rows, "ece": float(ece)}
 
 
+def bootstrap_ci(y: np.ndarray, p: np.ndarray, metric: Callable[[np.ndarray, np.ndarray], float | None],
+                 units: np.ndarray | None = None, n: int = BOOTSTRAP, seed: int = 0) -> list[float] | None:
+    """Percentile 95% interval of metric over resamples of units (studies; rows when units is None).
+    Resamples where the metric is undefined (one class only) are left out."""
+    units = np.arange(len(y)) if units is None else np.asarray(units)
+    names, index = np.unique(units, return_inverse=True)
+    members = [np.flatnonzero(index == k) for k in range(len(names))]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n):
+        rows = np.concatenate([members[k] for k in rng.integers(0, len(names), len(names))])
+        value = metric(y[rows], p[rows])
+        if value is not None:
+            values.append(value)
+    if len(values) < n // 2:
+        return None
+    return [float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))]
+
+
 def _level(y: np.ndarray, p: np.ndarray, labels: tuple[str, ...], thresholds: dict[str, float],
-           target: float) -> dict:
+           target: float, units: np.ndarray | None) -> dict:
     out: dict = {"n": int(len(y)), "labels": {}}
-    if set(labels) == set(LABELS) or "any" in labels:
+    if "any" in labels:
         out["weighted_log_loss"] = weighted_log_loss(y, p, labels)
     for j, label in enumerate(labels):
-        thr = threshold_for_sensitivity(y[:, j], p[:, j], target)
+        yj, pj = y[:, j], p[:, j]
+        thr = threshold_for_sensitivity(yj, pj, target)
         out["labels"][label] = {
-            "positives": int(y[:, j].sum()),
-            "auc": roc_auc(y[:, j], p[:, j]),
-            "log_loss": log_loss(y[:, j], p[:, j]),
-            "at_card_threshold": sens_spec(y[:, j], p[:, j], thresholds.get(label, 0.5)),
-            f"at_sensitivity_{target:g}": None if thr is None else sens_spec(y[:, j], p[:, j], thr),
-            "calibration": calibration(y[:, j], p[:, j]),
-            "roc": roc_points(y[:, j], p[:, j]),
+            "positives": int(yj.sum()),
+            "auc": roc_auc(yj, pj), "auc_ci95": bootstrap_ci(yj, pj, roc_auc, units),
+            "pr_auc": pr_auc(yj, pj), "pr_auc_ci95": bootstrap_ci(yj, pj, pr_auc, units),
+            "log_loss": log_loss(yj, pj),
+            "at_card_threshold": sens_spec(yj, pj, thresholds.get(label, 0.5)),
+            f"at_sensitivity_{target:g}": None if thr is None else sens_spec(yj, pj, thr),
+            "calibration": calibration(yj, pj),
+            "roc": roc_points(yj, pj),
         }
     return out
 
@@ -109,12 +156,14 @@ def evaluate_arrays(y: np.ndarray, p: np.ndarray, labels: tuple[str, ...], group
                     thresholds: dict[str, float] | None = None, target: float = 0.95) -> dict:
     """Slice-level metrics, and study-level ones (max per group) when groups are given."""
     thresholds = thresholds or {}
-    result = {"slice": _level(y, p, labels, thresholds, target)}
+    result: dict[str, object] = {"slice": _level(y, p, labels, thresholds, target, groups)}
     if groups is not None:
         frame = pd.DataFrame(np.hstack([y, p]), index=pd.Index(groups, name="g"))
         study = frame.groupby(level=0).max().to_numpy()
         k = len(labels)
-        result["study"] = _level(study[:, :k], study[:, k:], labels, thresholds, target)
+        result["study"] = _level(study[:, :k], study[:, k:], labels, thresholds, target, None)
+    result["method"] = (f"intervals: bootstrap ({BOOTSTRAP} resamples of studies, percentile) for AUC and PR AUC; "
+                        "Wilson for sensitivity and specificity; all 95%")
     return result
 
 
@@ -156,7 +205,14 @@ def evaluate_files(predictions: Path, labels: Path, thresholds: dict[str, float]
     if merged.empty:
         raise IchBatchError("no prediction matched a label; check that both describe the same studies")
     names = tuple(label for label in LABELS if f"prob_{label}" in merged.columns and label in merged.columns)
+    if not names:
+        raise IchBatchError(f"{predictions.name} has no prob_<label> column with a matching label column in "
+                            f"{labels.name} (labels: {', '.join(LABELS)})")
     y = merged[list(names)].to_numpy(np.float64)
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise IchBatchError(f"labels in {labels.name} must be 0 or 1 (found other values in "
+                            f"{', '.join(n for n in names if not merged[n].isin((0, 1)).all())}); "
+                            "are predictions and labels the right way round?")
     p = merged[[f"prob_{label}" for label in names]].to_numpy(np.float64)
     groups = merged["study_uid"].to_numpy() if "slice" in keys and "study_uid" in keys else None
     result = evaluate_arrays(y, p, names, groups, thresholds, target)
@@ -189,9 +245,11 @@ def plot(result: dict, folder: Path) -> list[Path]:
         axes[0].legend(fontsize=7)
         for name in names:
             bins = labels[name]["calibration"]["bins"]
-            axes[1].plot([b["mean_predicted"] for b in bins], [b["observed"] for b in bins], marker="o", label=name)
+            ece = labels[name]["calibration"]["ece"]
+            axes[1].plot([b["mean_predicted"] for b in bins], [b["observed"] for b in bins], marker="o",
+                         label=f"{name} (ECE {ece:.3f})")
         axes[1].plot([0, 1], [0, 1], "k--", linewidth=0.8)
-        axes[1].set_title(f"{level}-level calibration")
+        axes[1].set_title(f"{level}-level reliability diagram")
         axes[1].set_xlabel("predicted")
         axes[1].set_ylabel("observed")
         axes[1].legend(fontsize=7)

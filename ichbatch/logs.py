@@ -34,7 +34,7 @@ def outcome(result: StudyResult) -> str:
     """A study's outcome for a log line, without identifiers: 'ok, any FLAGGED', 'skipped', ..."""
     flag = result.flags.get("any")
     text = result.status.value
-    if flag is not None:
+    if flag is not None and result.status.value == "ok":
         text += ", any FLAGGED" if flag else ", any not flagged"
     return text
 

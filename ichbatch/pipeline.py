@@ -93,6 +93,7 @@ def process_folder(
     if sink is not None:
         for issue in discovery.issues:
             sink.record_file_issue(issue)
+    own_engine = engine is None
     engine = engine or Engine(settings)
     studies = group_studies(discovery.instances)
     total = len(studies)
@@ -108,6 +109,10 @@ def process_folder(
             if progress:
                 progress("studies", n, total)
 
-    process_studies(todo(), engine, sink, on_result, summary)
+    try:
+        process_studies(todo(), engine, sink, on_result, summary)
+    finally:
+        if own_engine:
+            engine.close()
     summary.seconds = time.perf_counter() - start
     return summary

@@ -19,16 +19,17 @@ import numpy as np
 from .aggregate import aggregate
 from .config import BONE, BRAIN, DEFAULT_RULES, SUBDURAL, SelectionRules
 from .domain import FileIssue, KeyImage, SeriesChoice, SliceId, SliceRef, Status, StudyImages, StudyResult
-from .errors import DecodeError
-from .infer import Predictor, default_device, default_tta, default_workers, prefetch_map
+from .decode import DecodeJob, Decoded, crashed, decode_slice
+from .infer import Predictor, default_device, default_tta, default_workers
 from .model.backend import import_backend
+from .model import calibration
 from .model.bundle import Bundle, load_bundle
 from .model.gradcam import CamExplainer, overlay
 from .pixels import load_hu
-from .preprocess import resize_hu, to_uint8, windows_np
+from .preprocess import to_uint8, windows_np
+from .workers import IsolatedPool, WorkerLimits
 
 log = logging.getLogger(__name__)
-THUMB = 96
 MIN_DECODED_FRACTION = 0.5
 
 
@@ -41,7 +42,9 @@ class RunSettings:
     aggregate: str = "max"
     topk: int = 3
     rules: SelectionRules = DEFAULT_RULES
-    workers: int = field(default_factory=default_workers)
+    workers: int = field(default_factory=default_workers)  # decoder processes
+    decode_limits: WorkerLimits = field(default_factory=WorkerLimits.from_env)
+    features: bool = False  # pooled features for every slice, also without a domain check (fitting one)
     precision: str = "auto"  # auto: bfloat16 compute on a GPU, float32 on a CPU
 
 
@@ -55,9 +58,16 @@ class Engine:
         self.precision = resolve_precision(settings.precision, device)
         self.bundle: Bundle = load_bundle(settings.model, self.precision)
         self.tta = settings.tta or default_tta(device)
-        self.predictor = Predictor(self.bundle, self.tta, settings.batch_size)
+        features = settings.features or self.bundle.domain is not None
+        self.predictor = Predictor(self.bundle, self.tta, settings.batch_size, features=features)
         card = self.bundle.card
         self.explainer = CamExplainer(self.bundle.model, card.cam_layer, card.cam_augment, card.cam_method)
+        # Started on first use and kept for every later study (watch reuses the engine).
+        self.decoders: IsolatedPool[DecodeJob, Decoded] = IsolatedPool(
+            decode_slice, crashed, settings.workers, settings.decode_limits)
+
+    def close(self) -> None:
+        self.decoders.close()
 
     @property
     def model_key(self) -> str:
@@ -82,17 +92,6 @@ class StudySink(Protocol):
     def record_file_issue(self, issue: FileIssue) -> None: ...
 
 
-@dataclass(frozen=True)
-class _Decoded:
-    study: int
-    ident: SliceId
-    ref: SliceRef
-    model_input: np.ndarray | None
-    thumb: np.ndarray | None
-    warnings: tuple[str, ...]
-    error: str = ""
-
-
 class StudyPath:
     """Selected series to written outputs. `process` takes one study; `process_many` a stream of them."""
 
@@ -109,9 +108,9 @@ class StudyPath:
     def process_many(self, choices: Iterable[SeriesChoice]) -> Iterator[StudyResult]:
         """Each study's result once its outputs are written, in input order."""
         started = time.perf_counter()
-        for choice, decoded, probs in self._score(choices):
+        for choice, decoded, probs, features in self._score(choices):
             try:
-                result, images = self._finish(choice, decoded, probs, time.perf_counter() - started)
+                result, images = self._finish(choice, decoded, probs, features, time.perf_counter() - started)
             except Exception as exc:  # one study's failure must not stop the batch
                 log.exception("a study failed while finishing")
                 result, images = self._failed(choice, f"{type(exc).__name__}: {exc}"), StudyImages()
@@ -121,26 +120,34 @@ class StudyPath:
     def _write(self, result: StudyResult, images: StudyImages) -> StudyResult:
         return self.sink.write(result, images) if self.sink else result
 
-    def _score(self, choices: Iterable[SeriesChoice]) -> Iterator[tuple[SeriesChoice, list[_Decoded], np.ndarray]]:
+    def _score(self, choices: Iterable[SeriesChoice]) -> Iterator[tuple[SeriesChoice, list[Decoded], np.ndarray,
+                                                                        np.ndarray]]:
         """Stream the slices of every runnable study through the model; yield each study when complete.
 
-        Studies with no usable series pass straight through, in order, with no slices.
+        Studies with no usable series pass straight through, in order, with no slices. With features
+        on (a domain check in the bundle, or fitting one), each study's pooled features come along.
         """
         size = self.engine.bundle.card.input_size
+        eligibility = self.engine.bundle.card.eligibility
         order: dict[int, SeriesChoice] = {}  # studies whose slices are in flight; a few at a time
 
-        def jobs() -> Iterator[tuple[int, SliceId, SliceRef]]:
+        def jobs() -> Iterator[DecodeJob]:
             for i, choice in enumerate(choices):
                 order[i] = choice
+                if eligibility.problem(choice):
+                    continue  # not run: _finish says why
                 for k, ref in enumerate(choice.slices, 1):
-                    yield i, slice_id(k, ref), ref
+                    yield DecodeJob(i, slice_id(k, ref), ref, size)
 
-        decoded = prefetch_map(lambda job: _decode(job, size), jobs(), self.engine.settings.workers,
-                               depth=4 * self.engine.settings.batch_size)
-        per_study: dict[int, list[_Decoded]] = {}
+        decoded = self.engine.decoders.map(jobs(), depth=4 * self.engine.settings.batch_size)
+        per_study: dict[int, list[Decoded]] = {}
         probs: dict[int, list[np.ndarray]] = {}
+        features: dict[int, list[np.ndarray]] = {}
 
-        def ok_items() -> Iterator[tuple[_Decoded, np.ndarray]]:
+        def done(i: int) -> tuple[SeriesChoice, list[Decoded], np.ndarray, np.ndarray]:
+            return order.pop(i), per_study.pop(i, []), _stack(probs.pop(i, [])), _stack(features.pop(i, []))
+
+        def ok_items() -> Iterator[tuple[Decoded, np.ndarray]]:
             for d in decoded:
                 per_study.setdefault(d.study, []).append(d)
                 if d.model_input is None:
@@ -150,22 +157,28 @@ class StudyPath:
                     yield d, d.model_input
 
         current = 0
-        for d, p in self.engine.predictor.stream(ok_items()):
+        for d, p, f in self.engine.predictor.stream(ok_items()):
             while d.study > current:  # every slice of the earlier studies has passed through the model
-                yield order.pop(current), per_study.pop(current, []), _stack(probs.pop(current, []))
+                yield done(current)
                 current += 1
             probs.setdefault(d.study, []).append(p)
+            if f is not None:
+                features.setdefault(d.study, []).append(f)
             self.n_slices += 1
             if self.on_slices:
                 self.on_slices(1)
         while order:
-            yield order.pop(current), per_study.pop(current, []), _stack(probs.pop(current, []))
+            yield done(current)
             current += 1
 
-    def _finish(self, choice: SeriesChoice, decoded: list[_Decoded], probs: np.ndarray,
+    def _finish(self, choice: SeriesChoice, decoded: list[Decoded], probs: np.ndarray, features: np.ndarray,
                 seconds: float) -> tuple[StudyResult, StudyImages]:
         if choice.series is None:
             return self._base(choice, Status.SKIPPED, choice.message), StudyImages()
+        rule = self.engine.bundle.card.eligibility.problem(choice)
+        if rule:
+            message = f"not assessed: outside what model {self.engine.model_key} is made for ({rule})"
+            return self._base(choice, Status.NOT_ASSESSED, message), StudyImages()
         good = [d for d in decoded if d.model_input is not None]
         n = len(choice.slices)
         if len(good) < max(self.engine.settings.rules.min_slices, MIN_DECODED_FRACTION * n):
@@ -173,33 +186,64 @@ class StudyPath:
             return self._failed(choice, f"{n - len(good)} of {n} slices could not be decoded; first: {first}"), StudyImages()
         card = self.engine.bundle.card
         settings = self.engine.settings
+        if card.calibration:  # the card's thresholds are for calibrated scores
+            probs = calibration.apply(probs, card.outputs, card.calibration["params"])
         agg = aggregate(probs, card.outputs, card.labels, card.thresholds, settings.aggregate, settings.topk)
         keys = [good[k] for k in agg.key_slices]
+        score, threshold = self._domain(features)
+        outside = score is not None and threshold is not None and score > threshold
+        status, message = Status.OK, _ok_message(choice, decoded)
+        if outside:
+            status = Status.NOT_ASSESSED
+            message = (f"not assessed: the study lies outside the data model {self.engine.model_key} was trained on "
+                       f"(domain score {score:.2f}, limit {threshold:.2f}); its scores cannot be trusted")
         result = replace(
-            self._base(choice, Status.OK, _ok_message(choice, decoded)),
+            self._base(choice, status, message),
             n_slices=len(good), slices=tuple(d.ident for d in good), slice_probs=probs,
             smoothed_probs=agg.smoothed, study_probs=agg.scores, flags=agg.flags,
-            key_slices=tuple(d.ident for d in keys), seconds=seconds,
+            key_slices=tuple(d.ident for d in keys), seconds=seconds, domain_score=score, domain_threshold=threshold,
         )
         images = StudyImages(thumbnails=tuple(d.thumb for d in good if d.thumb is not None),
-                             key_images=self._key_images(keys))
+                             key_images=() if outside else self._key_images(keys, result))
         return result, images
 
-    def _key_images(self, slices: list[_Decoded]) -> tuple[KeyImage, ...]:
-        """Brain window, class-activation overlay on it, and the three windows, for each key slice."""
+    def _domain(self, features: np.ndarray) -> tuple[float | None, float | None]:
+        check = self.engine.bundle.domain
+        if check is None or not len(features):
+            return None, None
+        return check.study_score(features), check.threshold
+
+    def features(self, choices: Iterable[SeriesChoice]) -> Iterator[tuple[SeriesChoice, tuple[SliceId, ...],
+                                                                          np.ndarray, np.ndarray]]:
+        """(choice, scored slices, raw slice probabilities, pooled features) for each study whose slices
+        decoded; for fitting a domain check or calibration on the same path that runs studies."""
+        for choice, decoded, probs, feats in self._score(choices):
+            if len(feats):
+                yield choice, tuple(d.ident for d in decoded if d.model_input is not None), probs, feats
+
+    def _key_images(self, slices: list[Decoded], result: StudyResult) -> tuple[KeyImage, ...]:
+        """Brain window, the heat map of the flagged label on it (none when nothing is flagged), and the
+        three windows, for each key slice."""
         if not slices:
             return ()
         card = self.engine.bundle.card
-        label = "any" if "any" in card.outputs else card.outputs[0]
-        inputs = np.stack([windows_np(d.model_input, card.windows) for d in slices if d.model_input is not None])
-        maps = self.engine.explainer.maps(inputs.astype(np.float32), card.outputs.index(label))
+        label = heat_label(result)
+        heats: list[np.ndarray | None] = [None] * len(slices)
+        if label:
+            inputs = np.stack([windows_np(d.model_input, card.windows) for d in slices if d.model_input is not None])
+            shapes = self.engine.explainer.maps(inputs.astype(np.float32), card.outputs.index(label))
+            column = card.outputs.index(label)
+            assert result.smoothed_probs is not None
+            for k, (d, shape) in enumerate(zip(slices, shapes)):
+                heats[k] = shape * float(result.smoothed_probs[result.slices.index(d.ident), column])
         images = []
-        for d, heat in zip(slices, maps):
+        for d, heat in zip(slices, heats):
             # Decoded again at full resolution: keeping every slice's full-size HU would make memory grow
             # with the study, and only these few are shown.
             hu = load_hu(d.ref).hu
             brain = to_uint8(hu, BRAIN)
-            images.append(KeyImage(d.ident, brain, overlay(brain, heat), to_uint8(hu, SUBDURAL), to_uint8(hu, BONE)))
+            shown = None if heat is None else overlay(brain, heat)
+            images.append(KeyImage(d.ident, brain, shown, to_uint8(hu, SUBDURAL), to_uint8(hu, BONE), label))
         return tuple(images)
 
     def _base(self, choice: SeriesChoice, status: Status, message: str) -> StudyResult:
@@ -219,6 +263,16 @@ class StudyPath:
         return self._base(choice, Status.FAILED, message)
 
 
+def heat_label(result: StudyResult) -> str:
+    """The label a study's heat maps explain: 'any' when flagged, else the highest flagged subtype; '' if none."""
+    flagged = [label for label in result.outputs if result.flags.get(label)]
+    if not flagged:
+        return ""
+    if "any" in flagged:
+        return "any"
+    return max(flagged, key=lambda label: result.study_probs.get(label) or 0.0)
+
+
 def slice_id(index: int, ref: SliceRef) -> SliceId:
     return SliceId(index, ref.sop_uid, ref.instance_number, round(ref.z, 3), ref.frame)
 
@@ -227,19 +281,7 @@ def _stack(rows: list[np.ndarray]) -> np.ndarray:
     return np.stack(rows) if rows else np.zeros((0, 0), np.float32)
 
 
-def _decode(job: tuple[int, SliceId, SliceRef], size: int) -> _Decoded:
-    i, ident, ref = job
-    try:
-        hs = load_hu(ref)
-    except DecodeError as exc:
-        return _Decoded(i, ident, ref, None, None, (), str(exc))
-    except Exception as exc:  # a decoder crash is one bad file, not a bad batch
-        return _Decoded(i, ident, ref, None, None, (), f"{ref.path}: {type(exc).__name__}: {exc}")
-    thumb = to_uint8(resize_hu(hs.hu, THUMB), BRAIN)
-    return _Decoded(i, ident, ref, resize_hu(hs.hu, size), thumb, hs.warnings)
-
-
-def _ok_message(choice: SeriesChoice, decoded: list[_Decoded]) -> str:
+def _ok_message(choice: SeriesChoice, decoded: list[Decoded]) -> str:
     notes = list(choice.warnings)
     failed = [d for d in decoded if d.error]
     if failed:

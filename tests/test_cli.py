@@ -69,7 +69,7 @@ def test_run_on_mixed_folder(mixed_folder, tiny_bundle, tmp_path):
     result = CliRunner().invoke(main, ["run", str(root), "--out", str(out), "--model", str(tiny_bundle),
                                        "--batch-size", "8", "--tta", "2", "--slices", str(tmp_path / "slices.csv")])
     assert result.exit_code == 1, result.output  # the broken study failed: partial failure
-    assert "5 studies: 3 ok, 1 skipped, 1 failed" in result.output
+    assert "5 studies: 3 ok, 0 not assessed (outside the model's domain), 1 skipped, 1 failed" in result.output
     df = pd.read_csv(out, dtype=str, keep_default_na=False).set_index("study_uid")
     phantom_uids = [s["study_uid"] for s in manifest["studies"]]
     assert set(df.index) == {*phantom_uids, study, mr, broken}
@@ -86,7 +86,7 @@ def test_run_on_mixed_folder(mixed_folder, tiny_bundle, tmp_path):
     assert "Heat map: CAM at conv5_block3_out" in text  # the tiny bundle's head: plain CAM
     probs = df.loc[phantom_uids[0], [f"prob_{x}" for x in ("any", "subdural")]].astype(float)
     assert ((probs >= 0) & (probs <= 1)).all()
-    assert "5 studies (3 ok, 1 skipped, 1 failed)" in (out.parent / "results.html").read_text()
+    assert "5 studies (3 ok, 0 not assessed, 1 skipped, 1 failed)" in (out.parent / "results.html").read_text()
     index = (out.parent / "results_pages" / "page-00001.html").read_text()
     assert index.count("<tr>") == 6 and index.count(".pdf\">PDF</a>") == 5
     files = pd.read_csv(out.with_name("results_files.csv"))

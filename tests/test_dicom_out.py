@@ -41,7 +41,7 @@ def test_outputs_join_the_original_study(outputs):
     # Each key image names its source slice, so a viewer can jump to it.
     assert keys[0].SourceImageSequence[0].ReferencedSOPInstanceUID == "1.2.3.4.5.105"
     assert "Im 35, z 5.0 mm" in keys[0].ImageComments
-    assert keys[0].ImageComments.endswith("heat map for 'any': HiResCAM at pool1_pool, averaged over hflip")
+    assert keys[0].ImageComments.endswith("heat map for 'any' x probability: HiResCAM at pool1_pool, averaged over hflip")
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools (dciodvfy) not installed")

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from ichbatch.cli import main
-from ichbatch.evaluate import (calibration, evaluate_arrays, log_loss, roc_auc, sens_spec,
-                               threshold_for_sensitivity, weighted_log_loss)
+from ichbatch.evaluate import (bootstrap_ci, calibration, evaluate_arrays, log_loss, pr_auc, roc_auc, sens_spec,
+                               threshold_for_sensitivity, weighted_log_loss, wilson)
 
 Y = np.array([1, 0, 1, 0])
 P = np.array([0.9, 0.2, 0.6, 0.7])
@@ -34,7 +34,8 @@ def test_log_losses():
 
 
 def test_sensitivity_specificity_and_target_threshold():
-    assert sens_spec(Y, P, 0.5) == {"threshold": 0.5, "sensitivity": 1.0, "specificity": 0.5}
+    at = sens_spec(Y, P, 0.5)
+    assert (at["threshold"], at["sensitivity"], at["specificity"]) == (0.5, 1.0, 0.5)
     assert threshold_for_sensitivity(Y, P, 0.5) == pytest.approx(0.9)
     assert threshold_for_sensitivity(Y, P, 1.0) == pytest.approx(0.6)
 
@@ -63,3 +64,48 @@ def test_evaluate_command_with_rsna_labels(tmp_path):
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["slice"]["labels"]["any"]["auc"] == pytest.approx(0.75) and metrics["matched"] == 4
     assert (tmp_path / "ev" / "slice_metrics.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_wilson_interval_matches_the_textbook_case():
+    # 8 of 10: Wilson 95% interval 0.490-0.943 (Newcombe 1998, and any table of it).
+    low, high = wilson(8, 10)
+    assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
+    at = sens_spec(np.array([1] * 10 + [0] * 4), np.array([0.9] * 8 + [0.1] * 2 + [0.1] * 4), 0.5)
+    assert at["sensitivity"] == 0.8 and at["sensitivity_ci95"] == pytest.approx([low, high])
+    assert wilson(0, 0) is None
+
+
+def test_bootstrap_intervals_resample_studies_and_contain_the_estimate():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 400)
+    p = np.clip(0.3 * y + rng.normal(0.35, 0.2, 400), 0, 1)
+    low, high = bootstrap_ci(y, p, roc_auc)
+    assert low < roc_auc(y, p) < high and 0.02 < high - low < 0.2
+    assert bootstrap_ci(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9]), roc_auc) == [1.0, 1.0]
+    # Whole studies resampled: two studies of identical slices give a degenerate, not a narrow, interval.
+    groups = np.repeat(["a", "b"], 200)
+    assert bootstrap_ci(y, p, roc_auc, groups) != bootstrap_ci(y, p, roc_auc)
+    assert pr_auc(np.array([0, 1]), np.array([0.2, 0.9])) == pytest.approx(1.0)
+
+
+def test_evaluate_prints_intervals_and_refuses_bad_arguments_cleanly(tmp_path):
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 60)
+    pd.DataFrame({"image_id": [f"ID_{k:03x}" for k in range(60)], "prob_any": np.clip(0.5 * y + rng.random(60) * 0.6, 0, 1)}
+                 ).to_csv(tmp_path / "p.csv", index=False)
+    pd.DataFrame({"image_id": [f"ID_{k:03x}" for k in range(60)], "any": y}).to_csv(tmp_path / "l.csv", index=False)
+    result = CliRunner().invoke(main, ["evaluate", str(tmp_path / "p.csv"), "--labels", str(tmp_path / "l.csv"),
+                                       "--out", str(tmp_path / "ev")])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())["slice"]["labels"]["any"]
+    low, high = metrics["auc_ci95"]
+    assert low <= metrics["auc"] <= high and f"({low:.3f}-{high:.3f})" in result.output
+    assert "Wilson" in result.output and metrics["pr_auc_ci95"] is not None
+    for args, words in ((["--model", "nope"], "nope"), (["--target-sensitivity", "2"], "target-sensitivity")):
+        bad = CliRunner().invoke(main, ["evaluate", str(tmp_path / "p.csv"), "--labels", str(tmp_path / "l.csv"),
+                                        "--out", str(tmp_path / "ev2"), *args])
+        assert bad.exit_code == 2 and words in bad.output and "Traceback" not in bad.output
+    pd.DataFrame({"image_id": [f"ID_{k:03x}" for k in range(60)], "any": 0.5}).to_csv(tmp_path / "soft.csv", index=False)
+    bad = CliRunner().invoke(main, ["evaluate", str(tmp_path / "p.csv"), "--labels", str(tmp_path / "soft.csv"),
+                                    "--out", str(tmp_path / "ev3")])
+    assert bad.exit_code == 2 and "must be 0 or 1" in bad.output and "Traceback" not in bad.output

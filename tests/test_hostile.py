@@ -29,6 +29,7 @@ from .conftest import write_series
 
 
 def _settings(tmp_path: Path, bundle: Path, incoming: Path, **kw) -> WatchSettings:  # type: ignore[no-untyped-def]
+    kw.setdefault("settle_seconds", 0.0)
     return WatchSettings(incoming=incoming, out=tmp_path / "out", quiet_seconds=0.0, backoff_seconds=0.0,
                          run=RunSettings(model=str(bundle), tta=1, batch_size=8), **kw)
 

@@ -38,7 +38,7 @@ def _images() -> StudyImages:
     brain = np.zeros((64, 64), np.uint8)
     brain[20:40, 20:40] = 200
     rgb = np.repeat(brain[..., None], 3, axis=2)
-    keys = tuple(KeyImage(SLICES[k], brain, rgb, brain, brain) for k in (5, 4, 3))
+    keys = tuple(KeyImage(SLICES[k], brain, rgb, brain, brain, "any") for k in (5, 4, 3))
     return StudyImages(thumbnails=(brain,) * N_SLICES, key_images=keys)
 
 
@@ -143,7 +143,7 @@ def test_html_index_lists_every_study_with_thumbnail_and_link(tmp_path):
         for r in results:
             writer.write(r, _images())
     landing = (tmp_path / "results.html").read_text()
-    assert "3 studies (3 ok, 0 skipped, 0 failed)" in landing and "NOT FOR DIAGNOSIS" in landing
+    assert "3 studies (3 ok, 0 not assessed, 0 skipped, 0 failed)" in landing and "NOT FOR DIAGNOSIS" in landing
     page1 = (tmp_path / "results_pages" / "page-00001.html").read_text()
     page2 = (tmp_path / "results_pages" / "page-00002.html").read_text()
     assert page1.count("<tr>") == 3 and page2.count("<tr>") == 2  # two studies a page, plus the header

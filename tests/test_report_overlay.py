@@ -46,7 +46,8 @@ def test_pdf_overlay_is_hottest_on_the_planted_lesion(tmp_path):
     pdf = pd.read_csv(out, dtype=str)["report_pdf"][0]
     # pypdf lists images in resource order, not drawing order: the overlay is the one image in colour.
     images = [np.asarray(im.image.convert("RGB")).astype(int) for im in PdfReader(pdf).pages[0].images]
-    overlay = max(images, key=lambda a: int((a[..., 0] - a[..., 2]).max()))
+    overlay = max((a for a in images if a.shape[1] > 50),  # not the narrow colour bar
+                  key=lambda a: int((a[..., 0] - a[..., 2]).max()))
     assert overlay.shape[:2] == (256, 256)
     # JET runs blue -> red and saturates, so take the hottest area (red well above blue) and its centre.
     heat = overlay[..., 0] - overlay[..., 2]

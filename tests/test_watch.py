@@ -188,7 +188,7 @@ def test_late_file_makes_a_new_version_and_move_archives_after_outputs(tmp_path,
     # A second study, with --after move: inputs leave the folder only once outputs are written.
     synth_studies(incoming / "next", 1, seed=26, n_slices=8, size=64)
     moving = WatchSettings(incoming=incoming, out=out, run=RunSettings(model=str(tiny_bundle), tta=1),
-                           quiet_seconds=0, after="move", archive=archive)
+                           quiet_seconds=0, after="move", archive=archive, settle_seconds=0)
     watcher = Watcher(moving)
     watcher.scan()
     watcher.process_ready()

@@ -21,13 +21,16 @@ from typing import Any
 import numpy as np
 
 from ..config import DEFAULT_WINDOWS, LABELS, Window
+from ..eligibility import Eligibility
 from ..errors import BundleError
 from ..limits import MAX_INPUT_SIZE
+from .domain_check import DomainCheck
 from .gradcam import FLIPS, METHODS
 from .locate import CARD, DEFAULT_MODEL, list_bundles, models_dirs, resolve
 
+DOMAIN_FILE = "domain.npz"
 __all__ = ["CARD", "DEFAULT_MODEL", "Bundle", "ModelCard", "list_bundles", "load_bundle", "models_dirs", "read_card",
-           "resolve", "write_bundle"]
+           "resolve", "write_bundle", "attach_domain", "update_card"]
 
 
 
@@ -52,6 +55,11 @@ class ModelCard:
     cam_layer: str | None = None  # Grad-CAM layer for the report maps; None: the last convolutional one
     cam_augment: tuple[str, ...] = ()  # flips the report maps are averaged over (gradcam.FLIPS)
     cam_method: str = "gradcam"  # or "hirescam" (gradcam.METHODS)
+    eligibility: Eligibility = field(default_factory=Eligibility)  # which studies the model may be run on
+    # The feature-space domain check (domain_check.py): {"file", "sha256", "threshold", ...how it was fitted}.
+    domain: dict[str, Any] | None = None
+    # Platt parameters per output, {"params": {label: [a, b]}, ...}, from `ichbatch models calibrate`.
+    calibration: dict[str, Any] | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelCard:
@@ -65,9 +73,12 @@ class ModelCard:
             for key in ("labels", "outputs", "cam_augment"):
                 if key in data:
                     data[key] = tuple(data[key])
+            data["eligibility"] = Eligibility.from_json(data.get("eligibility"))
             card = cls(**data)
         except TypeError as exc:
             raise BundleError(f"model.json: a field is missing or of the wrong kind ({exc})") from exc
+        except ValueError as exc:
+            raise BundleError(f"model.json: {exc}") from exc
         card.validate()
         return card
 
@@ -76,6 +87,7 @@ class ModelCard:
         data["windows"] = [asdict(w) for w in self.windows]
         data["labels"], data["outputs"] = list(self.labels), list(self.outputs)
         data["cam_augment"] = list(self.cam_augment)
+        data["eligibility"] = self.eligibility.to_json()
         return data
 
     def validate(self) -> None:
@@ -92,6 +104,11 @@ class ModelCard:
             raise BundleError(f"cam_augment {list(self.cam_augment)}: expected some of {sorted(FLIPS)}")
         if self.cam_method not in METHODS:
             raise BundleError(f"cam_method {self.cam_method!r}: expected one of {list(METHODS)}")
+        if self.domain is not None and not (isinstance(self.domain, dict) and isinstance(self.domain.get("file"), str)
+                                            and isinstance(self.domain.get("sha256"), str)):
+            raise BundleError("domain must name its file and sha256 (written by `ichbatch models fit-domain`)")
+        if self.calibration is not None and not _valid_calibration(self.calibration, self.outputs):
+            raise BundleError("calibration must hold params {label: [a, b]} with a > 0 for outputs of the model")
         if self.weights is None and (self.trained or self.architecture != "resnet50"):
             raise BundleError(f"bundle {self.name}: no weights file, but the card does not say it is untrained")
 
@@ -132,6 +149,7 @@ class Bundle:
     card: ModelCard
     path: Path
     model: Any  # keras.Model
+    domain: DomainCheck | None = None
 
 
 def read_card(folder: Path) -> ModelCard:
@@ -171,7 +189,55 @@ def load_bundle(name_or_path: str, precision: str = "float32") -> Bundle:
     finally:
         keras.config.set_dtype_policy(previous)
     _check_model_shape(model, card)
-    return Bundle(card, folder, model)
+    return Bundle(card, folder, model, _load_domain(folder, card))
+
+
+def _load_domain(folder: Path, card: ModelCard) -> DomainCheck | None:
+    if card.domain is None:
+        return None
+    path = folder / str(card.domain["file"])
+    if not path.is_file():
+        raise BundleError(f"bundle {card.name}: domain-check file {path} is missing")
+    if sha256(path) != card.domain["sha256"]:
+        raise BundleError(f"bundle {card.name}: {path.name} does not match the sha256 in the card")
+    return DomainCheck.load(path)
+
+
+def _valid_calibration(entry: Any, outputs: tuple[str, ...]) -> bool:
+    params = entry.get("params") if isinstance(entry, dict) else None
+    if not isinstance(params, dict) or not set(params) <= set(outputs):
+        return False
+    return all(isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v) and v[0] > 0
+               for v in params.values())
+
+
+def update_card(folder: Path, **changes: Any) -> ModelCard:
+    """Rewrite a bundle's card with changes, validated, atomically."""
+    from ..report.files import atomic_write_bytes
+
+    card = ModelCard.from_json({**read_card(Path(folder)).to_json(), **changes})
+    atomic_write_bytes(Path(folder) / CARD, (json.dumps(card.to_json(), indent=2) + "\n").encode())
+    return card
+
+
+def attach_domain(folder: Path, check: DomainCheck, summary: dict[str, Any]) -> ModelCard:
+    """Write the domain check into a bundle and its card, atomically (a copy renamed into place)."""
+    folder = Path(folder)
+    card = read_card(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        staged = tmp / folder.name
+        shutil.copytree(folder, staged)
+        check.save(staged / DOMAIN_FILE)
+        card = ModelCard(**{**card.__dict__, "domain": {"file": DOMAIN_FILE, "sha256": sha256(staged / DOMAIN_FILE),
+                                                         **summary}})
+        (staged / CARD).write_text(json.dumps(card.to_json(), indent=2) + "\n")
+        old = tmp / "previous"
+        os.replace(folder, old)
+        os.replace(staged, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return card
 
 
 def _verify(folder: Path, card: ModelCard) -> None:

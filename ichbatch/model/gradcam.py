@@ -181,12 +181,16 @@ def normalise_and_upsample(raw: np.ndarray, size: int, corner_aligned: bool) -> 
 
 
 def overlay(gray_u8: np.ndarray, heat: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """Brain-window slice (uint8) with a heat map (any size, [0, 1]) as a JET overlay -> RGB uint8."""
+    """Brain-window slice (uint8) with a heat map (any size, [0, 1]) as a JET overlay -> RGB uint8.
+
+    The colour says the value on a fixed 0-1 scale; the blend is the same wherever the map is above 0.1
+    (fading out below, so the slice is not tinted where there is nothing), so a low map shows as blue,
+    not as a faint copy of a high one."""
     import cv2
 
     heat = cv2.resize(heat.astype(np.float32), gray_u8.shape[::-1], interpolation=cv2.INTER_CUBIC)
     colour = cv2.applyColorMap((np.clip(heat, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
     colour = cv2.cvtColor(colour, cv2.COLOR_BGR2RGB)
     base = np.repeat(gray_u8[..., None], 3, axis=2)
-    weight = (alpha * np.clip(heat, 0, 1))[..., None]
+    weight = (alpha * np.clip(heat / 0.1, 0, 1))[..., None]
     return (base * (1 - weight) + colour * weight).astype(np.uint8)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .. import NOT_FOR_DIAGNOSIS
 from ..config import LABELS, SUBTYPES
-from ..domain import StudyResult
+from ..domain import Status, StudyResult
 from .files import atomic_write_chunks
 from .store import ResultsStore, csv_chunks
 
@@ -25,7 +25,9 @@ COLUMNS: tuple[str, ...] = (
     "flag_any", *(f"flag_{s}" for s in SUBTYPES),
     "key_slices", "key_instance_numbers", "key_z_mm", "key_sop_uids",
     "model", "model_version", "tta", "seconds", "report_pdf", "notice",
+    "domain_score", "domain_threshold", *(f"unassessed_prob_{label}" for label in LABELS),
 )
+NOT_ASSESSED = "not_assessed"
 SLICE_COLUMNS: tuple[str, ...] = ("study_uid", "slice", "instance_number", "z_mm", "sop_uid",
                                   *(f"prob_{label}" for label in LABELS))
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -73,11 +75,18 @@ def row(result: StudyResult, pseudonym_key: bytes | None = None) -> dict[str, st
         "status": result.status.value,
         "message": result.message,
     }
+    assessed = result.status == Status.OK
     for label in LABELS:
         p = result.study_probs.get(label)
-        out[f"prob_{label}"] = None if p is None else round(float(p), 4)
-    for label in LABELS:
-        out[f"flag_{label}"] = result.flags.get(label)
+        value = None if p is None else round(float(p), 4)
+        # Only an ok study has findings. One the model cannot stand behind shows no score where a
+        # finding is read (its score, if any, is kept for research in a column of its own), and its
+        # flags say not_assessed rather than a blank that reads like "no".
+        out[f"prob_{label}"] = value if assessed else None
+        out[f"unassessed_prob_{label}"] = None if assessed else value
+        out[f"flag_{label}"] = result.flags.get(label) if assessed else NOT_ASSESSED
+    out["domain_score"] = None if result.domain_score is None else round(result.domain_score, 3)
+    out["domain_threshold"] = None if result.domain_threshold is None else round(result.domain_threshold, 3)
     keys = result.key_slices
     out["key_slices"] = " ".join(str(k.index) for k in keys)
     out["key_instance_numbers"] = " ".join("?" if k.instance_number is None else str(k.instance_number) for k in keys)

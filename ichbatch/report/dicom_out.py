@@ -40,8 +40,14 @@ def write_dicom_outputs(result: StudyResult, images: StudyImages, pdf_bytes: byt
         key = images.key_image(ident)
         if key is None:
             continue
-        comment = f"key slice {ident.label}, heat map for 'any'" + (f": {result.heatmap}" if result.heatmap else "")
-        ds = secondary_capture(source, key.gradcam, series_uid, n, comment, result)
+        if key.gradcam is None:
+            comment = f"key slice {ident.label}, brain window (no label flagged: no heat map)"
+            picture = np.repeat(key.brain[..., None], 3, axis=2)
+        else:
+            comment = f"key slice {ident.label}, heat map for {key.heat_label!r} x probability" + (
+                f": {result.heatmap}" if result.heatmap else "")
+            picture = key.gradcam
+        ds = secondary_capture(source, picture, series_uid, n, comment, result)
         _reference_source(ds, source, ident.sop_uid)
         paths.append(_save(ds, Path(folder) / f"study_{stem}_key{n}.dcm"))
     return paths

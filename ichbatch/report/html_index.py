@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import cv2
+import numpy as np
 
 from .. import NOT_FOR_DIAGNOSIS
 from ..config import LABELS
@@ -36,7 +37,8 @@ def write_thumbnail(result: StudyResult, images: StudyImages, folder: Path) -> P
     key = images.key_image(result.key_slices[0])
     if key is None:
         return None
-    small = cv2.resize(key.gradcam, (THUMB_PX, THUMB_PX), interpolation=cv2.INTER_AREA)
+    picture = key.gradcam if key.gradcam is not None else np.repeat(key.brain[..., None], 3, axis=2)
+    small = cv2.resize(picture, (THUMB_PX, THUMB_PX), interpolation=cv2.INTER_AREA)
     ok, png = cv2.imencode(".png", cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
     if not ok:
         return None
@@ -84,7 +86,7 @@ class HtmlIndex:
         self._write_landing(last)
 
     def _write_landing(self, last: int) -> None:
-        counts = ", ".join(f"{self.store.count(s.value)} {s.value}" for s in Status)
+        counts = ", ".join(f"{self.store.count(s.value)} {s.value.replace('_', ' ')}" for s in Status)
         links = " ".join(f'<a href="{html.escape(_rel(self.page_path(n), self.landing.parent))}">{n}</a>'
                          for n in range(1, last + 1))
         body = (f"<p>{self.store.count()} studies ({counts}), from {html.escape(self.csv_path.name)}; "

@@ -87,6 +87,13 @@ def _header(c: canvas.Canvas, r: StudyResult) -> float:
     c.drawCentredString(PAGE_W / 2, PAGE_H - 20, f"{NOT_FOR_DIAGNOSIS} - automated research output")
     c.setFillColor(colors.black)
     y = PAGE_H - 52
+    if r.status == Status.NOT_ASSESSED:
+        # First, in plain words: there is no finding here, and why.
+        c.setFillColor(colors.HexColor("#b00020"))
+        c.setFont(BOLD, 12)
+        c.drawString(MARGIN, y, "NOT ASSESSED: this study is not one the model can judge. No result is given.")
+        c.setFillColor(colors.black)
+        y = _wrapped(c, r.message, MARGIN, y - 15, FONT, 9) - 10
     c.setFont(BOLD, 15)
     c.drawString(MARGIN, y, "Intracranial hemorrhage screen (ichbatch)")
     s = r.study
@@ -213,24 +220,40 @@ def _image(arr: np.ndarray) -> ImageReader:
 
 
 def _key_slices(c: canvas.Canvas, r: StudyResult, images: StudyImages, y: float) -> None:
+    keys = [k for k in (images.key_image(ident) for ident in r.key_slices) if k is not None]
+    label = next((k.heat_label for k in keys if k.gradcam is not None), "")
     c.setFont(BOLD, 10)
-    c.drawString(MARGIN, y - 6, "Key slices: brain window (40/80) and heat map for 'any'")
+    title = f"heat map for '{label}' (flagged)" if label else "no heat map: no label is flagged"
+    c.drawString(MARGIN, y - 6, f"Key slices: brain window (40/80); {title}")
     side = min(150.0, (y - MARGIN - 52) / 2)
     any_col = r.outputs.index("any") if "any" in r.outputs else 0
-    for col, ident in enumerate(r.key_slices):
+    for col, key in enumerate(keys):
         x = MARGIN + col * (side + 20)
-        key = images.key_image(ident)
-        if key is None:
-            continue
         c.drawImage(_image(key.brain), x, y - 16 - side, side, side)
-        c.drawImage(_image(key.gradcam), x, y - 22 - 2 * side, side, side)
+        if key.gradcam is not None:
+            c.drawImage(_image(key.gradcam), x, y - 22 - 2 * side, side, side)
         c.setFont(FONT, 8)
-        row = r.slices.index(ident)
+        row = r.slices.index(key.slice)
         p = float(r.smoothed_probs[row, any_col]) if r.smoothed_probs is not None else 0.0
-        c.drawString(x, y - 32 - 2 * side, f"{ident.label}   any {p:.3f}")
-    if r.heatmap:
+        c.drawString(x, y - 32 - 2 * side, f"{key.slice.label}   any {p:.3f}")
+    if label:
+        _colour_bar(c, MARGIN + 3 * (side + 20), y - 22 - 2 * side, side)
         c.setFont(FONT, 8)
-        c.drawString(MARGIN, y - 46 - 2 * side, f"Heat map: {r.heatmap}")
+        c.drawString(MARGIN, y - 46 - 2 * side, f"Heat map: {r.heatmap}; colour = map x the slice's probability "
+                     f"for '{label}', one scale (0-1) for every study")
+
+
+def _colour_bar(c: canvas.Canvas, x: float, y: float, height: float) -> None:
+    """The overlay's colour scale, 0 at the bottom to 1 at the top, the same in every report."""
+    import cv2
+
+    ramp = np.linspace(255, 0, 256).astype(np.uint8)[:, None].repeat(12, axis=1)
+    rgb = cv2.cvtColor(cv2.applyColorMap(ramp, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    c.drawImage(_image(rgb), x, y, 10, height)
+    c.setFont(FONT, 7)
+    c.drawString(x + 13, y + height - 6, "1.0")
+    c.drawString(x + 13, y + height / 2 - 3, "0.5")
+    c.drawString(x + 13, y, "0")
 
 
 def _montage_page(c: canvas.Canvas, r: StudyResult, images: StudyImages) -> None:

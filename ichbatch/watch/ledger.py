@@ -2,7 +2,9 @@
 
 A study moves pending -> processing -> done | failed. A crash leaves it in 'processing', which the next
 start turns back into 'pending'. A file that arrives for a done study makes it pending again, and the
-new result replaces the old row and report (a new version, never a duplicate). Every change that
+new result replaces the old row and report (a new version, never a duplicate), until the study is
+closed: its result final and its inputs moved or deleted (--after). A file for a closed study is kept
+aside as late; it cannot reopen the study, since the result would come from the late files alone. Every change that
 touches more than one row is one transaction (BEGIN IMMEDIATE), so an interrupt at any point leaves
 either the whole change or none of it.
 """
@@ -25,9 +27,11 @@ CREATE INDEX IF NOT EXISTS files_study ON files(study_uid);
 CREATE TABLE IF NOT EXISTS studies (
     study_uid TEXT PRIMARY KEY, status TEXT NOT NULL, last_change REAL NOT NULL, attempts INTEGER DEFAULT 0,
     retry_at REAL DEFAULT 0, version INTEGER DEFAULT 0, message TEXT DEFAULT '', outputs TEXT DEFAULT '',
-    finished_at REAL
+    finished_at REAL, closed_at REAL, dispose INTEGER DEFAULT 0
 );
 """
+LATE = "late: arrived after this study's result was final and its other files were moved or deleted (--after); " \
+       "not processed, left in place"
 
 
 class StudyState(str, Enum):
@@ -51,6 +55,8 @@ class StudyRow:
     message: str
     outputs: str
     finished_at: float | None
+    closed_at: float | None = None  # result final, inputs moved or deleted (--after)
+    dispose: int = 0  # finished under --after move/delete
 
 
 class Ledger:
@@ -60,6 +66,10 @@ class Ledger:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(studies)")}
+        if "closed_at" not in columns:  # a ledger from before closing existed
+            self.db.execute("ALTER TABLE studies ADD COLUMN closed_at REAL")
+            self.db.execute("ALTER TABLE studies ADD COLUMN dispose INTEGER DEFAULT 0")
 
     def close(self) -> None:
         self.db.close()
@@ -68,10 +78,13 @@ class Ledger:
         row = self.db.execute("SELECT size, mtime FROM files WHERE path=?", (path,)).fetchone()
         return (row[0], row[1]) if row else None
 
-    def record_file(self, path: str, study_uid: str | None, size: int, mtime: float, problem: str = "") -> None:
-        """A new or changed file: its study (if any) becomes pending and its quiet period restarts."""
+    def record_file(self, path: str, study_uid: str | None, size: int, mtime: float, problem: str = "") -> str:
+        """A new or changed file: its study (if any) becomes pending and its quiet period restarts.
+        Returns the problem recorded: LATE for a file of a closed study."""
         now = time.time()
         with Transaction(self.db):
+            if study_uid and self._closed(study_uid):
+                problem, study_uid = LATE, None
             self.db.execute(
                 "INSERT INTO files(path, study_uid, size, mtime, seen_at, problem) VALUES(?,?,?,?,?,?) "
                 "ON CONFLICT(path) DO UPDATE SET study_uid=excluded.study_uid, size=excluded.size, "
@@ -80,6 +93,22 @@ class Ledger:
             )
             if study_uid:
                 self._mark_pending(study_uid, now)
+        return problem
+
+    def _closed(self, study_uid: str) -> bool:
+        row = self.db.execute("SELECT closed_at FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
+        return bool(row and row[0] is not None)
+
+    def settled(self, settle_seconds: float) -> list[str]:
+        """Done studies whose result has stood for settle_seconds without a new file: ready to close."""
+        rows = self.db.execute("SELECT study_uid FROM studies WHERE status=? AND dispose=1 AND closed_at IS NULL "
+                               "AND finished_at<=? ORDER BY finished_at", (DONE.value, time.time() - settle_seconds))
+        return [r[0] for r in rows]
+
+    def close_study(self, study_uid: str) -> None:
+        with Transaction(self.db):
+            self.db.execute("UPDATE studies SET closed_at=? WHERE study_uid=? AND status=?",
+                            (time.time(), study_uid, DONE.value))
 
     def _mark_pending(self, study_uid: str, now: float) -> None:
         self.db.execute(
@@ -114,13 +143,14 @@ class Ledger:
                 return None
             return int(self.db.execute("SELECT attempts FROM studies WHERE study_uid=?", (study_uid,)).fetchone()[0])
 
-    def finish(self, study_uid: str, status: StudyState, message: str, outputs: str) -> bool:
-        """Done (or failed for good) unless a file arrived meanwhile, in which case it stays pending."""
+    def finish(self, study_uid: str, status: StudyState, message: str, outputs: str, dispose: bool = False) -> bool:
+        """Done (or failed for good) unless a file arrived meanwhile, in which case it stays pending.
+        dispose: its inputs are to be moved or deleted once it has settled (the --after in force now)."""
         with Transaction(self.db):
             return bool(self.db.execute(
-                "UPDATE studies SET status=?, message=?, outputs=?, finished_at=?, version=version+1 "
+                "UPDATE studies SET status=?, message=?, outputs=?, finished_at=?, version=version+1, dispose=? "
                 "WHERE study_uid=? AND status=?",
-                (StudyState(status).value, message, outputs, time.time(), study_uid, PROCESSING.value),
+                (StudyState(status).value, message, outputs, time.time(), int(dispose), study_uid, PROCESSING.value),
             ).rowcount)
 
     def retry_later(self, study_uid: str, delay: float, message: str, count_attempt: bool = True) -> None:

@@ -56,6 +56,9 @@ class WatchSettings:
     backoff_seconds: float = 5.0
     after: After | str = After.LEAVE  # a str is turned into After when the settings are built
     archive: Path | None = None
+    # With --after move/delete: how long a done study's inputs stay, so late slices join the study
+    # and a new version is made from all of them, before the inputs go and the result is final.
+    settle_seconds: float = 300.0
     dicom_out: Path | None = None
     log_uids: bool = False  # name studies by StudyInstanceUID in logs (off: a short hash)
     pseudonym_key: bytes | None = None
@@ -70,7 +73,7 @@ class WatchSettings:
         if self.archive is not None and Path(self.archive).resolve().is_relative_to(Path(self.incoming).resolve()):
             # Its files would arrive again as new studies, again and again.
             raise ValueError(f"the archive folder {self.archive} is inside INCOMING; choose a folder outside it")
-        for name in ("quiet_seconds", "backoff_seconds"):
+        for name in ("quiet_seconds", "backoff_seconds", "settle_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more. Received: {getattr(self, name)!r}")
         if self.rescan_seconds <= 0:
@@ -153,6 +156,7 @@ class Watcher:
             self.writer.close()
         except OutputError as exc:
             log.error("results could not be brought up to date on exit (%s); the store keeps them", exc)
+        self.engine.close()
         self.ledger.close()
 
     def _flush_outputs(self) -> None:
@@ -208,8 +212,12 @@ class Watcher:
                 self.ledger.record_file(str(path), None, *state, problem=seen.message)
                 self._record_issue(seen)
             else:
-                self.ledger.record_file(str(path), seen.study_uid, *state)
-                self._forget_issue(str(path))
+                problem = self.ledger.record_file(str(path), seen.study_uid, *state)
+                if problem:
+                    log.warning("a file arrived for a study whose result is final; kept aside, not processed")
+                    self._record_issue(FileIssue(str(path), Status.SKIPPED, problem))
+                else:
+                    self._forget_issue(str(path))
         return changed
 
     def _record_issue(self, issue: FileIssue) -> None:
@@ -225,7 +233,7 @@ class Watcher:
             log.error("file issue not cleared (%s)", exc)
 
     def process_ready(self) -> int:
-        """Process every ready, complete study; returns how many were processed."""
+        """Process every ready, complete study, then close the settled ones; returns how many were processed."""
         done = 0
         for study_uid in self.ledger.ready(self.settings.quiet_seconds):
             if self.stop_event.is_set():
@@ -233,7 +241,16 @@ class Watcher:
             if self._complete(study_uid):
                 self.process(study_uid)
                 done += 1
+        self.close_settled()
         return done
+
+    def close_settled(self) -> None:
+        """--after move/delete: inputs go only when a done study has had no new file for settle_seconds."""
+        if self.settings.after == After.LEAVE:
+            return
+        for study_uid in self.ledger.settled(self.settings.settle_seconds):
+            self._dispose_inputs(study_uid)
+            self.ledger.close_study(study_uid)
 
     def _complete(self, study_uid: str) -> bool:
         """Every file of the study still has the size and time it had when recorded."""
@@ -282,10 +299,9 @@ class Watcher:
             self._failed_attempt(study_uid, attempt, result.message)
             return
         status = FAILED if result.status == Status.FAILED else DONE
-        self.ledger.finish(study_uid, status, f"{result.status.value}: {result.message}", result.report_pdf)
+        self.ledger.finish(study_uid, status, f"{result.status.value}: {result.message}", result.report_pdf,
+                           dispose=status == DONE and self.settings.after != After.LEAVE)
         log.info("%s: %s (attempt %d)", tag, outcome(result), attempt)
-        if status == DONE:
-            self._dispose_inputs(study_uid)
 
     def _run_study(self, study_uid: str) -> StudyResult:
         instances: list[InstanceRef] = []

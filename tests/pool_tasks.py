@@ -1,0 +1,30 @@
+"""Tasks for the worker-pool tests: module-level so that spawned worker processes can import them."""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def square_or_die(n: int) -> int:
+    """n squared; -1 kills the worker process as a segfaulting decoder would."""
+    if n == -1:
+        os._exit(139)
+    return n * n
+
+
+def allocate_gb(gb: float) -> str:
+    try:
+        block = bytearray(int(gb * (1 << 30)))
+    except MemoryError:
+        return "MemoryError"
+    return f"allocated {len(block) >> 30} GiB"
+
+
+def sleep_for(seconds: float) -> str:
+    time.sleep(seconds)
+    return "woke"
+
+
+def crashed(item: object, reason: str) -> str:
+    return f"crashed: {reason}"

@@ -1,0 +1,165 @@
+"""Isolation and decode checks (#20): decoder processes with a memory cap and a time limit, HU histogram
+checks whatever decoder ran, and a study's inputs kept until its result is final."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from pydicom.encaps import encapsulate
+from pydicom.uid import RLELossless, generate_uid
+
+from ichbatch.domain import SliceRef
+from ichbatch.errors import DecodeError
+from ichbatch.pixels import load_hu
+from ichbatch.synth import ct_slice_dataset
+from ichbatch.workers import IsolatedPool, WorkerLimits
+
+from . import pool_tasks
+from .conftest import write_series
+from .test_hostile import _peak_rss_gb_of, _settings
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_that_dies_fails_only_its_own_item_and_order_is_kept():
+    with IsolatedPool(pool_tasks.square_or_die, pool_tasks.crashed, workers=2, limits=WorkerLimits(0, 0)) as pool:
+        items = [1, 2, -1, 3, 4, 5, -1, 6]
+        out = list(pool.map(items, depth=4))
+        assert out[:2] == [1, 4] and out[3:6] == [9, 16, 25] and out[7] == 36
+        assert out[2].startswith("crashed: the decoder process exited (139)") and out[6] == out[2]
+        assert pool.crashes == 2
+        assert list(pool.map([7, 8], depth=4)) == [49, 64]  # the pool carries on after crashes
+
+
+@pytest.mark.timeout(300)
+def test_memory_cap_and_time_limit_hold_inside_the_workers():
+    with IsolatedPool(pool_tasks.allocate_gb, pool_tasks.crashed, 1, WorkerLimits(memory_mb=1024, seconds=0)) as pool:
+        assert list(pool.map([4.0, 0.1], depth=2)) == ["MemoryError", "allocated 0 GiB"]
+    with IsolatedPool(pool_tasks.sleep_for, pool_tasks.crashed, 2, WorkerLimits(memory_mb=0, seconds=2)) as pool:
+        start = time.monotonic()
+        out = list(pool.map([60.0, 0.1], depth=2))
+        assert out[1] == "woke" and "ran past the time limit of 2 s (ICHBATCH_DECODE_TIMEOUT_S)" in out[0]
+        assert time.monotonic() - start < 30
+
+
+def _rle_bomb(path: Path, like: Path, frames: int) -> None:
+    """A valid RLE file of `frames` 4096 x 4096 frames: each frame is 0.5 MB compressed, 32 MB decoded.
+    Compressed data gives no size to check before decoding; only the decoder's memory cap stops it."""
+    ds = pydicom.dcmread(like)
+    segment = b"\x81\x00" * (4096 * 4096 // 128)  # runs of 128 zero bytes
+    header = struct.pack("<16L", 2, 64, 64 + len(segment), *([0] * 13))
+    ds.Rows = ds.Columns = 4096
+    ds.NumberOfFrames = frames
+    ds.PixelData = encapsulate([header + segment + segment] * frames)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.timeout(600)
+def test_a_decode_that_needs_gigabytes_is_one_slice_failure_within_the_memory_cap(tmp_path, tiny_bundle, phantom_hu):
+    uid = generate_uid()
+    paths = write_series(tmp_path / "in", phantom_hu[:10], study_uid=uid, series_uid=generate_uid())
+    bomb = next(p for p in paths if pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber == 5)
+    _rle_bomb(bomb, bomb, frames=120)  # 63 MB on disk, 4 GB decoded
+    assert bomb.stat().st_size < 80 << 20
+    out = tmp_path / "r.csv"
+    peak_gb, done = _peak_rss_gb_of([sys.executable, "-m", "ichbatch.cli", "run", str(tmp_path / "in"), "--out",
+                                     str(out), "--model", str(tiny_bundle), "--tta", "1", "--no-reports"])
+    assert done.returncode == 0, done.stderr
+    assert peak_gb < 3.0, peak_gb
+    (row,) = pd.read_csv(out, dtype=str, keep_default_na=False).to_dict("records")
+    assert row["status"] == "ok" and row["n_slices"] == "9" and "1 slice(s) could not be decoded" in row["message"]
+    files = pd.read_csv(tmp_path / "r_files.csv", dtype=str).set_index("path")
+    assert "more memory than a decoder process may use" in files.loc[str(bomb), "message"]
+
+
+def _slice_file(tmp_path: Path, hu: np.ndarray, **header: object) -> SliceRef:
+    ds = ct_slice_dataset(hu, z=0.0)
+    for key, value in header.items():
+        setattr(ds, key, value)
+    path = tmp_path / f"{generate_uid()}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return SliceRef(str(path), None, (0.0, 0.0, 0.0), 0.0)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("all air", "all air"),
+    ("intercept 0", "rescale intercept looks wrong"),
+    ("slope 10", "implausible|denser than 300 HU"),
+    ("all bone", "no soft tissue|denser than 300 HU"),
+])
+def test_decodes_that_do_not_look_like_ct_are_refused(tmp_path, phantom_hu, case, expected):
+    hu = phantom_hu[6].astype(np.float32)
+    assert load_hu(_slice_file(tmp_path, hu)).hu.shape == hu.shape  # the unchanged slice passes
+    if case == "all air":
+        ref = _slice_file(tmp_path, np.random.default_rng(0).normal(-1000, 20, hu.shape))
+    elif case == "intercept 0":  # the header lost its intercept: air reads as ~0 HU, brain as ~1000 HU
+        ref = _slice_file(tmp_path, hu, RescaleIntercept=0)
+    elif case == "slope 10":
+        ref = _slice_file(tmp_path, hu, RescaleSlope=10)
+    else:
+        ref = _slice_file(tmp_path, np.where(hu > -500, 1500.0, 900.0))
+    with pytest.raises(DecodeError, match=expected):
+        load_hu(ref)
+
+
+def test_real_decode_with_a_missing_intercept_is_caught_and_the_other_decoder_used():
+    """A real Enhanced CT frame whose intercept lives only in its functional groups: read without it,
+    pydicom's HU look wrong and the check catches it; GDCM applies the functional groups and passes."""
+    path = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "pydicom_data" / "eCT_Supplemental.dcm"
+    if not path.exists():
+        pytest.skip(f"{path} is not here (../shared/realdata)")
+    result = load_hu(SliceRef(str(path), 0, (0.0, 0.0, 0.0), 0.0))
+    assert any("rescale intercept looks wrong" in w and "SimpleITK" in w for w in result.warnings)
+    assert np.percentile(result.hu, 5) < -900 and 0 < np.median(result.hu[result.hu > -500]) < 200
+
+
+@pytest.mark.timeout(600)
+def test_late_slices_join_the_study_until_its_result_is_final_then_are_kept_aside(tmp_path, tiny_bundle, phantom_hu):
+    from ichbatch.watch.watcher import Watcher
+
+    uid, series = generate_uid(), generate_uid()
+    staged = write_series(tmp_path / "staging", phantom_hu[:12], study_uid=uid, series_uid=series)
+    incoming = tmp_path / "in"
+    incoming.mkdir()
+    for p in staged[:10]:
+        shutil.copy(p, incoming / p.name)
+    settling = _settings(tmp_path, tiny_bundle, incoming, after="delete", settle_seconds=3600)
+    watcher = Watcher(settling)
+    try:
+        watcher.scan()
+        assert watcher.process_ready() == 1
+        assert len(list(incoming.iterdir())) == 10  # done, but the result is not final yet: inputs stay
+        shutil.copy(staged[10], incoming / staged[10].name)  # a late slice
+        watcher.scan()
+        assert watcher.process_ready() == 1
+        (row,) = pd.read_csv(tmp_path / "out" / "results.csv", dtype=str).to_dict("records")
+        assert row["n_slices"] == "11"  # a new version from all eleven files, not from the late one alone
+    finally:
+        watcher.close()
+    final = Watcher(_settings(tmp_path, tiny_bundle, incoming, after="delete", settle_seconds=0))
+    try:
+        final.process_ready()
+        assert list(incoming.iterdir()) == []  # settled: now the inputs go
+        late = incoming / staged[11].name
+        shutil.copy(staged[11], late)  # later still: the study's other files are gone
+        final.scan()
+        assert final.process_ready() == 0
+        assert late.exists()  # kept, not processed, not deleted
+        (row,) = pd.read_csv(tmp_path / "out" / "results.csv", dtype=str).to_dict("records")
+        assert row["n_slices"] == "11" and row["status"] == "ok"
+        files = pd.read_csv(tmp_path / "out" / "results_files.csv", dtype=str).set_index("path")
+        assert "arrived after this study's result was final" in files.loc[str(late), "message"]
+        assert final.ledger.studies()[0].version == 2
+    finally:
+        final.close()
