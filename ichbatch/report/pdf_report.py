@@ -238,9 +238,8 @@ def _key_slices(c: canvas.Canvas, r: StudyResult, images: StudyImages, y: float)
         c.drawString(x, y - 32 - 2 * side, f"{key.slice.label}   any {p:.3f}")
     if label:
         _colour_bar(c, MARGIN + 3 * (side + 20), y - 22 - 2 * side, side)
-        c.setFont(FONT, 8)
-        c.drawString(MARGIN, y - 46 - 2 * side, f"Heat map: {r.heatmap}; colour = map x the slice's probability "
-                     f"for '{label}', one scale (0-1) for every study")
+        _wrapped(c, f"Heat map: {r.heatmap}; colour = map x the slice's probability for '{label}', one scale "
+                 "(0-1) for every study", MARGIN, y - 46 - 2 * side, FONT, 8)
 
 
 def _colour_bar(c: canvas.Canvas, x: float, y: float, height: float) -> None:

@@ -1,0 +1,108 @@
+"""Keras (TensorFlow backend) against onnxruntime on the same demo network, in one run.
+
+    pip install -c constraints.txt -e ".[cpu,onnx]"
+    python benchmarks/onnx_runtime.py [--model ich-resnet50-demo] [--batch-size 16] [--batches 10] [--repeats 3]
+
+The bundle's network is exported with Keras' own ONNX export (tf2onnx underneath) and run by
+onnxruntime's CPU provider; both get the same float32 batches of windowed images (the part of the
+serving model after windowing and TTA), interleaved batch for batch. Import time and peak memory are
+measured in fresh interpreters: import of the runtime only, and the peak RSS of a process that loads
+the model and runs one batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def _import_seconds(statement: str) -> float:
+    code = f"import time; t = time.perf_counter(); {statement}; print(time.perf_counter() - t)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+# VmHWM, not ru_maxrss: ru_maxrss survives exec and would count the forked copy of this big process.
+PEAK = ("print([int(l.split()[1]) / 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
+KERAS_ONE_BATCH = ("import numpy as np; from ichbatch.model.bundle import load_bundle; b = load_bundle({model!r}); "
+                   "b.model.predict_on_batch(np.zeros(({n}, {s}, {s}, 3), np.float32)); " + PEAK)
+ORT_ONE_BATCH = ("import numpy as np, onnxruntime as ort; "
+                 "o = ort.InferenceSession({path!r}, providers=['CPUExecutionProvider']); "
+                 "o.run(None, {{o.get_inputs()[0].name: np.zeros(({n}, {s}, {s}, 3), np.float32)}}); " + PEAK)
+
+
+def _peak_mb(code: str) -> float:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ich-resnet50-demo")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batches", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    import numpy as np
+
+    keras_import = _import_seconds("import keras, tensorflow")
+    ort_import = _import_seconds("import onnxruntime")
+
+    from ichbatch.model.bundle import load_bundle
+
+    bundle = load_bundle(args.model)
+    size = bundle.card.input_size
+    batch = np.random.default_rng(0).random((args.batch_size, size, size, 3)).astype(np.float32)
+    model = bundle.model
+    model.predict_on_batch(batch)
+    keras_mb = _peak_mb(KERAS_ONE_BATCH.format(model=args.model, n=args.batch_size, s=size))
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        t = time.perf_counter()
+        model.export(str(path), format="onnx", verbose=False)
+        export_s = time.perf_counter() - t
+        ort_mb = _peak_mb(ORT_ONE_BATCH.format(path=str(path), n=args.batch_size, s=size))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = os.cpu_count() or 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        session.run(None, {name: batch})
+
+        difference = float(np.abs(model.predict_on_batch(batch) - session.run(None, {name: batch})[0]).max())
+        t_keras, t_ort = [], []
+        for k in range(args.repeats * args.batches):
+            for which in ((0, 1) if k % 2 else (1, 0)):  # alternate the order: no bias to either
+                t = time.perf_counter()
+                if which == 0:
+                    model.predict_on_batch(batch)
+                    t_keras.append(time.perf_counter() - t)
+                else:
+                    session.run(None, {name: batch})
+                    t_ort.append(time.perf_counter() - t)
+    k_rate = args.batch_size / float(np.median(t_keras))
+    o_rate = args.batch_size / float(np.median(t_ort))
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+          f"onnxruntime {ort.__version__}, model {bundle.card.display_name} at {size}px, batch {args.batch_size}")
+    print(f"images/s:       Keras-TensorFlow {k_rate:8.1f}   onnxruntime {o_rate:8.1f}   ratio ort/keras {o_rate / k_rate:.2f}")
+    print(f"import time:    Keras-TensorFlow {keras_import:8.2f} s onnxruntime {ort_import:8.2f} s")
+    print(f"peak RSS:       Keras-TensorFlow {keras_mb:8.0f} MB onnxruntime {ort_mb:8.0f} MB "
+          "(a fresh process that loads the model and runs one batch)")
+    print(f"export to ONNX: {export_s:.1f} s; largest difference in probabilities: {difference:.2e}")
+
+
+if __name__ == "__main__":
+    main()
