@@ -183,6 +183,7 @@ class StudyResult:
     report_pdf: str = ""
     domain_score: float | None = None  # distance from the model's training data (None: the card has no check)
     domain_threshold: float | None = None  # above it the study is not assessed
+    thresholds: Mapping[str, float] = field(default_factory=dict)  # the card's, for calibrated scores
 
 
 @dataclass(frozen=True)

@@ -256,7 +256,7 @@ class StudyPath:
             labels=card.labels, outputs=card.outputs, warnings=choice.warnings,
             model=card.name, model_version=card.version, model_trained=card.trained,
             model_trained_on=card.trained_on, tta=self.engine.tta, heatmap=self.engine.explainer.describe(),
-            instances_digest=choice.instances_digest,
+            instances_digest=choice.instances_digest, thresholds=dict(card.thresholds),
         )
 
     def _failed(self, choice: SeriesChoice, message: str) -> StudyResult:

@@ -37,7 +37,15 @@ def test_outputs_join_the_original_study(outputs):
     assert str(report.PatientName) == "MÜLLER^ZOË" and report.AccessionNumber == "ACC1"
     assert len(keys) == 3 and all(k.SOPClassUID == SECONDARY_CAPTURE and k.StudyInstanceUID == study for k in keys)
     assert keys[0].SeriesInstanceUID != report.SeriesInstanceUID
-    assert keys[0].pixel_array.shape == (64, 64, 3) and np.asarray(keys[0].pixel_array).max() > 0
+    pixels = np.asarray(keys[0].pixel_array)
+    # The 64 px key image, enlarged 4x so the notice burned in below it is legible, as
+    # BurnedInAnnotation YES says: the notice and the model, in white on black.
+    assert pixels.shape[1:] == (256, 3) and pixels.shape[0] > 256 and pixels[:256].max() > 0
+    assert keys[0].BurnedInAnnotation == "YES" and (pixels[256:] > 200).sum() > 200
+    for ds in (report, *keys):
+        assert "NOT FOR DIAGNOSIS" in ds.SeriesDescription and len(ds.SeriesDescription) <= 64
+        assert ds.ManufacturerModelName == "tiny" and list(ds.SoftwareVersions)[1] == "0.1"
+    assert "NOT FOR DIAGNOSIS" in report.DocumentTitle
     # Each key image names its source slice, so a viewer can jump to it.
     assert keys[0].SourceImageSequence[0].ReferencedSOPInstanceUID == "1.2.3.4.5.105"
     assert "Im 35, z 5.0 mm" in keys[0].ImageComments

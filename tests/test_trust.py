@@ -140,3 +140,55 @@ def test_heat_maps_only_for_flagged_labels_on_one_scale_with_a_colour_bar(tmp_pa
     text = " ".join(PdfReader(positive["report_pdf"]).pages[0].extract_text().split())
     assert "heat map for 'any' (flagged)" in text and "one scale (0-1) for every study" in text
     assert "no heat map: no label is flagged" in " ".join(PdfReader(negative["report_pdf"]).pages[0].extract_text().split())
+
+
+TYPES = {"string": str, "boolean": bool, "integer": int, "number": (int, float), "null": type(None),
+         "object": dict, "array": list}
+
+
+def _check(value: object, schema: dict, where: str) -> None:
+    """The parts of JSON Schema that docs/result-schema.json uses: type, const, enum, required, items."""
+    if "const" in schema:
+        assert value == schema["const"], where
+    if "enum" in schema:
+        assert value in schema["enum"], where
+    if "type" in schema:
+        kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        assert any(isinstance(value, TYPES[k]) and not (k in ("integer", "number") and isinstance(value, bool))
+                   for k in kinds), f"{where}: {value!r} is not {kinds}"
+    for key in schema.get("required", []):
+        assert isinstance(value, dict) and key in value, f"{where}: {key} missing"
+    for key, sub in schema.get("properties", {}).items():
+        if isinstance(value, dict) and key in value:
+            _check(value[key], sub, f"{where}.{key}")
+    if "items" in schema and isinstance(value, list):
+        for k, item in enumerate(value):
+            _check(item, schema["items"], f"{where}[{k}]")
+
+
+def test_a_versioned_json_result_per_study_matches_its_schema_and_the_csv(tmp_path, tiny_bundle, phantom_hu):
+    schema = json.loads((Path(__file__).resolve().parents[1] / "docs" / "result-schema.json").read_text())
+    ok, chest = generate_uid(), generate_uid()
+    write_series(tmp_path / "in" / "a", phantom_hu[:9], study_uid=ok, series_uid=generate_uid())
+    write_series(tmp_path / "in" / "b", phantom_hu[:9], study_uid=chest, series_uid=generate_uid())
+    for p in (tmp_path / "in" / "b").iterdir():
+        ds = pydicom.dcmread(p)
+        ds.BodyPartExamined = "CHEST"
+        ds.save_as(p)
+    bundle = _card_copy(tiny_bundle, tmp_path / "ruled", eligibility={"body_parts": ["HEAD"]})
+    rows = _run([tmp_path / "in"], tmp_path / "r.csv", bundle)
+    for uid in (ok, chest):
+        pdf = Path(rows.loc[uid, "report_pdf"])
+        result = json.loads(pdf.with_suffix(".json").read_text())
+        _check(result, schema, "result")
+        assert result["schema"] == "ichbatch.study-result/1" and result["study"]["study_uid"] == uid
+        assert result["status"] == rows.loc[uid, "status"] and result["report_pdf"] == str(pdf)
+        any_finding = next(f for f in result["findings"] if f["label"] == "any")
+        if uid == ok:
+            assert any_finding["probability"] == pytest.approx(float(rows.loc[uid, "prob_any"]), abs=1e-4)
+            assert any_finding["flagged"] == (rows.loc[uid, "flag_any"] == "1")
+            assert [k["sop_instance_uid"] for k in result["key_slices"]] == rows.loc[uid, "key_sop_uids"].split()
+        else:
+            assert any_finding == {"label": "any", "assessed": False, "probability": None, "flagged": None,
+                                   "threshold": 0.5}
+            assert "body part CHEST" in result["message"]

@@ -76,9 +76,10 @@ def _base(source: Dataset, sop_class: str, modality: str, series_uid: str, serie
     ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
     ds.Modality = modality
     ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = series_uid, series_number, instance
-    ds.SeriesDescription = f"ichbatch {result.model} - {NOT_FOR_DIAGNOSIS}"[:64]
+    ds.SeriesDescription = _with_notice(f"ichbatch {result.model} {result.model_version}")
     ds.Manufacturer = "ichbatch"
-    ds.SoftwareVersions = __version__
+    ds.ManufacturerModelName = result.model[:64]  # the algorithm; its version is the second SoftwareVersions
+    ds.SoftwareVersions = [__version__, result.model_version[:64] or "unknown"]
     ds.ConversionType = "WSD"
     ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     ds.InstanceCreationDate, ds.InstanceCreationTime = ds.ContentDate, ds.ContentTime
@@ -89,7 +90,7 @@ def _base(source: Dataset, sop_class: str, modality: str, series_uid: str, serie
 def encapsulated_pdf(source: Dataset, pdf_bytes: bytes, result: StudyResult) -> Dataset:
     ds = _base(source, ENCAPSULATED_PDF, "DOC", generate_uid(), PDF_SERIES_NUMBER, 1, result)
     ds.AcquisitionDateTime = ds.ContentDate + ds.ContentTime
-    ds.DocumentTitle = f"ICH screen ({result.model}) - {NOT_FOR_DIAGNOSIS}"[:64]
+    ds.DocumentTitle = _with_notice(f"ICH screen {result.model} {result.model_version}")
     ds.ConceptNameCodeSequence = []
     ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
     # OB values must have even length; the PDF ends after its %%EOF, so a trailing pad byte is harmless.
@@ -106,12 +107,43 @@ def secondary_capture(source: Dataset, rgb: np.ndarray, series_uid: str, instanc
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.DerivationDescription = f"{comment}; {NOT_FOR_DIAGNOSIS}"
     ds.ImageComments = comment
+    rgb = burn_in(rgb, [NOT_FOR_DIAGNOSIS, f"{result.model} {result.model_version}"])
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
     ds.Rows, ds.Columns = rgb.shape[:2]
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     ds.LossyImageCompression = "00"
     ds.PixelData = np.ascontiguousarray(rgb, np.uint8).tobytes()
     return ds
+
+
+NOTICE = "NOT FOR DIAGNOSIS"
+MIN_BURN_WIDTH = 256
+
+
+def _with_notice(text: str) -> str:
+    """A 64-character LO value that always keeps the notice whole: the rest is shortened, never it."""
+    room = 64 - len(NOTICE) - 3
+    return f"{NOTICE} - {text[:room]}"
+
+
+def burn_in(rgb: np.ndarray, lines: list[str]) -> np.ndarray:
+    """The image with a black band below it carrying the lines in white, as big as the width allows.
+    BurnedInAnnotation YES is then true: a viewer that drops the headers still shows the notice."""
+    import cv2
+
+    if rgb.shape[1] < MIN_BURN_WIDTH:  # enlarged first, so that the notice stays legible
+        factor = -(-MIN_BURN_WIDTH // rgb.shape[1])
+        rgb = cv2.resize(rgb, (rgb.shape[1] * factor, rgb.shape[0] * factor), interpolation=cv2.INTER_NEAREST)
+    width = rgb.shape[1]
+    font, thickness = cv2.FONT_HERSHEY_SIMPLEX, 1
+    widest = max(cv2.getTextSize(line, font, 1.0, thickness)[0][0] for line in lines)
+    scale = min(1.0, 0.94 * width / widest)
+    line_h = int(np.ceil(cv2.getTextSize("Hg", font, scale, thickness)[0][1] * 1.8)) + 2
+    band = np.zeros((line_h * len(lines) + 4, width, 3), np.uint8)
+    for k, line in enumerate(lines):
+        cv2.putText(band, line, (int(0.03 * width), (k + 1) * line_h - 2), font, scale, (255, 255, 255), thickness,
+                    cv2.LINE_AA)
+    return np.concatenate([np.ascontiguousarray(rgb, np.uint8), band])
 
 
 def _reference_source(ds: Dataset, source: Dataset, sop_uid: str) -> None:

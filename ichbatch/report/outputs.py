@@ -1,4 +1,4 @@
-"""All outputs of one study, in a safe order: PDF and thumbnail, DICOM objects, then the store commit
+"""All outputs of one study, in a safe order: PDF, JSON and thumbnail, DICOM objects, then the store commit
 (which shows the CSV row), then the study's page of the HTML index.
 
 The store commit comes last among the files, so a row never points at a report that was not written;
@@ -17,6 +17,7 @@ from ..errors import DiskFullError, OutputError
 from .csv_report import COLUMNS, cell, row, slice_rows
 from .files import OutputLock, atomic_write_bytes, remove_stale_temp_files
 from .html_index import HtmlIndex, write_thumbnail
+from .json_report import write_json
 from .pdf_report import pdf_name, render_pdf
 from .store import ResultsStore
 
@@ -104,6 +105,7 @@ class OutputWriter:
         try:
             atomic_write_bytes(Path(result.report_pdf), pdf)
             outputs.append(result.report_pdf)
+            outputs.append(str(write_json(result, folder, self.settings.pseudonym_key)))
             thumb = write_thumbnail(result, images, folder)
             if thumb is not None:
                 outputs.append(str(thumb))
