@@ -243,10 +243,47 @@ def train(settings: TrainSettings, data: TrainData, echo: Callable[[str], None] 
                                                if settings.source == "phantoms" else "user data"),
         seed=settings.seed, metrics={"validation": _summary(metrics), "epochs_run": len(history.get("loss", []))},
     )
+    card = _with_calibration(card, data.y[va], val_pred, data.groups[va], echo)
     folder = write_bundle(settings.out, card, base)
     _plot_curves(history, folder / "training_curves.png")
+    _fit_domain(folder, base, data.x[va], data.groups[va], echo)
     echo(f"bundle written to {folder}; validation: {card.metrics['validation']}")
     return folder
+
+
+def _with_calibration(card, y: np.ndarray, p: np.ndarray, groups: np.ndarray,  # type: ignore[no-untyped-def]
+                      echo: Callable[[str], None]):
+    """Platt scaling on the validation studies (which training never saw); the thresholds then apply
+    to calibrated scores. Fewer than 4 validation studies: no calibration, and the card says so by its absence."""
+    from dataclasses import replace
+
+    from .model.calibration import fit_calibration
+
+    studies = [(y[groups == g], p[groups == g]) for g in np.unique(groups)]
+    if len(studies) < 4:
+        echo(f"no calibration: {len(studies)} validation studies, at least 4 are needed")
+        return card
+    fit = fit_calibration(studies, card.outputs)
+    return replace(card, calibration=fit.card_entry(f"the validation split of the training data ({len(studies)} studies)"))
+
+
+def _fit_domain(folder: Path, base, x_uint8: np.ndarray, groups: np.ndarray,  # type: ignore[no-untyped-def]
+                echo: Callable[[str], None]) -> None:
+    """The domain check from the validation studies' pooled features (the unaugmented view, as at run time)."""
+    from .infer import feature_model
+    from .model.bundle import attach_domain
+    from .model.domain_check import fit_domain
+
+    studies = np.unique(groups)
+    if len(studies) < 4:
+        echo(f"no domain check: {len(studies)} validation studies, at least 4 are needed "
+             "(fit one later with `ichbatch models fit-domain`)")
+        return
+    _, feats = feature_model(base).predict(x_uint8.astype(np.float32) / 255.0, batch_size=64, verbose=0)
+    fit = fit_domain([np.asarray(feats)[groups == g] for g in studies])
+    attach_domain(folder, fit.check, {**fit.summary(), "features": "pooled features of the unaugmented view",
+                                      "fitted_on": f"the validation split of the training data ({len(studies)} studies)"})
+    echo(f"domain check fitted on {len(studies)} validation studies: threshold {fit.check.threshold:.3f}")
 
 
 def _set_bn_momentum(base, momentum: float) -> None:  # type: ignore[no-untyped-def]

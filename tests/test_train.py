@@ -34,11 +34,16 @@ def test_group_split_keeps_groups_whole():
 
 def test_train_on_phantoms(tmp_path):
     out = tmp_path / "phantom-model"
-    result = CliRunner().invoke(main, ["train", "--source", "phantoms", "--out", str(out), "--phantom-studies", "3",
-                                       "--phantom-slices", "8", *COMMON])
+    result = CliRunner().invoke(main, ["train", "--source", "phantoms", "--out", str(out), "--phantom-studies", "16",
+                                       "--phantom-slices", "8", "--val-fraction", "0.25", *COMMON])
     assert result.exit_code == 0, result.output
     _check_bundle(out, ("any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"))
-    assert "synthetic phantoms" in json.loads((out / "model.json").read_text())["trained_on"]
+    card = json.loads((out / "model.json").read_text())
+    assert "synthetic phantoms" in card["trained_on"]
+    # Fitted at training time on the validation studies: the calibration and the domain check.
+    assert "validation split" in card["calibration"]["fitted_on"] and set(card["calibration"]["params"]) == set(card["outputs"])
+    assert "validation split" in card["domain"]["fitted_on"] and card["domain"]["held_out_studies"] >= 2
+    assert load_bundle(str(out)).domain is not None and "domain check fitted on" in result.output
 
 
 def test_train_on_rsna_layout(tmp_path):

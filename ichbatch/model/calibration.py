@@ -59,7 +59,10 @@ def _platt(y: np.ndarray, p: np.ndarray) -> list[float]:
     if y.min() == y.max():
         return [1.0, 0.0]  # one class only: nothing to learn, leave the scores as they are
     model = LogisticRegression(C=1e4, max_iter=1000).fit(logit(p)[:, None], y.astype(int))
-    return [float(model.coef_[0, 0]), float(model.intercept_[0])]
+    a, b = float(model.coef_[0, 0]), float(model.intercept_[0])
+    # A slope of 0 or below means the scores do not rise with the label (an untrained or failed
+    # model): a map that flattens or inverts them would hide that, so the scores stay as they are.
+    return [a, b] if a > 0 else [1.0, 0.0]
 
 
 def fit_calibration(studies: Sequence[tuple[np.ndarray, np.ndarray]], outputs: Sequence[str],

@@ -86,10 +86,11 @@ class HtmlIndex:
         self._write_landing(last)
 
     def _write_landing(self, last: int) -> None:
-        counts = ", ".join(f"{self.store.count(s.value)} {s.value.replace('_', ' ')}" for s in Status)
+        by_status = self.store.counts()
+        counts = ", ".join(f"{by_status.get(s.value, 0)} {s.value.replace('_', ' ')}" for s in Status)
         links = " ".join(f'<a href="{html.escape(_rel(self.page_path(n), self.landing.parent))}">{n}</a>'
                          for n in range(1, last + 1))
-        body = (f"<p>{self.store.count()} studies ({counts}), from {html.escape(self.csv_path.name)}; "
+        body = (f"<p>{sum(by_status.values())} studies ({counts}), from {html.escape(self.csv_path.name)}; "
                 f"{self.page_size} per page, in order of arrival.</p><p>Pages: {links}</p>")
         atomic_write_bytes(self.landing, _page("ichbatch results", body).encode("utf-8"))
 

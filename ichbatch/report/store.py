@@ -28,6 +28,7 @@ CREATE TABLE IF NOT EXISTS studies (
     instances_digest TEXT NOT NULL, model TEXT NOT NULL, row TEXT NOT NULL, outputs TEXT NOT NULL,
     run_id TEXT NOT NULL, finished_at REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS studies_status ON studies(status);
 CREATE TABLE IF NOT EXISTS slices (
     study_uid TEXT NOT NULL, idx INTEGER NOT NULL, row TEXT NOT NULL, PRIMARY KEY (study_uid, idx)
 );
@@ -199,6 +200,10 @@ class ResultsStore:
         if status is None:
             return int(self.db.execute("SELECT COUNT(*) FROM studies").fetchone()[0])
         return int(self.db.execute("SELECT COUNT(*) FROM studies WHERE status=?", (status,)).fetchone()[0])
+
+    def counts(self) -> dict[str, int]:
+        """Studies by status in one pass over the status index (the index page shows them per study)."""
+        return dict(self.db.execute("SELECT status, COUNT(*) FROM studies GROUP BY status").fetchall())
 
     def page(self, number: int, size: int) -> list[StoredStudy]:
         """Studies in order of first arrival; page 1 is the first `size` of them."""
