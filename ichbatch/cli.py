@@ -544,6 +544,7 @@ def models_fit_domain(bundle: str, data: tuple[Path, ...], fitted_on: str, tta: 
       ichbatch models fit-domain models/my-model /data/heldout --fitted-on "200 held-out training studies"
     """
     from .fitting import fit_bundle_domain
+    from .model.bundle import resolve
 
     try:
         card = fit_bundle_domain(bundle, list(data), fitted_on, tta=tta, dims=dims, quantile=quantile,
@@ -551,7 +552,7 @@ def models_fit_domain(bundle: str, data: tuple[Path, ...], fitted_on: str, tta: 
     except (BundleError, ValueError) as exc:
         raise _fatal(str(exc), EXIT_USAGE) from exc
     assert card.domain is not None
-    click.echo(f"domain check written to {resolve_path(bundle)}: threshold {card.domain['threshold']:.3f}, "
+    click.echo(f"domain check written to {resolve(bundle)}: threshold {card.domain['threshold']:.3f}, "
                f"{card.domain['held_out_outside']:.1%} of {card.domain['held_out_studies']} held-out studies above it")
 
 
@@ -572,6 +573,7 @@ def models_calibrate(bundle: str, data: tuple[Path, ...], labels: Path, fitted_o
       ichbatch models calibrate models/my-model heldout --labels heldout/manifest.json --fitted-on "60 held-out phantoms"
     """
     from .fitting import calibrate_bundle
+    from .model.bundle import resolve
 
     try:
         card = calibrate_bundle(bundle, list(data), labels, fitted_on, tta=tta, seed=seed)
@@ -580,13 +582,7 @@ def models_calibrate(bundle: str, data: tuple[Path, ...], labels: Path, fitted_o
     assert card.calibration is not None
     for label in card.outputs:
         click.echo(f"{label:17s} ECE {card.calibration['ece_before'][label]:.3f} -> {card.calibration['ece_after'][label]:.3f}")
-    click.echo(f"calibration written to the card of {resolve_path(bundle)}")
-
-
-def resolve_path(bundle: str) -> Path:
-    from .model.bundle import resolve
-
-    return resolve(bundle)
+    click.echo(f"calibration written to the card of {resolve(bundle)}")
 
 
 def _finish_options(group: click.Group) -> None:

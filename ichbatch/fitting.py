@@ -34,9 +34,9 @@ def _scored(bundle: str, inputs: Sequence[Path], tta: int | None,
     engine = Engine(settings)
     scored = []
     try:
+        # Studies without a usable series, or outside the card's rules, have no features: features() skips them.
         choices = (choose_series(series, settings.rules) for series in studies.values())
-        usable = (c for c in choices if c.series is not None and not engine.bundle.card.eligibility.problem(c))
-        for n, item in enumerate(StudyPath(engine).features(usable), 1):
+        for n, item in enumerate(StudyPath(engine).features(choices), 1):
             scored.append(item)
             if progress:
                 progress(n, len(studies))
@@ -50,8 +50,7 @@ def fit_bundle_domain(bundle: str, inputs: Sequence[Path], fitted_on: str, tta: 
                       progress: Callable[[int, int], None] | None = None) -> ModelCard:
     engine, scored = _scored(bundle, inputs, tta, progress)
     fit = fit_domain([feats for *_, feats in scored], dims=dims, quantile=quantile, margin=margin, seed=seed)
-    summary = {**fit.summary(), "features": "pooled features of the unaugmented view (the same at any --tta)",
-               "fitted_on": fitted_on}
+    summary = {**fit.summary(), "fitted_on": fitted_on}
     log.info("domain check: threshold %.3f, %.1f%% of held-out studies outside", fit.check.threshold,
              100 * summary["held_out_outside"])  # type: ignore[operator]
     return attach_domain(resolve(bundle), fit.check, summary)

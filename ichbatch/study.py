@@ -108,9 +108,9 @@ class StudyPath:
     def process_many(self, choices: Iterable[SeriesChoice]) -> Iterator[StudyResult]:
         """Each study's result once its outputs are written, in input order."""
         started = time.perf_counter()
-        for choice, decoded, probs, features in self._score(choices):
+        for choice, rule, decoded, probs, features in self._score(choices):
             try:
-                result, images = self._finish(choice, decoded, probs, features, time.perf_counter() - started)
+                result, images = self._finish(choice, rule, decoded, probs, features, time.perf_counter() - started)
             except Exception as exc:  # one study's failure must not stop the batch
                 log.exception("a study failed while finishing")
                 result, images = self._failed(choice, f"{type(exc).__name__}: {exc}"), StudyImages()
@@ -120,21 +120,23 @@ class StudyPath:
     def _write(self, result: StudyResult, images: StudyImages) -> StudyResult:
         return self.sink.write(result, images) if self.sink else result
 
-    def _score(self, choices: Iterable[SeriesChoice]) -> Iterator[tuple[SeriesChoice, list[Decoded], np.ndarray,
-                                                                        np.ndarray]]:
+    def _score(self, choices: Iterable[SeriesChoice]) -> Iterator[tuple[SeriesChoice, str, list[Decoded],
+                                                                        np.ndarray, np.ndarray]]:
         """Stream the slices of every runnable study through the model; yield each study when complete.
 
         Studies with no usable series pass straight through, in order, with no slices. With features
         on (a domain check in the bundle, or fitting one), each study's pooled features come along.
+        Each study comes with the card's eligibility rule it breaks ('' when none), checked once here.
         """
         size = self.engine.bundle.card.input_size
         eligibility = self.engine.bundle.card.eligibility
-        order: dict[int, SeriesChoice] = {}  # studies whose slices are in flight; a few at a time
+        order: dict[int, tuple[SeriesChoice, str]] = {}  # studies in flight, with their broken rule; a few at a time
 
         def jobs() -> Iterator[DecodeJob]:
             for i, choice in enumerate(choices):
-                order[i] = choice
-                if eligibility.problem(choice):
+                rule = eligibility.problem(choice)
+                order[i] = choice, rule
+                if rule:
                     continue  # not run: _finish says why
                 for k, ref in enumerate(choice.slices, 1):
                     yield DecodeJob(i, slice_id(k, ref), ref, size)
@@ -144,8 +146,9 @@ class StudyPath:
         probs: dict[int, list[np.ndarray]] = {}
         features: dict[int, list[np.ndarray]] = {}
 
-        def done(i: int) -> tuple[SeriesChoice, list[Decoded], np.ndarray, np.ndarray]:
-            return order.pop(i), per_study.pop(i, []), _stack(probs.pop(i, [])), _stack(features.pop(i, []))
+        def done(i: int) -> tuple[SeriesChoice, str, list[Decoded], np.ndarray, np.ndarray]:
+            choice, rule = order.pop(i)
+            return choice, rule, per_study.pop(i, []), _stack(probs.pop(i, [])), _stack(features.pop(i, []))
 
         def ok_items() -> Iterator[tuple[Decoded, np.ndarray]]:
             for d in decoded:
@@ -171,11 +174,10 @@ class StudyPath:
             yield done(current)
             current += 1
 
-    def _finish(self, choice: SeriesChoice, decoded: list[Decoded], probs: np.ndarray, features: np.ndarray,
-                seconds: float) -> tuple[StudyResult, StudyImages]:
+    def _finish(self, choice: SeriesChoice, rule: str, decoded: list[Decoded], probs: np.ndarray,
+                features: np.ndarray, seconds: float) -> tuple[StudyResult, StudyImages]:
         if choice.series is None:
             return self._base(choice, Status.SKIPPED, choice.message), StudyImages()
-        rule = self.engine.bundle.card.eligibility.problem(choice)
         if rule:
             message = f"not assessed: outside what model {self.engine.model_key} is made for ({rule})"
             return self._base(choice, Status.NOT_ASSESSED, message), StudyImages()
@@ -217,7 +219,7 @@ class StudyPath:
                                                                           np.ndarray, np.ndarray]]:
         """(choice, scored slices, raw slice probabilities, pooled features) for each study whose slices
         decoded; for fitting a domain check or calibration on the same path that runs studies."""
-        for choice, decoded, probs, feats in self._score(choices):
+        for choice, _, decoded, probs, feats in self._score(choices):
             if len(feats):
                 yield choice, tuple(d.ident for d in decoded if d.model_input is not None), probs, feats
 

@@ -281,7 +281,7 @@ def _fit_domain(folder: Path, base, x_uint8: np.ndarray, groups: np.ndarray,  # 
         return
     _, feats = feature_model(base).predict(x_uint8.astype(np.float32) / 255.0, batch_size=64, verbose=0)
     fit = fit_domain([np.asarray(feats)[groups == g] for g in studies])
-    attach_domain(folder, fit.check, {**fit.summary(), "features": "pooled features of the unaugmented view",
+    attach_domain(folder, fit.check, {**fit.summary(),
                                       "fitted_on": f"the validation split of the training data ({len(studies)} studies)"})
     echo(f"domain check fitted on {len(studies)} validation studies: threshold {fit.check.threshold:.3f}")
 

@@ -32,11 +32,11 @@ def apply(probs: np.ndarray, outputs: Sequence[str], params: Mapping[str, Sequen
     return out
 
 
-def ece(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
-    y, p = np.asarray(y, np.float64), np.asarray(p, np.float64)
-    idx = np.minimum((p * bins).astype(int), bins - 1)
-    return float(sum(abs(p[idx == b].mean() - y[idx == b].mean()) * np.mean(idx == b)
-                     for b in range(bins) if np.any(idx == b)))
+def ece(y: np.ndarray, p: np.ndarray) -> float:
+    """Expected calibration error, as `ichbatch evaluate` reports it."""
+    from ..evaluate import calibration
+
+    return float(calibration(y, p)["ece"])
 
 
 @dataclass(frozen=True)

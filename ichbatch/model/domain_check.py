@@ -24,6 +24,7 @@ from ..errors import BundleError
 
 STATISTIC = "lower quartile of the slices' Mahalanobis distances of pooled features (PCA, Ledoit-Wolf covariance)"
 QUANTILE = 0.25  # of a study's slice distances
+FEATURES = "pooled features of the unaugmented view (the same at any --tta)"
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class DomainFit:
 
     def summary(self) -> dict[str, object]:
         scores = self.held_out_scores
-        return {"statistic": STATISTIC, "dimensions": int(self.check.components.shape[0]),
+        return {"statistic": STATISTIC, "features": FEATURES, "dimensions": int(self.check.components.shape[0]),
                 "fit_studies": self.fit_studies, "held_out_studies": int(len(scores)),
                 "threshold": round(self.check.threshold, 4),
                 "rule": f"{self.quantile:.3g} quantile of held-out study scores x {self.margin:g}",
