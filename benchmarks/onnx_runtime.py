@@ -2,12 +2,17 @@
 
     pip install -c constraints.txt -e ".[cpu,onnx]"
     python benchmarks/onnx_runtime.py [--model ich-resnet50-demo] [--batch-size 16] [--batches 10] [--repeats 3]
+                                      [--studies 6]
 
 The bundle's network is exported with Keras' own ONNX export (tf2onnx underneath) and run by
 onnxruntime's CPU provider; both get the same float32 batches of windowed images (the part of the
 serving model after windowing and TTA), interleaved batch for batch. Import time and peak memory are
 measured in fresh interpreters: import of the runtime only, and the peak RSS of a process that loads
 the model and runs one batch.
+
+Then the whole study path: `ichbatch run` with --runtime keras and --runtime onnx (the bundle's cached
+ONNX export) over the same generated studies, alternated, and the largest difference in study
+probabilities between them.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--batches", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--studies", type=int, default=6, help="Generated studies for the end-to-end part (0: skip it).")
     args = parser.parse_args()
 
     import numpy as np
@@ -102,6 +108,40 @@ def main() -> None:
     print(f"peak RSS:       Keras-TensorFlow {keras_mb:8.0f} MB onnxruntime {ort_mb:8.0f} MB "
           "(a fresh process that loads the model and runs one batch)")
     print(f"export to ONNX: {export_s:.1f} s; largest difference in probabilities: {difference:.2e}")
+    if args.studies:
+        _end_to_end(args)
+
+
+def _end_to_end(args: argparse.Namespace) -> None:
+    """Slices per second of the whole study path, Keras against onnxruntime, runs alternated."""
+    import numpy as np
+
+    from ichbatch.pipeline import process_folder
+    from ichbatch.study import Engine, RunSettings
+    from ichbatch.synth import synth_studies
+
+    with tempfile.TemporaryDirectory() as tmp:
+        synth_studies(Path(tmp) / "studies", args.studies, seed=5)
+        os.environ.setdefault("ICHBATCH_CACHE", str(Path(tmp) / "cache"))
+        engines = {r: Engine(RunSettings(model=args.model, runtime=r, tta=2, batch_size=args.batch_size))
+                   for r in ("keras", "onnx")}
+        rates: dict[str, list[float]] = {r: [] for r in engines}
+        probs: dict[str, dict[str, float]] = {r: {} for r in engines}
+        for k in range(2 * args.repeats):
+            for r in (("keras", "onnx") if k % 2 else ("onnx", "keras")):
+                def keep(result, r=r):  # type: ignore[no-untyped-def]
+                    probs[r].update({result.study.study_uid + label: v for label, v in result.study_probs.items()})
+
+                summary = process_folder([Path(tmp) / "studies"], engines[r].settings, on_result=keep, engine=engines[r])
+                if k:  # the first round warms both up
+                    rates[r].append(summary.n_slices / summary.seconds)
+        for engine in engines.values():
+            engine.close()
+    diff = max(abs(probs["keras"][key] - probs["onnx"][key]) for key in probs["keras"])
+    k_rate, o_rate = float(np.median(rates["keras"])), float(np.median(rates["onnx"]))
+    print(f"ichbatch run, {args.studies} studies x 24 slices, --tta 2, whole study path (decode, model, reports off): "
+          f"slices/s keras {k_rate:.1f}, onnx {o_rate:.1f}, ratio {o_rate / k_rate:.2f}; "
+          f"largest difference in study probabilities {diff:.2e}")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,11 @@ class Decoded:
     warnings: tuple[str, ...]
     error: str = ""
 
+    @property
+    def z(self) -> float:
+        """Position along the head axis (mm), for choosing slice context."""
+        return self.ref.z
+
 
 def decode_slice(job: DecodeJob) -> Decoded:
     """Never raises: a file that cannot be decoded is a Decoded with an error, not a failed batch."""

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from .model.bundle import Bundle
-from .preprocess import MAX_TTA, tta_views, window_ops
+from .model.inputs import channel_ops, to_layout, to_probabilities
+from .preprocess import MAX_TTA, tta_views
 
 
 def default_device() -> str:
@@ -47,7 +48,9 @@ def default_workers() -> int:
 
 
 class Predictor:
-    """Windowing, TTA views and the network in one compiled call on int16 HU batches."""
+    """The card's input preparation, TTA views and the network on int16 HU batches, then the card's
+    activation, the mean over views and its output mapping. Keras bundles run it all as one compiled
+    call; ONNX bundles prepare the input with the same keras.ops code and run the network in onnxruntime."""
 
     def __init__(self, bundle: Bundle, tta: int, batch_size: int, features: bool = False) -> None:
         """features: also return each slice's pooled features (for the domain check), at no extra pass."""
@@ -56,29 +59,36 @@ class Predictor:
         self.bundle = bundle
         self.tta = tta
         self.batch_size = batch_size
+        self.spec = bundle.card.input_spec
         self.size = bundle.card.input_size
         self.features = features
-        self.serving = build_serving_model(bundle, tta, features)
-        self._call = _jax_call(self.serving) or self.serving.predict_on_batch
+        if bundle.card.architecture == "onnx":
+            self._run = onnx_runner(bundle, tta, features)
+        else:
+            self.serving = build_serving_model(bundle, tta, features)
+            self._run = keras_runner(self.serving, features)
 
     def predict(self, hu_batch: np.ndarray) -> np.ndarray:
-        """(n, S, S) int16 HU, n <= batch_size -> (n, outputs) probabilities averaged over the views."""
+        """(n, S, S) or (n, 2k+1, S, S) int16 HU, n <= batch_size -> (n, outputs) probabilities."""
         return self.predict_both(hu_batch)[0]
 
     def predict_both(self, hu_batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Probabilities averaged over the views and (with features=True) the pooled features of view 0."""
+        if hu_batch.ndim == 3:
+            hu_batch = hu_batch[:, None]
         n = hu_batch.shape[0]
         if n < self.batch_size:
-            pad = np.full((self.batch_size - n, self.size, self.size), -1024, np.int16)
+            pad = np.full((self.batch_size - n, *hu_batch.shape[1:]), -1024, np.int16)
             hu_batch = np.concatenate([hu_batch, pad])
-        out = self._call(hu_batch)
-        if self.features:
-            probs, feats = out
-            return np.asarray(probs, np.float32)[:n], np.asarray(feats, np.float32)[:n]
-        return np.asarray(out, np.float32)[:n], None
+        raw, feats = self._run(hu_batch)
+        card = self.bundle.card
+        probs = to_probabilities(raw, card.output_activation, self.tta, card.output_map)[:n]
+        # View v of image b is row v * batch + b: view 0, the image as it is, comes first.
+        return probs, None if feats is None else np.asarray(feats, np.float32)[:n]
 
     def stream(self, items: Iterable[tuple[Any, np.ndarray]]) -> Iterator[tuple[Any, np.ndarray, np.ndarray | None]]:
-        """(key, int16 slice) -> (key, probabilities, features or None), in input order, in fixed-size batches."""
+        """(key, int16 slice or slice stack) -> (key, probabilities, features or None), in input order,
+        in fixed-size batches."""
         keys: list[Any] = []
         arrays: list[np.ndarray] = []
         for key, arr in items:
@@ -94,6 +104,34 @@ class Predictor:
         probs, feats = self.predict_both(np.stack(arrays))
         for k, key in enumerate(keys):
             yield key, probs[k], None if feats is None else feats[k]
+
+
+def keras_runner(serving, features: bool):  # type: ignore[no-untyped-def]
+    """(B, D, S, S) HU -> (raw outputs of every view, pooled features of every view or None)."""
+    call = _jax_call(serving) or serving.predict_on_batch
+
+    def run(hu: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        out = call(hu)
+        if features:
+            return np.asarray(out[0]), np.asarray(out[1])
+        return np.asarray(out), None
+
+    return run
+
+
+def onnx_runner(bundle: Bundle, tta: int, features: bool):  # type: ignore[no-untyped-def]
+    """The same input preparation, eagerly, in front of onnxruntime."""
+    from keras import ops
+
+    spec = bundle.card.input_spec
+    network = bundle.model
+
+    def run(hu: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        x = np.asarray(ops.convert_to_numpy(to_layout(tta_views(channel_ops(hu, spec), tta), spec)), np.float32)
+        raw, maps = network.run(x, features)
+        return raw, None if maps is None else network.pooled(maps)
+
+    return run
 
 
 def _jax_call(serving):  # type: ignore[no-untyped-def]
@@ -130,42 +168,23 @@ def feature_model(model):  # type: ignore[no-untyped-def]
 
 
 def build_serving_model(bundle: Bundle, tta: int, features: bool = False):  # type: ignore[no-untyped-def]
-    """int16 HU (B, S, S) -> windows -> TTA views -> network -> mean over views, as one Keras model."""
+    """int16 HU (B, D, S, S) -> the card's channels -> TTA views -> network, as one Keras model.
+    Outputs are per view (view v of image b at row v * B + b); Predictor averages them."""
     import keras
 
-    card = bundle.card
-    size = card.input_size
+    spec = bundle.card.input_spec
+    shape = spec.shape()
 
-    class WindowViews(keras.layers.Layer):
+    class PrepareViews(keras.layers.Layer):
         def call(self, hu):  # type: ignore[no-untyped-def]
-            return tta_views(window_ops(hu, card.windows), tta)
+            return to_layout(tta_views(channel_ops(hu, spec), tta), spec)
 
-        def compute_output_shape(self, shape):  # type: ignore[no-untyped-def]
-            batch = None if shape[0] is None else shape[0] * tta
-            return (batch, size, size, 3)
+        def compute_output_shape(self, in_shape):  # type: ignore[no-untyped-def]
+            batch = None if in_shape[0] is None else in_shape[0] * tta
+            return (batch, *shape)
 
-    class ViewMean(keras.layers.Layer):
-        def call(self, probs):  # type: ignore[no-untyped-def]
-            k = probs.shape[-1]
-            return keras.ops.mean(keras.ops.reshape(probs, (tta, -1, k)), axis=0)
-
-        def compute_output_shape(self, shape):  # type: ignore[no-untyped-def]
-            return (None, shape[-1])
-
-    hu = keras.Input((size, size), dtype="int16", name="hu")
-    views = WindowViews(name="window_views")(hu)
+    hu = keras.Input((spec.depth, spec.size, spec.size), dtype="int16", name="hu")
+    views = PrepareViews(name="prepare_views")(hu)
     if not features:
-        return keras.Model(hu, ViewMean(name="view_mean")(bundle.model(views)), name="ich_serving")
-    class FirstView(keras.layers.Layer):
-        """The features of view 0, the image as it is: the domain check must not depend on --tta."""
-
-        def call(self, feats):  # type: ignore[no-untyped-def]
-            k = feats.shape[-1]
-            return keras.ops.reshape(feats, (tta, -1, k))[0]
-
-        def compute_output_shape(self, shape):  # type: ignore[no-untyped-def]
-            return (None, shape[-1])
-
-    probs, pooled = feature_model(bundle.model)(views)
-    outputs = [ViewMean(name="view_mean")(probs), FirstView(name="first_view_features")(pooled)]
-    return keras.Model(hu, outputs, name="ich_serving")
+        return keras.Model(hu, bundle.model(views), name="ich_serving")
+    return keras.Model(hu, feature_model(bundle.model)(views), name="ich_serving")

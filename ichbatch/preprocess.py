@@ -39,15 +39,6 @@ def to_uint8(hu: np.ndarray, window: Window = BRAIN) -> np.ndarray:
     return (window_np(hu, window) * 255 + 0.5).astype(np.uint8)
 
 
-def window_ops(hu, windows: tuple[Window, ...]):  # type: ignore[no-untyped-def]
-    """(B, H, W) HU (any numeric dtype) -> (B, H, W, C) float in [0, 1], one channel per window."""
-    from keras import ops
-
-    hu = ops.cast(hu, "float32")
-    chans = [ops.clip((hu - (w.center - w.width / 2)) / w.width, 0.0, 1.0) for w in windows]
-    return ops.stack(chans, axis=-1)
-
-
 def tta_transforms(n: int) -> list[tuple[str, float, float, float, float]]:
     """The first n views as (name, flip, angle in degrees, scale, shift as a fraction of the size)."""
     views: list[tuple[str, float, float, float, float]] = [

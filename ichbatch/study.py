@@ -9,6 +9,7 @@ heat maps (StudyImages) live only until the writer has used them.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -16,6 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
+from . import context
 from .aggregate import aggregate
 from .config import BONE, BRAIN, DEFAULT_RULES, SUBDURAL, SelectionRules
 from .domain import FileIssue, KeyImage, SeriesChoice, SliceId, SliceRef, Status, StudyImages, StudyResult
@@ -25,8 +27,9 @@ from .model.backend import import_backend
 from .model import calibration
 from .model.bundle import Bundle, load_bundle
 from .model.gradcam import CamExplainer, overlay
+from .model.inputs import model_input
 from .pixels import load_hu
-from .preprocess import to_uint8, windows_np
+from .preprocess import to_uint8
 from .workers import IsolatedPool, WorkerLimits
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,10 @@ class RunSettings:
     decode_limits: WorkerLimits = field(default_factory=WorkerLimits.from_env)
     features: bool = False  # pooled features for every slice, also without a domain check (fitting one)
     precision: str = "auto"  # auto: bfloat16 compute on a GPU, float32 on a CPU
+    # Who runs a Keras bundle's forward passes: "keras", "onnx" (its cached ONNX export in onnxruntime), or
+    # "auto": onnx on a CPU where the export can be made (tf2onnx installed), else keras. $ICHBATCH_RUNTIME
+    # sets the default. Heat maps always come from the bundle's own model and card.
+    runtime: str = field(default_factory=lambda: os.environ.get("ICHBATCH_RUNTIME", "auto"))
 
 
 class Engine:
@@ -57,11 +64,16 @@ class Engine:
         device = default_device() if settings.device == "auto" else settings.device
         self.precision = resolve_precision(settings.precision, device)
         self.bundle: Bundle = load_bundle(settings.model, self.precision)
+        self.runtime = resolve_runtime(settings.runtime, device, self.bundle)
+        runner = self.bundle
+        if self.runtime == "onnx" and self.bundle.card.architecture != "onnx":
+            from .model.onnx_export import cached_export
+
+            runner = load_bundle(str(cached_export(self.bundle)))
         self.tta = settings.tta or default_tta(device)
         features = settings.features or self.bundle.domain is not None
-        self.predictor = Predictor(self.bundle, self.tta, settings.batch_size, features=features)
-        card = self.bundle.card
-        self.explainer = CamExplainer(self.bundle.model, card.cam_layer, card.cam_augment, card.cam_method)
+        self.predictor = Predictor(runner, self.tta, settings.batch_size, features=features)
+        self.explainer = make_explainer(self.bundle)
         # Started on first use and kept for every later study (watch reuses the engine).
         self.decoders: IsolatedPool[DecodeJob, Decoded] = IsolatedPool(
             decode_slice, crashed, settings.workers, settings.decode_limits)
@@ -73,6 +85,36 @@ class Engine:
     def model_key(self) -> str:
         """What --resume compares: a result from another model or version is not reused."""
         return f"{self.bundle.card.name} {self.bundle.card.version}"
+
+
+def make_explainer(bundle: Bundle) -> Explainer:
+    """Gradient-family maps for Keras bundles; CAM or occlusion for ONNX ones (no gradients there)."""
+    card = bundle.card
+    if card.architecture == "onnx":
+        from .model.onnx_model import OnnxExplainer
+
+        return OnnxExplainer(bundle.model)
+    return CamExplainer(bundle.model, card.cam_layer, card.cam_augment, card.cam_method)
+
+
+class Explainer(Protocol):
+    def describe(self) -> str: ...
+
+    def maps(self, inputs: np.ndarray, output_index: int) -> np.ndarray: ...
+
+
+def resolve_runtime(runtime: str, device: str, bundle: Bundle) -> str:
+    """onnxruntime is 1.3x faster than Keras-TensorFlow through the whole study path on a CPU (README:
+    Performance); on a GPU the JAX path is the fast one."""
+    if bundle.card.architecture == "onnx":
+        return "onnx"
+    if runtime not in ("auto", "keras", "onnx"):
+        raise ValueError(f"runtime must be auto, keras or onnx. Received: {runtime!r}")
+    if runtime != "auto":
+        return runtime
+    import importlib.util
+
+    return "onnx" if device == "cpu" and importlib.util.find_spec("tf2onnx") is not None else "keras"
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -150,17 +192,21 @@ class StudyPath:
             choice, rule = order.pop(i)
             return choice, rule, per_study.pop(i, []), _stack(probs.pop(i, [])), _stack(features.pop(i, []))
 
-        def ok_items() -> Iterator[tuple[Decoded, np.ndarray]]:
+        def ok_items() -> Iterator[Decoded]:
             for d in decoded:
                 per_study.setdefault(d.study, []).append(d)
                 if d.model_input is None:
                     if self.sink:
                         self.sink.record_file_issue(FileIssue(d.ref.path, Status.FAILED, d.error))
                 else:
-                    yield d, d.model_input
+                    yield d
 
+        def spacing(i: int) -> float:
+            return self._spacing(order[i][0])
+
+        stacks = context.assemble(ok_items(), self.engine.bundle.card.context, spacing)
         current = 0
-        for d, p, f in self.engine.predictor.stream(ok_items()):
+        for d, p, f in self.engine.predictor.stream(stacks):
             while d.study > current:  # every slice of the earlier studies has passed through the model
                 yield done(current)
                 current += 1
@@ -206,7 +252,7 @@ class StudyPath:
             key_slices=tuple(d.ident for d in keys), seconds=seconds, domain_score=score, domain_threshold=threshold,
         )
         images = StudyImages(thumbnails=tuple(d.thumb for d in good if d.thumb is not None),
-                             key_images=() if outside else self._key_images(keys, result))
+                             key_images=() if outside else self._key_images(keys, good, choice, result))
         return result, images
 
     def _domain(self, features: np.ndarray) -> tuple[float | None, float | None]:
@@ -223,7 +269,13 @@ class StudyPath:
             if len(feats):
                 yield choice, tuple(d.ident for d in decoded if d.model_input is not None), probs, feats
 
-    def _key_images(self, slices: list[Decoded], result: StudyResult) -> tuple[KeyImage, ...]:
+    def _spacing(self, choice: SeriesChoice) -> float:
+        """The spacing of a study's context slices: the card's, or the series' own."""
+        card = self.engine.bundle.card
+        return card.context_spacing_mm or context.series_spacing([ref.z for ref in choice.slices])
+
+    def _key_images(self, slices: list[Decoded], good: list[Decoded], choice: SeriesChoice,
+                    result: StudyResult) -> tuple[KeyImage, ...]:
         """Brain window, the heat map of the flagged label on it (none when nothing is flagged), and the
         three windows, for each key slice."""
         if not slices:
@@ -232,8 +284,10 @@ class StudyPath:
         label = heat_label(result)
         heats: list[np.ndarray | None] = [None] * len(slices)
         if label:
-            inputs = np.stack([windows_np(d.model_input, card.windows) for d in slices if d.model_input is not None])
-            shapes = self.engine.explainer.maps(inputs.astype(np.float32), card.outputs.index(label))
+            k, spacing = card.context, self._spacing(choice)
+            stacks = np.stack([context.stack(good, good.index(d), k, spacing) for d in slices])
+            inputs = model_input(stacks, card.input_spec)
+            shapes = self.engine.explainer.maps(inputs, card.output_index(label))
             column = card.outputs.index(label)
             assert result.smoothed_probs is not None
             for k, (d, shape) in enumerate(zip(slices, shapes)):

@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Keras bundles run in Keras here unless a test asks for onnxruntime (tests/test_onnx.py does): with
+# tf2onnx installed, "auto" would export every test bundle to ONNX first.
+os.environ.setdefault("ICHBATCH_RUNTIME", "keras")
 
 from ichbatch.synth import ct_slice_dataset, make_phantom  # noqa: E402
 

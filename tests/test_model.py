@@ -107,12 +107,12 @@ def test_tta_views_shape_and_identity_first():
 
 
 def test_tta_probabilities_are_the_mean_of_the_views(tiny_bundle):
-    from ichbatch.preprocess import window_ops
+    from ichbatch.model.inputs import channel_ops
 
     bundle = load_bundle(str(tiny_bundle))
     hu = _hu_batch(2, seed=4)
     averaged = Predictor(bundle, tta=4, batch_size=2).predict(hu)
-    views = tta_views(window_ops(hu, bundle.card.windows), 4)
+    views = tta_views(channel_ops(hu[:, None], bundle.card.input_spec), 4)
     per_view = np.asarray(bundle.model.predict_on_batch(np.asarray(views))).reshape(4, 2, 6)
     assert np.allclose(averaged, per_view.mean(axis=0), atol=1e-5)
 

@@ -5,6 +5,10 @@ Two kinds of weights:
   arrays (no pickle, no code in the file). A card with "weights": null is an untrained stand-in that is
   initialised from its seed and says so in every output.
 - architecture "keras": a user's .keras/.h5 model, loaded with Keras safe mode (no lambda code).
+- architecture "onnx": a model.onnx run with onnxruntime (onnx_model.py), imported by onnx_import.py.
+
+The card also says how to feed the model and read its outputs (inputs.py): layout, channels, range and
+mean/std normalisation, slice context, output activation and which outputs are which labels.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from ..errors import BundleError
 from ..limits import MAX_INPUT_SIZE
 from .domain_check import DomainCheck
 from .gradcam import FLIPS, METHODS
+from .inputs import ACTIVATIONS, InputSpec, normalisation_problems, spec_from_card
 from .locate import CARD, DEFAULT_MODEL, list_bundles, models_dirs, resolve
 
 DOMAIN_FILE = "domain.npz"
@@ -38,12 +43,21 @@ __all__ = ["CARD", "DEFAULT_MODEL", "Bundle", "ModelCard", "list_bundles", "load
 class ModelCard:
     name: str
     version: str
-    architecture: str = "resnet50"  # or "keras"
+    architecture: str = "resnet50"  # or "keras", "onnx"
     input_size: int = 224
     windows: tuple[Window, ...] = DEFAULT_WINDOWS
-    normalisation: str = "unit"  # each window scaled to [0, 1] (the same as uint8 / 255)
+    # "unit": each window scaled to [0, 1]; or {"range": [lo, hi], "mean": [...], "std": [...]} (inputs.py)
+    normalisation: str | dict[str, Any] = "unit"
+    channels: str = "windows"  # or "hu": one channel per slice, (HU - hu_scale.offset) / hu_scale.scale
+    hu_scale: dict[str, float] | None = None
+    layout: str = "nhwc"  # or "nchw" (ONNX models from PyTorch)
+    context: int = 0  # 2.5D: slices s-k..s+k as channels
+    context_spacing_mm: float | None = None  # expected spacing of those slices; None: the series' own
+    context_order: str = "slice-major"  # or "window-major"
     labels: tuple[str, ...] = LABELS
-    outputs: tuple[str, ...] = LABELS  # what the network's outputs are, in order
+    outputs: tuple[str, ...] = LABELS  # the labels the model gives, in order
+    output_map: tuple[int, ...] | None = None  # which raw output each of `outputs` is; None: the first ones
+    output_activation: str = "sigmoid"  # what the model's outputs are (inputs.ACTIVATIONS)
     thresholds: dict[str, float] = field(default_factory=lambda: {label: 0.5 for label in LABELS})
     trained: bool = True
     trained_on: str = ""
@@ -60,6 +74,8 @@ class ModelCard:
     domain: dict[str, Any] | None = None
     # Platt parameters per output, {"params": {label: [a, b]}, ...}, from `ichbatch models calibrate`.
     calibration: dict[str, Any] | None = None
+    # ONNX heat maps (onnx_import.py): {"method": "cam", "features", "file", "sha256", ...} or {"method": "occlusion"}
+    cam: dict[str, Any] | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelCard:
@@ -70,8 +86,8 @@ class ModelCard:
         data = dict(data)
         try:
             data["windows"] = tuple(Window(**w) for w in data.get("windows", [asdict(w) for w in DEFAULT_WINDOWS]))
-            for key in ("labels", "outputs", "cam_augment"):
-                if key in data:
+            for key in ("labels", "outputs", "cam_augment", "output_map"):
+                if data.get(key) is not None:
                     data[key] = tuple(data[key])
             data["eligibility"] = Eligibility.from_json(data.get("eligibility"))
             card = cls(**data)
@@ -87,6 +103,7 @@ class ModelCard:
         data["windows"] = [asdict(w) for w in self.windows]
         data["labels"], data["outputs"] = list(self.labels), list(self.outputs)
         data["cam_augment"] = list(self.cam_augment)
+        data["output_map"] = None if self.output_map is None else list(self.output_map)
         data["eligibility"] = self.eligibility.to_json()
         return data
 
@@ -94,12 +111,14 @@ class ModelCard:
         problems = self._type_problems()
         if problems:
             raise BundleError(f"model.json of {self.name!r}: " + "; ".join(problems))
-        if self.architecture not in ("resnet50", "keras"):
-            raise BundleError(f"unknown architecture {self.architecture!r}; expected 'resnet50' or 'keras'")
+        if self.architecture not in ("resnet50", "keras", "onnx"):
+            raise BundleError(f"unknown architecture {self.architecture!r}; expected 'resnet50', 'keras' or 'onnx'")
         if not set(self.outputs) <= set(self.labels):
             raise BundleError(f"outputs {list(self.outputs)} are not all among labels {list(self.labels)}")
-        if len(self.windows) != 3:
-            raise BundleError(f"a bundle needs 3 channel windows. Received: {len(self.windows)}")
+        if self.architecture == "resnet50" and (len(self.windows) != 3 or self.input_spec.n_channels != 3):
+            raise BundleError(f"a resnet50 bundle takes 3 channel windows and no context. Received: {self.input_spec.describe()}")
+        if self.architecture != "onnx" and self.layout != "nhwc":
+            raise BundleError("layout 'nchw' is for ONNX models; Keras models here take NHWC input")
         if not set(self.cam_augment) <= set(FLIPS):
             raise BundleError(f"cam_augment {list(self.cam_augment)}: expected some of {sorted(FLIPS)}")
         if self.cam_method not in METHODS:
@@ -114,7 +133,22 @@ class ModelCard:
 
     def _type_problems(self) -> list[str]:
         """Every value that a file could get wrong, each with one message (ranges before allocation)."""
-        problems = []
+        problems = normalisation_problems(self.normalisation)
+        if not problems:
+            problems += self.input_spec.problems()
+        if self.output_activation not in ACTIVATIONS:
+            problems.append(f"output_activation must be one of {list(ACTIVATIONS)}. Received: {self.output_activation!r}")
+        if self.output_map is not None and (
+                len(self.output_map) != len(self.outputs)
+                or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.output_map)):
+            problems.append(f"output_map must give one output index (0 or more) for each of outputs {list(self.outputs)}. "
+                            f"Received: {self.output_map!r}")
+        if self.hu_scale is not None and not (isinstance(self.hu_scale, dict) and set(self.hu_scale) <= {"offset", "scale"}
+                                              and all(isinstance(v, (int, float)) for v in self.hu_scale.values())):
+            problems.append(f"hu_scale must be {{'offset': number, 'scale': number}}. Received: {self.hu_scale!r}")
+        if self.context_spacing_mm is not None and not (isinstance(self.context_spacing_mm, (int, float))
+                                                        and self.context_spacing_mm > 0):
+            problems.append(f"context_spacing_mm must be a number above 0, or null. Received: {self.context_spacing_mm!r}")
         for name in ("name", "version", "architecture", "trained_on", "intended_use", "cam_method"):
             if not isinstance(getattr(self, name), str):
                 problems.append(f"{name} must be text. Received: {getattr(self, name)!r}")
@@ -140,6 +174,18 @@ class ModelCard:
         return problems
 
     @property
+    def input_spec(self) -> InputSpec:
+        return spec_from_card(self)
+
+    @property
+    def raw_outputs(self) -> tuple[int, ...]:
+        """The model's output index for each of `outputs`."""
+        return self.output_map if self.output_map is not None else tuple(range(len(self.outputs)))
+
+    def output_index(self, label: str) -> int:
+        return self.raw_outputs[self.outputs.index(label)]
+
+    @property
     def display_name(self) -> str:
         return f"{self.name} {self.version}" + ("" if self.trained else " (UNTRAINED)")
 
@@ -148,7 +194,7 @@ class ModelCard:
 class Bundle:
     card: ModelCard
     path: Path
-    model: Any  # keras.Model
+    model: Any  # keras.Model, or onnx_model.OnnxNetwork
     domain: DomainCheck | None = None
 
 
@@ -184,11 +230,16 @@ def load_bundle(name_or_path: str, precision: str = "float32") -> Bundle:
     try:
         if card.architecture == "resnet50":
             model = _load_resnet(folder, card)
+        elif card.architecture == "onnx":
+            from .onnx_model import OnnxNetwork
+
+            model = OnnxNetwork.load(folder, card)
         else:
             model = _load_keras_file(folder / str(card.weights))
     finally:
         keras.config.set_dtype_policy(previous)
-    _check_model_shape(model, card)
+    if card.architecture != "onnx":  # OnnxNetwork.load checks its own shapes
+        _check_model_shape(model, card)
     return Bundle(card, folder, model, _load_domain(folder, card))
 
 
@@ -278,11 +329,15 @@ def _load_keras_file(path: Path):  # type: ignore[no-untyped-def]
 
 def _check_model_shape(model, card: ModelCard) -> None:  # type: ignore[no-untyped-def]
     in_shape = tuple(model.inputs[0].shape[1:])
-    if in_shape != (card.input_size, card.input_size, 3):
-        raise BundleError(f"bundle {card.name}: model input {in_shape} does not match the card's input_size")
+    spec = card.input_spec
+    if in_shape != spec.shape():
+        raise BundleError(f"bundle {card.name}: model input {in_shape} does not match the card's "
+                          f"{spec.shape()} ({spec.describe()})")
     n_out = int(model.outputs[0].shape[-1])
-    if n_out != len(card.outputs):
-        raise BundleError(f"bundle {card.name}: model has {n_out} outputs, the card lists {list(card.outputs)}")
+    wanted = len(card.outputs) if card.output_map is None else max(card.output_map) + 1
+    if n_out < wanted or (card.output_map is None and n_out != wanted):
+        raise BundleError(f"bundle {card.name}: model has {n_out} outputs, the card maps {list(card.outputs)} "
+                          f"to output(s) {list(card.raw_outputs)}")
     if card.cam_layer and card.cam_layer not in {layer.name for layer in model.layers}:
         raise BundleError(f"bundle {card.name}: cam_layer {card.cam_layer!r} is not a layer of the model")
 
@@ -308,12 +363,16 @@ def load_npz_weights(model, path: Path) -> None:  # type: ignore[no-untyped-def]
         var.assign(arr.astype("float32"))
 
 
-def write_bundle(folder: Path, card: ModelCard, model=None, weights_source: Path | None = None) -> Path:  # type: ignore[no-untyped-def]
-    """Write card and weights into folder atomically (a temp folder renamed into place)."""
+def write_bundle(folder: Path, card: ModelCard, model=None, weights_source: Path | None = None,  # type: ignore[no-untyped-def]
+                 extra: dict[str, Path] | None = None) -> Path:
+    """Write card and weights (and extra files by name: the card carries their sha256) into folder
+    atomically (a temp folder renamed into place)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
+        for name, source in (extra or {}).items():
+            shutil.copyfile(source, tmp / name)
         if card.weights is not None:
             target = tmp / card.weights
             if weights_source is not None:
