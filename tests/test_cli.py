@@ -105,7 +105,8 @@ def test_run_on_mixed_folder(mixed_folder, tiny_bundle, tmp_path):
                                       "--no-reports", "--tta", "1", "--dicom-out", str(tmp_path / "pacs")])
     assert again.exit_code == 0, again.output
     sent = sorted(p.name.rsplit("_", 1)[1] for p in (tmp_path / "pacs").glob("*.dcm"))
-    assert sent == ["key1.dcm"] * 2 + ["key2.dcm"] * 2 + ["key3.dcm"] * 2 + ["report.dcm"] * 2
+    assert sent == (["key1.dcm"] * 2 + ["key2.dcm"] * 2 + ["key3.dcm"] * 2 + ["kos.dcm"] * 2 + ["report.dcm"] * 2
+                    + ["sr.dcm"] * 2)
     df2 = pd.read_csv(out, dtype=str, keep_default_na=False)
     assert len(df2) == 5 and df2["study_uid"].is_unique
     assert set(df2.set_index("study_uid").loc[phantom_uids, "tta"]) == {"1"}

@@ -1,7 +1,9 @@
-"""PACS outputs: the PDF as DICOM Encapsulated PDF and the key images as Secondary Capture.
+"""PACS outputs: a TID 1500 SR and a Key Object Selection (dicom_sr.py), the key images as Secondary
+Capture and the PDF as Encapsulated PDF.
 
-Both go into the original study (same StudyInstanceUID, patient and study modules copied from a source
-image) as new series, so a PACS files them beside the scan. Checked with dciodvfy in the tests.
+All go into the original study (same StudyInstanceUID, patient and study modules copied from a source
+image), so a PACS files them beside the scan: one series per kind of object for each study and run
+(a series has one modality, and SR, KO, OT and DOC are four). Checked with dciodvfy in the tests.
 """
 
 from __future__ import annotations
@@ -25,16 +27,23 @@ PATIENT_STUDY_TAGS = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
     "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription", "SpecificCharacterSet",
 )
-PDF_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902
+PDF_SERIES_NUMBER, SC_SERIES_NUMBER, SR_SERIES_NUMBER, KO_SERIES_NUMBER = 9901, 9902, 9903, 9904
 
 
-def write_dicom_outputs(result: StudyResult, images: StudyImages, pdf_bytes: bytes, folder: Path) -> list[Path]:
-    """Write the report and the key images; returns the files written."""
+def write_dicom_outputs(result: StudyResult, images: StudyImages, pdf_bytes: bytes | None, folder: Path) -> list[Path]:
+    """Write SR, KOS, key images and report; returns the files written (SR first)."""
+    from .dicom_sr import key_object_selection, structured_report
+
     source = pydicom.dcmread(result.source_path, stop_before_pixels=True)
     stem = safe_stem(result.study.study_uid)
-    paths = []
-    pdf_ds = encapsulated_pdf(source, pdf_bytes, result)
-    paths.append(_save(pdf_ds, Path(folder) / f"study_{stem}_report.dcm"))
+    name = f"ichbatch {result.model} {result.model_version}"
+    paths = [_save(structured_report(result, source, generate_uid(), SR_SERIES_NUMBER, _with_notice(f"{name} SR")),
+                   Path(folder) / f"study_{stem}_sr.dcm")]
+    kos = key_object_selection(result, source, generate_uid(), KO_SERIES_NUMBER, _with_notice(f"{name} key slices"))
+    if kos is not None:
+        paths.append(_save(kos, Path(folder) / f"study_{stem}_kos.dcm"))
+    if pdf_bytes is not None:
+        paths.append(_save(encapsulated_pdf(source, pdf_bytes, result), Path(folder) / f"study_{stem}_report.dcm"))
     series_uid = generate_uid()
     for n, ident in enumerate(result.key_slices, 1):
         key = images.key_image(ident)

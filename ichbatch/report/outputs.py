@@ -83,7 +83,7 @@ class OutputWriter:
         """Raises OutputError only when the store or CSV cannot be written; report failures go in the row."""
         outputs: list[str] = []
         result, pdf = self._write_report(result, images, outputs)
-        if self.settings.dicom_out is not None and result.status == Status.OK and pdf is not None:
+        if self.settings.dicom_out is not None and result.status in (Status.OK, Status.NOT_ASSESSED):
             result = self._write_dicom(result, images, pdf, outputs)
         self.store.put_study(row(result, self.settings.pseudonym_key), instances_digest=result.instances_digest,
                              model=f"{result.model} {result.model_version}", outputs=outputs, run_id=self.run_id,
@@ -115,7 +115,7 @@ class OutputWriter:
             return replace(result, status=Status.FAILED, report_pdf="", message=f"report not written: {exc}"), None
         return result, pdf
 
-    def _write_dicom(self, result: StudyResult, images: StudyImages, pdf: bytes, outputs: list[str]) -> StudyResult:
+    def _write_dicom(self, result: StudyResult, images: StudyImages, pdf: bytes | None, outputs: list[str]) -> StudyResult:
         from .dicom_out import write_dicom_outputs
 
         assert self.settings.dicom_out is not None
