@@ -21,7 +21,10 @@ from . import NOT_FOR_DIAGNOSIS, __version__
 from .errors import BundleError, IchBatchError, OutputError, OutputLockedError
 
 if TYPE_CHECKING:
+    from .net.scp import StorageSCP
     from .study import RunSettings
+    from .watch.watcher import WatchSettings
+    from .net.deliver import DeliverySettings
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_FATAL, EXIT_NOTHING = 0, 1, 2, 3, 4
 CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "ICHBATCH"}
@@ -91,6 +94,21 @@ class StudyOptions:
     min_slices: int = 8
     pseudonymize: bool = False
     dicom_out: Path | None = None
+    send_to: tuple[str, ...] = ()
+    stow_url: tuple[str, ...] = ()
+    calling_aet: str = "ICHBATCH"
+
+    def delivery(self) -> DeliverySettings | None:
+        """Where results are sent, checked (a usage error names the bad value)."""
+        from .net.deliver import DeliverySettings, Destination
+
+        try:
+            destinations = tuple(Destination.dimse(t) for t in self.send_to) + tuple(Destination.stow(u) for u in self.stow_url)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--send-to/--stow-url") from exc
+        if not 0 < len(self.calling_aet.strip()) <= 16:
+            raise click.BadParameter("an AE title has 1 to 16 characters", param_hint="--calling-aet")
+        return DeliverySettings(destinations, calling_aet=self.calling_aet.strip()) if destinations else None
 
     def run_settings(self) -> RunSettings:
         from .config import DEFAULT_RULES
@@ -141,7 +159,10 @@ STUDY_OPTIONS = (
     click.option("--topk", type=click.IntRange(1, 100), default=3, show_default=True, help="k for --aggregate topk."),
     click.option("--min-slices", type=click.IntRange(1, 10000), default=8, show_default=True, help="Fewest axial slices a usable series has."),
     click.option("--pseudonymize", is_flag=True, help="Replace patient ID and accession in the CSV by a keyed hash (key from ICHBATCH_PSEUDONYM_KEY)."),
-    click.option("--dicom-out", type=click.Path(file_okay=False, path_type=Path), help="Also write each report as DICOM Encapsulated PDF and the key images as Secondary Capture, in the original study."),
+    click.option("--dicom-out", type=click.Path(file_okay=False, path_type=Path), help="Also write DICOM results in the original study: TID 1500 SR, key-object selection, key images (Secondary Capture) and the report (Encapsulated PDF) [default with --send-to/--stow-url: dicom/ beside the results]."),
+    click.option("--send-to", multiple=True, metavar="AET@HOST:PORT", help="Send the DICOM results by C-STORE (repeatable); kept and resent later when the PACS is down (README: Sending results)."),
+    click.option("--stow-url", multiple=True, metavar="URL", help="Send the DICOM results by DICOMweb STOW-RS to this service root (repeatable)."),
+    click.option("--calling-aet", default="ICHBATCH", show_default=True, help="Our AE title when sending."),
 )
 
 
@@ -195,7 +216,10 @@ def _run(inputs: list[Path], out: Path, reports: Path | None, study: StudyOption
     _check_writable(out.parent)
     if reports is not None and reports.exists() and not reports.is_dir():
         raise click.BadParameter(f"{reports} is a file; the reports go in a folder", param_hint="--reports")
-    outputs = OutputSettings(csv=out, reports=reports, dicom_out=study.dicom_out, pseudonym_key=study.pseudonym_key())
+    delivery = study.delivery()
+    dicom_out = study.dicom_out or (out.parent / "dicom" if delivery else None)
+    outputs = OutputSettings(csv=out, reports=reports, dicom_out=dicom_out, pseudonym_key=study.pseudonym_key(),
+                             delivery=delivery)
     try:
         writer = OutputWriter(outputs)
     except (ExistingFileError, OutputLockedError) as exc:
@@ -210,6 +234,8 @@ def _run(inputs: list[Path], out: Path, reports: Path | None, study: StudyOption
             if slices_csv:
                 write_slices(slices_csv, writer.store)
             issues = writer.store.file_issue_count()
+            writer.deliver()  # a last try for what a PACS refused during the run
+            undelivered = writer.deliveries.pending() if writer.deliveries else 0
     except BundleError as exc:
         raise _fatal(f"model: {exc}", EXIT_USAGE) from exc
     except OutputError as exc:
@@ -228,7 +254,10 @@ def _run(inputs: list[Path], out: Path, reports: Path | None, study: StudyOption
         f"Results: {out}. {NOT_FOR_DIAGNOSIS}.",
         err=True,
     )
-    return EXIT_PARTIAL if failed else EXIT_OK
+    if undelivered:
+        click.echo(f"{undelivered} DICOM result(s) not yet delivered: kept in {outputs.dicom_out} and queued; the next "
+                   f"run, watch or 'ichbatch status {out.parent} --retry' sends them.", err=True)
+    return EXIT_PARTIAL if failed or undelivered else EXIT_OK
 
 
 def _pseudonym_key() -> bytes:
@@ -294,20 +323,30 @@ def demo(out: Path, studies: int, model: str | None) -> None:
     sys.exit(code)
 
 
+WATCH_OPTIONS = (
+    click.option("--quiet-seconds", type=click.FloatRange(0), default=30.0, show_default=True, help="A study is ready when no file of it changed for this long."),
+    click.option("--rescan-seconds", type=click.FloatRange(0.1), default=10.0, show_default=True, help="Full rescan interval (catches missed events)."),
+    click.option("--max-attempts", type=click.IntRange(1, 100), default=3, show_default=True, help="Attempts before a study is marked failed."),
+    click.option("--after", type=click.Choice(["leave", "move", "delete"]), default="leave", show_default=True, help="What to do with a study's input files once its outputs are written."),
+    click.option("--archive", type=click.Path(file_okay=False, path_type=Path), help="Where --after move puts input files."),
+    click.option("--settle-seconds", type=click.FloatRange(0), default=300.0, show_default=True, help="With --after move/delete: how long a processed study's files stay, so that late slices join it; then its result is final."),
+    click.option("--log-uids", is_flag=True, help="Name studies by StudyInstanceUID in the log (default: a short hash, no identifiers)."),
+)
+
+
+def watch_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(WATCH_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
 @main.command()
 @click.argument("incoming", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for results.csv, results.html, reports/ and the ledger.")
-@click.option("--quiet-seconds", type=click.FloatRange(0), default=30.0, show_default=True, help="A study is ready when no file of it changed for this long.")
-@click.option("--rescan-seconds", type=click.FloatRange(0.1), default=10.0, show_default=True, help="Full rescan interval (catches missed events).")
 @click.option("--poll", is_flag=True, help="Poll the folder instead of using file events (network shares).")
-@click.option("--max-attempts", type=click.IntRange(1, 100), default=3, show_default=True, help="Attempts before a study is marked failed.")
-@click.option("--after", type=click.Choice(["leave", "move", "delete"]), default="leave", show_default=True, help="What to do with a study's input files once its outputs are written.")
-@click.option("--archive", type=click.Path(file_okay=False, path_type=Path), help="Where --after move puts input files.")
-@click.option("--settle-seconds", type=click.FloatRange(0), default=300.0, show_default=True, help="With --after move/delete: how long a processed study's files stay, so that late slices join it; then its result is final.")
-@click.option("--log-uids", is_flag=True, help="Name studies by StudyInstanceUID in the log (default: a short hash, no identifiers).")
+@watch_options
 @study_options
-def watch(incoming: Path, out: Path, quiet_seconds: float, rescan_seconds: float, poll: bool, max_attempts: int,
-          after: str, archive: Path | None, settle_seconds: float, log_uids: bool, study: StudyOptions) -> None:
+def watch(incoming: Path, out: Path, poll: bool, study: StudyOptions, **options: Any) -> None:
     """Process each study that arrives in INCOMING exactly once, through restarts. Stop with Ctrl-C or SIGTERM.
 
     \b
@@ -315,18 +354,65 @@ def watch(incoming: Path, out: Path, quiet_seconds: float, rescan_seconds: float
       ichbatch watch /pacs/export --out /results
       ichbatch watch /mnt/share --out /results --poll --quiet-seconds 120 --after move --archive /done
     """
-    from .errors import ExistingFileError
-    from .watch.watcher import Watcher, WatchSettings
+    settings = _watch_settings(incoming, out, study, poll=poll, **options)
+    _serve(settings, study, f"watching {incoming} (quiet period {settings.quiet_seconds:g} s)")
 
-    try:  # WatchSettings checks its own values (--after move without --archive, ranges)
-        settings = WatchSettings(incoming=incoming, out=out, run=study.run_settings(), quiet_seconds=quiet_seconds,
-                                 rescan_seconds=rescan_seconds, poll=poll, max_attempts=max_attempts, after=after,
-                                 archive=archive, settle_seconds=settle_seconds, dicom_out=study.dicom_out, log_uids=log_uids,
-                                 pseudonym_key=study.pseudonym_key())
+
+@main.command()
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for results, the ledger and the spool of received files.")
+@click.option("--port", type=click.IntRange(1, 65535), default=11112, show_default=True)
+@click.option("--aet", default="ICHBATCH", show_default=True, help="Our AE title (the called AE title senders must use).")
+@click.option("--bind", default="127.0.0.1", show_default=True, help="Address to listen on; 0.0.0.0 for every interface.")
+@click.option("--allow", multiple=True, metavar="AET", help="Calling AE titles allowed to send (repeatable or comma-separated); others are rejected at association [default: any].")
+@click.option("--spool", type=click.Path(file_okay=False, path_type=Path), help="Where received instances are kept until processed [default: OUT/spool].")
+@click.option("--network-timeout", type=click.FloatRange(1, 3600), default=30.0, show_default=True, help="ACSE, DIMSE and idle-connection timeout in seconds.")
+@watch_options
+@study_options
+def listen(out: Path, port: int, aet: str, bind: str, allow: tuple[str, ...], spool: Path | None, network_timeout: float,
+           study: StudyOptions, **options: Any) -> None:
+    """Receive studies over DICOM (C-STORE of CT and Enhanced CT; C-ECHO) and process each once it is complete,
+    as watch does, through restarts. Stop with Ctrl-C or SIGTERM.
+
+    \b
+    Examples:
+      ichbatch listen --out /results --port 11112 --aet ICHBATCH --allow PACS --bind 0.0.0.0
+      ichbatch listen --out /results --allow PACS --send-to PACS@pacs.example.org:104
+    """
+    from .net.scp import ListenSettings, StorageSCP, allowed_list
+
+    spool = spool or out / "spool"
+    try:
+        listen_settings = ListenSettings(spool=spool, port=port, ae_title=aet, bind=bind, allowed=allowed_list(allow),
+                                         timeout_seconds=network_timeout)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
+    spool.mkdir(parents=True, exist_ok=True)
+    settings = _watch_settings(spool, out, study, poll=False, **options)
+    scp = StorageSCP(listen_settings)
+    _serve(settings, study, f"listening as {aet} on {bind}:{port}", scp)
+
+
+def _watch_settings(incoming: Path, out: Path, study: StudyOptions, *, poll: bool, quiet_seconds: float,
+                    rescan_seconds: float, max_attempts: int, after: str, archive: Path | None, settle_seconds: float,
+                    log_uids: bool) -> WatchSettings:
+    from .watch.watcher import WatchSettings
+
+    try:  # WatchSettings checks its own values (--after move without --archive, ranges)
+        return WatchSettings(incoming=incoming, out=out, run=study.run_settings(), quiet_seconds=quiet_seconds,
+                             rescan_seconds=rescan_seconds, poll=poll, max_attempts=max_attempts, after=after,
+                             archive=archive, settle_seconds=settle_seconds, dicom_out=study.dicom_out, log_uids=log_uids,
+                             pseudonym_key=study.pseudonym_key(), delivery=study.delivery())
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+def _serve(settings: WatchSettings, study: StudyOptions, what: str, scp: StorageSCP | None = None) -> None:
+    """Run the watcher (and the SCP feeding it) until SIGINT/SIGTERM."""
+    from .errors import ExistingFileError
+    from .watch.watcher import Watcher
+
     study.check()
-    _check_writable(out)
+    _check_writable(settings.out)
     if logging.getLogger("ichbatch").getEffectiveLevel() > logging.INFO:
         logging.getLogger("ichbatch").setLevel(logging.INFO)  # a server's log: one line per study
     try:
@@ -335,8 +421,18 @@ def watch(incoming: Path, out: Path, quiet_seconds: float, rescan_seconds: float
         raise _fatal(f"model: {exc}", EXIT_USAGE) from exc
     except (ExistingFileError, OutputLockedError) as exc:
         raise click.UsageError(str(exc)) from exc
-    click.echo(f"watching {incoming} (quiet period {quiet_seconds:g} s); results in {out}. {NOT_FOR_DIAGNOSIS}.", err=True)
-    watcher.run()
+    if scp is not None:
+        try:
+            scp.start()
+        except OSError as exc:
+            watcher.close()
+            raise _fatal(f"cannot listen on {scp.settings.bind}:{scp.settings.port}: {exc.strerror or exc}", EXIT_FATAL) from exc
+    click.echo(f"{what}; results in {settings.out}. {NOT_FOR_DIAGNOSIS}.", err=True)
+    try:
+        watcher.run()
+    finally:
+        if scp is not None:
+            scp.stop()  # received files stay in the spool; the ledger picks them up on the next start
     click.echo("stopped; state is kept in the ledger", err=True)
 
 
@@ -344,30 +440,62 @@ def watch(incoming: Path, out: Path, quiet_seconds: float, rescan_seconds: float
 @click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--last", type=click.IntRange(1, 1000), default=10, show_default=True, help="How many recent studies to list.")
 @click.option("--uids", is_flag=True, help="Show StudyInstanceUIDs instead of short hashes.")
-def status(out: Path, last: int, uids: bool) -> None:
-    """Print a watch folder's ledger: counts by status, the last studies, failures with reasons.
+@click.option("--retry", is_flag=True, help="Send the undelivered DICOM results now (failed ones too).")
+def status(out: Path, last: int, uids: bool, retry: bool) -> None:
+    """Print a results folder's state: the watch ledger (counts by status, the last studies, failures with
+    reasons) and the deliveries to the PACS (sent, pending and failed, with the last error).
 
     \b
-    Example:
+    Examples:
       ichbatch status /results
+      ichbatch status /results --retry
     """
     from .watch.ledger import FAILED, Ledger
     from .watch.watcher import LEDGER_NAME, study_tag
 
-    if not (out / LEDGER_NAME).exists():
-        raise click.UsageError(f"{out} has no {LEDGER_NAME}; is it the --out folder of 'ichbatch watch'?")
-    ledger = Ledger(out / LEDGER_NAME)
-    counts = ledger.counts()
-    click.echo("studies: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"))
-    click.echo(f"last {last}:")
-    for row in ledger.studies(limit=last):
-        click.echo(f"  {study_tag(row.study_uid, uids)}  {row.status.value:10}  v{row.version}  attempts {row.attempts}")
-    failures = ledger.studies(FAILED, limit=1000)
-    if failures:
-        click.echo("failures:")
-        for row in failures:
-            click.echo(f"  {study_tag(row.study_uid, uids)}  {row.message}")
-    ledger.close()
+    queues = sorted(out.glob("*_deliveries.sqlite"))
+    if not (out / LEDGER_NAME).exists() and not queues:
+        raise click.UsageError(f"{out} has neither a {LEDGER_NAME} nor deliveries; is it the --out folder of "
+                               "'ichbatch watch' or 'listen', or the folder of a run's results CSV?")
+    if (out / LEDGER_NAME).exists():
+        ledger = Ledger(out / LEDGER_NAME)
+        counts = ledger.counts()
+        click.echo("studies: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"))
+        click.echo(f"last {last}:")
+        for row in ledger.studies(limit=last):
+            click.echo(f"  {study_tag(row.study_uid, uids)}  {row.status.value:10}  v{row.version}  attempts {row.attempts}")
+        failures = ledger.studies(FAILED, limit=1000)
+        if failures:
+            click.echo("failures:")
+            for row in failures:
+                click.echo(f"  {study_tag(row.study_uid, uids)}  {row.message}")
+        ledger.close()
+    for db in queues:
+        _delivery_status(db, retry, uids)
+
+
+def _delivery_status(db: Path, retry: bool, uids: bool) -> None:
+    from .net.deliver import Deliveries, DeliverySettings, Destination
+    from .watch.watcher import study_tag
+
+    probe = Deliveries(db, DeliverySettings(()))
+    labels = sorted({d for d, _ in probe.counts()})
+    if retry:  # the destinations are those the queue names
+        probe.close()
+        probe = Deliveries(db, DeliverySettings(tuple(
+            Destination.stow(d) if d.startswith("http") else Destination.dimse(d) for d in labels)))
+        probe.retry_now()
+        sent, unsent = probe.deliver_due()
+        click.echo(f"retried: {sent} sent, {unsent} not sent")
+    counts = probe.counts()
+    click.echo(f"deliveries ({db.name}):")
+    for label in labels:
+        states = ", ".join(f"{counts.get((label, s), 0)} {s}" for s in ("sent", "pending", "failed"))
+        click.echo(f"  {label}: {states}")
+    for label, state, study_uid, path, attempts, error in probe.unsent(limit=50):
+        kind = Path(path).stem.rsplit("_", 1)[-1]  # sr, kos, report, key1...
+        click.echo(f"  {state:7}  {label}  {study_tag(study_uid, uids)} {kind}  attempts {attempts}  {error}")
+    probe.close()
 
 
 @main.command()

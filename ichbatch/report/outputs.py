@@ -8,11 +8,13 @@ through OutputWriter; each file is written atomically.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..domain import FileIssue, Status, StudyImages, StudyResult
+from ..net.deliver import Deliveries, DeliverySettings
 from ..errors import DiskFullError, OutputError
 from .csv_report import COLUMNS, cell, row, slice_rows
 from .files import OutputLock, atomic_write_bytes, remove_stale_temp_files
@@ -20,6 +22,8 @@ from .html_index import HtmlIndex, write_thumbnail
 from .json_report import write_json
 from .pdf_report import pdf_name, render_pdf
 from .store import ResultsStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,19 @@ class OutputSettings:
     pseudonym_key: bytes | None = None
     rebuild_seconds: float = 30.0  # how often a replaced row may rewrite the whole CSV
     index_page_size: int = 250
+    delivery: DeliverySettings | None = None  # where the DICOM outputs are sent (needs dicom_out)
+
+    def __post_init__(self) -> None:
+        if self.delivery is not None and self.dicom_out is None:
+            raise ValueError("sending results needs DICOM outputs: give dicom_out")
+
+    @property
+    def deliveries_db(self) -> Path:
+        return deliveries_db(Path(self.csv))
+
+
+def deliveries_db(csv: Path) -> Path:
+    return csv.with_name(csv.stem + "_deliveries.sqlite")
 
 
 class OutputWriter:
@@ -46,6 +63,7 @@ class OutputWriter:
             self.lock.release()
             raise
         self.index = HtmlIndex(self.store, settings.csv, settings.index_page_size)
+        self.deliveries = Deliveries(settings.deliveries_db, settings.delivery) if settings.delivery else None
 
     def _remove_stale_temp_files(self) -> None:
         """A killed run or watcher can leave the temp file of an atomic write; the real file is untouched."""
@@ -61,6 +79,8 @@ class OutputWriter:
             self.index.ensure()
             self.store.close()
         finally:
+            if self.deliveries is not None:
+                self.deliveries.close()
             self.lock.release()
 
     def __enter__(self) -> OutputWriter:
@@ -120,9 +140,23 @@ class OutputWriter:
 
         assert self.settings.dicom_out is not None
         try:
-            outputs.extend(str(p) for p in write_dicom_outputs(result, images, pdf, self.settings.dicom_out))
+            paths = write_dicom_outputs(result, images, pdf, self.settings.dicom_out)
         except DiskFullError:
             raise
         except (OutputError, OSError, ValueError) as exc:
             return replace(result, status=Status.FAILED, message=f"DICOM outputs not written: {exc}")
+        outputs.extend(str(p) for p in paths)
+        if self.deliveries is not None:  # queued before any send: a PACS that is down loses nothing
+            self.deliveries.enqueue(result.study.study_uid, paths)
+            self.deliver()
         return result
+
+    def deliver(self) -> tuple[int, int]:
+        """Send the queued DICOM outputs that are due; (sent, not sent). Never raises for the network."""
+        if self.deliveries is None:
+            return 0, 0
+        try:
+            return self.deliveries.deliver_due()
+        except Exception as exc:  # the queue's own database; the files and the queue stay as they are
+            log.error("deliveries not attempted (%s: %s); will retry", type(exc).__name__, exc)
+            return 0, 0

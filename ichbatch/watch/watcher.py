@@ -21,6 +21,7 @@ from ..discover import examine, iter_files
 from ..domain import FileIssue, InstanceRef, Status, StudyResult
 from ..errors import DicomReadError, OutputError
 from ..logs import outcome, study_tag
+from ..net.deliver import DeliverySettings
 from ..report.outputs import OutputSettings, OutputWriter
 from ..series import choose_series, group_studies
 from ..study import Engine, RunSettings, StudyPath
@@ -62,6 +63,7 @@ class WatchSettings:
     dicom_out: Path | None = None
     log_uids: bool = False  # name studies by StudyInstanceUID in logs (off: a short hash)
     pseudonym_key: bytes | None = None
+    delivery: DeliverySettings | None = None  # send the DICOM outputs (dicom_out) to the PACS
 
     def __post_init__(self) -> None:
         try:
@@ -80,13 +82,15 @@ class WatchSettings:
             raise ValueError(f"rescan_seconds must be more than 0. Received: {self.rescan_seconds!r}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1. Received: {self.max_attempts!r}")
+        if self.delivery is not None and self.dicom_out is None:  # what is sent is written first
+            object.__setattr__(self, "dicom_out", Path(self.out) / "dicom")
 
     @property
     def outputs(self) -> OutputSettings:
         # rebuild_seconds=0: a new version of a study (a late file) shows in the CSV at once; in watch
         # mode that is rare, unlike a batch re-run over a whole archive.
         return OutputSettings(csv=self.out / RESULTS_NAME, reports=self.out / "reports", dicom_out=self.dicom_out,
-                              pseudonym_key=self.pseudonym_key, rebuild_seconds=0.0)
+                              pseudonym_key=self.pseudonym_key, rebuild_seconds=0.0, delivery=self.delivery)
 
 
 class Watcher:
@@ -135,6 +139,7 @@ class Watcher:
                 self._last_scan = time.time()
             if not self.process_ready():
                 self._flush_outputs()  # idle: bring a replaced row into the CSV now
+                self.writer.deliver()  # and resend what a PACS refused earlier, when due
         except OutputError as exc:
             if self._trouble_since is None:
                 self._trouble_since = time.time()

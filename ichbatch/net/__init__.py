@@ -1,0 +1,1 @@
+"""DICOM networking: receiving studies (scp.py) and delivering results (deliver.py)."""
