@@ -18,6 +18,7 @@ from pydicom.errors import InvalidDicomError
 
 from .domain import FileIssue, FrameGeometry, InstanceRef, Status, StudyMeta, Vec3
 from .errors import DicomReadError, NotDicomError
+from .images import image_instance, is_image_file
 from .limits import HEAD_BYTES, check_inflated_size
 
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
@@ -70,8 +71,9 @@ def discover(
 ) -> Discovery:
     """Header-read every file under the roots."""
     found = Discovery()
-    for n, path in enumerate(iter_files(roots), 1):
-        seen = examine(path)
+    paths = [Path(r) for r in roots]
+    for n, path in enumerate(iter_files(paths), 1):
+        seen = examine(path, paths)
         if isinstance(seen, FileIssue):
             found.issues.append(seen)
         else:
@@ -81,15 +83,38 @@ def discover(
     return found
 
 
-def examine(path: Path) -> InstanceRef | FileIssue:
+def examine(path: Path, roots: Iterable[Path] = ()) -> InstanceRef | FileIssue:
     """One file, as `run` and `watch` both judge it: an instance, or an issue (skipped: not DICOM;
-    failed: DICOM that cannot be read)."""
+    failed: DICOM that cannot be read). A PNG, JPEG or TIFF is a plain image (images.py), named by its
+    path relative to the root it was found under."""
     try:
+        if is_image_file(path):
+            return _image(path, roots)
         return read_instance(path)
     except NotDicomError as exc:
         return FileIssue(str(path), Status.SKIPPED, str(exc))
     except DicomReadError as exc:
         return FileIssue(str(path), Status.FAILED, str(exc))
+
+
+def _image(path: Path, roots: Iterable[Path]) -> InstanceRef:
+    try:
+        if not stat.S_ISREG(path.stat().st_mode) or path.stat().st_size == 0:
+            raise NotDicomError(f"{path}: not a regular, non-empty image file")
+    except OSError as exc:
+        raise DicomReadError(f"{path}: cannot read file ({exc.strerror})") from exc
+    return image_instance(path, relative_source(path, roots))
+
+
+def relative_source(path: Path, roots: Iterable[Path]) -> str:
+    """path relative to the first root it lies under (a root that is the file itself: its name)."""
+    for root in roots:
+        try:
+            rel = path.resolve().relative_to(Path(root).resolve())
+        except ValueError:
+            continue
+        return str(rel) if str(rel) != "." else path.name
+    return path.name
 
 
 def read_instance(path: Path) -> InstanceRef:

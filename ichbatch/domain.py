@@ -73,6 +73,7 @@ class InstanceRef:
     slice_thickness: float | None = None  # mm
     pixel_spacing: float | None = None  # mm, the larger of row and column spacing
     kvp: float | None = None
+    source: str = ""  # a plain image (images.py): its path relative to the input root; DICOM: ""
 
     @property
     def study_uid(self) -> str:
@@ -184,6 +185,7 @@ class StudyResult:
     domain_score: float | None = None  # distance from the model's training data (None: the card has no check)
     domain_threshold: float | None = None  # above it the study is not assessed
     thresholds: Mapping[str, float] = field(default_factory=dict)  # the card's, for calibrated scores
+    source: str = ""  # a plain image: its path relative to the input root (not Hounsfield units); DICOM: ""
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .domain import InstanceRef, SeriesChoice
+from .images import is_image
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class Eligibility:
         if choice.series is None:
             return ""
         instances = choice.series.instances
+        if is_image(instances[0]):
+            return "" if self.windowed_images else \
+                "a plain image (8-bit, not Hounsfield units); the model is made for CT in Hounsfield units only"
         n = len(choice.slices)
         if n < self.min_slices:
             return f"{n} slices; the model needs at least {self.min_slices}"

@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from .config import AIR_HU, HU_MAX, HU_MIN
 from .domain import SliceRef
 from .errors import DecodeError
+from .images import is_image_file, load_image_hu
 from .limits import MalformedPixelData, check_dimensions, check_inflated_size
 
 # Share of pixels allowed outside the plausible range before a decode is distrusted. Scanners write
@@ -35,6 +36,8 @@ class HUSlice:
 
 def load_hu(ref: SliceRef) -> HUSlice:
     """Decode ref's pixels and convert to HU, trying the fallback decoder when the first fails."""
+    if is_image_file(Path(ref.path)):  # no HU to check: the histogram rules are for CT
+        return HUSlice(np.clip(load_image_hu(ref.path), HU_MIN, HU_MAX).astype(np.float32))
     try:
         check_inflated_size(Path(ref.path))
         ds = pydicom.dcmread(ref.path)

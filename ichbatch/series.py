@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
+from pathlib import Path
 from collections.abc import Iterable
 
 import numpy as np
 
 from .config import CT_SOP_CLASSES, DEFAULT_RULES, SelectionRules
 from .domain import InstanceRef, SeriesChoice, SeriesGroup, SliceRef, StudyMeta
+from .images import NOT_HU, is_image
 
 POSITION_TOLERANCE_MM = 0.01
 
@@ -34,6 +36,8 @@ def group_studies(instances: Iterable[InstanceRef]) -> dict[str, list[SeriesGrou
 def choose_series(series: list[SeriesGroup], rules: SelectionRules = DEFAULT_RULES) -> SeriesChoice:
     """Pick the series to run; rejected ones keep the reason they were passed over."""
     study = _study_of(series)
+    if len(series) == 1 and all(is_image(i) for i in series[0].instances):
+        return _image_choice(series[0])
     reasons: dict[str, str] = {}
     candidates: list[tuple[tuple, SeriesGroup, tuple[SliceRef, ...], tuple[str, ...]]] = []
     for group in series:
@@ -64,6 +68,19 @@ def choose_series(series: list[SeriesGroup], rules: SelectionRules = DEFAULT_RUL
     reasons[best.series_uid] = "chosen: " + reasons[best.series_uid]
     # Identifiers come from the series that was run, not from whichever series sorted first.
     return SeriesChoice(best.instances[0].study, best, slices, reasons, warnings=warnings, instances_digest=digest)
+
+
+def _image_choice(group: SeriesGroup) -> SeriesChoice:
+    """A plain image is a study of one slice; nothing to order or choose."""
+    image = group.instances[0]
+    ref = SliceRef(image.path, None, (0.0, 0.0, 0.0), 0.0, sop_uid=image.sop_uid, instance_number=1)
+    try:  # a changed image is a new input for --resume, though its name (and so its UIDs) stay
+        st = Path(image.path).stat()
+        version = f"{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        version = ""
+    return SeriesChoice(image.study, group, (ref,), {group.series_uid: "chosen: a plain image"}, warnings=(NOT_HU,),
+                        instances_digest=instances_digest([image.sop_uid, version]))
 
 
 def instances_digest(sop_uids: Iterable[str]) -> str:

@@ -229,7 +229,8 @@ class StudyPath:
             return self._base(choice, Status.NOT_ASSESSED, message), StudyImages()
         good = [d for d in decoded if d.model_input is not None]
         n = len(choice.slices)
-        if len(good) < max(self.engine.settings.rules.min_slices, MIN_DECODED_FRACTION * n):
+        fewest = 1 if _source(choice) else self.engine.settings.rules.min_slices  # a plain image has one slice
+        if len(good) < max(fewest, MIN_DECODED_FRACTION * n):
             first = next((d.error for d in decoded if d.error), "no slices decoded")
             return self._failed(choice, f"{n - len(good)} of {n} slices could not be decoded; first: {first}"), StudyImages()
         card = self.engine.bundle.card
@@ -312,11 +313,16 @@ class StudyPath:
             labels=card.labels, outputs=card.outputs, warnings=choice.warnings,
             model=card.name, model_version=card.version, model_trained=card.trained,
             model_trained_on=card.trained_on, tta=self.engine.tta, heatmap=self.engine.explainer.describe(),
-            instances_digest=choice.instances_digest, thresholds=dict(card.thresholds),
+            instances_digest=choice.instances_digest, thresholds=dict(card.thresholds), source=_source(choice),
         )
 
     def _failed(self, choice: SeriesChoice, message: str) -> StudyResult:
         return self._base(choice, Status.FAILED, message)
+
+
+def _source(choice: SeriesChoice) -> str:
+    """A plain image's relative path; '' for DICOM."""
+    return choice.series.instances[0].source if choice.series and choice.series.instances else ""
 
 
 def heat_label(result: StudyResult) -> str:

@@ -26,6 +26,7 @@ COLUMNS: tuple[str, ...] = (
     "key_slices", "key_instance_numbers", "key_z_mm", "key_sop_uids",
     "model", "model_version", "tta", "seconds", "report_pdf", "notice",
     "domain_score", "domain_threshold", *(f"unassessed_prob_{label}" for label in LABELS),
+    "source",  # a plain image's path relative to the input root (not Hounsfield units); empty for DICOM
 )
 NOT_ASSESSED = "not_assessed"
 SLICE_COLUMNS: tuple[str, ...] = ("study_uid", "slice", "instance_number", "z_mm", "sop_uid",
@@ -93,7 +94,8 @@ def row(result: StudyResult, pseudonym_key: bytes | None = None) -> dict[str, st
     out["key_z_mm"] = " ".join(f"{k.z_mm:.1f}" for k in keys)
     out["key_sop_uids"] = " ".join(k.sop_uid for k in keys)
     out.update(model=result.model, model_version=result.model_version, tta=result.tta,
-               seconds=round(result.seconds, 3), report_pdf=result.report_pdf, notice=notice(result))
+               seconds=round(result.seconds, 3), report_pdf=result.report_pdf, notice=notice(result),
+               source=result.source)
     if pseudonym_key is not None:
         for col in IDENTIFIERS:
             out[col] = pseudonym(str(out[col]), pseudonym_key)

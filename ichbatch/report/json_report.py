@@ -47,6 +47,7 @@ def result_json(result: StudyResult, pseudonym_key: bytes | None = None) -> dict
         "study": {"study_uid": study.study_uid, "study_date": study.study_date, **ids},
         "series": {"series_uid": result.series_uid, "description": result.series_description,
                    "slices_scored": result.n_slices},
+        "input": {"source": result.source or None, "hounsfield_units": not result.source},
         "status": result.status.value,
         "message": result.message,
         "findings": findings,

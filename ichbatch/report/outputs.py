@@ -103,7 +103,8 @@ class OutputWriter:
         """Raises OutputError only when the store or CSV cannot be written; report failures go in the row."""
         outputs: list[str] = []
         result, pdf = self._write_report(result, images, outputs)
-        if self.settings.dicom_out is not None and result.status in (Status.OK, Status.NOT_ASSESSED):
+        if self.settings.dicom_out is not None and result.status in (Status.OK, Status.NOT_ASSESSED) \
+                and not result.source:  # a plain image has no DICOM study to join
             result = self._write_dicom(result, images, pdf, outputs)
         self.store.put_study(row(result, self.settings.pseudonym_key), instances_digest=result.instances_digest,
                              model=f"{result.model} {result.model_version}", outputs=outputs, run_id=self.run_id,

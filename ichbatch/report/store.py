@@ -153,7 +153,7 @@ class ResultsStore:
         self.files = CsvMirror(self, "files", files_csv_path(self.csv_path), FILE_COLUMNS)
         self._import_legacy_csv(columns)
         for mirror in (self.studies, self.files):
-            if not mirror.in_sync():
+            if not mirror.in_sync() or _header(mirror.path) != list(mirror.columns):  # a newer schema: rewrite
                 mirror.rebuild()
 
     def close(self) -> None:
@@ -246,7 +246,7 @@ class ResultsStore:
     def flush(self) -> None:
         """Bring every CSV view up to date (end of a run, or an idle watcher)."""
         for mirror in (self.studies, self.files):
-            if not mirror.in_sync():
+            if not mirror.in_sync() or _header(mirror.path) != list(mirror.columns):  # a newer schema: rewrite
                 mirror.rebuild()
 
     def _show(self, mirror: CsvMirror, row: dict[str, str], replaced: bool) -> None:
@@ -315,6 +315,14 @@ def storage_error(exc: sqlite3.Error) -> OutputError:
 def _stored(row: tuple) -> StoredStudy:  # type: ignore[type-arg]
     uid, seq, status, digest, model, text, outputs, run_id, finished = row
     return StoredStudy(uid, seq, status, digest, model, json.loads(text), tuple(json.loads(outputs)), run_id, finished)
+
+
+def _header(path: Path) -> list[str]:
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            return next(csv.reader(fh), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
 
 
 def _refuse_foreign(csv_path: Path, columns: Sequence[str], have_store: bool) -> None:

@@ -211,7 +211,7 @@ class Watcher:
             if self.ledger.file_state(str(path)) == state:
                 continue
             changed += 1
-            seen = examine(path)
+            seen = examine(path, (self.settings.incoming,))
             if isinstance(seen, FileIssue):
                 # Maybe still being written: recorded with its size, so it is read again when it changes.
                 self.ledger.record_file(str(path), None, *state, problem=seen.message)
@@ -311,7 +311,7 @@ class Watcher:
     def _run_study(self, study_uid: str) -> StudyResult:
         instances: list[InstanceRef] = []
         for path, _, _ in self.ledger.study_files(study_uid):
-            seen = examine(Path(path))
+            seen = examine(Path(path), (self.settings.incoming,))
             if isinstance(seen, InstanceRef):
                 instances.append(seen)
             elif Path(path).exists():
