@@ -12,7 +12,7 @@ Both documents say RESEARCH in Content Qualification and carry the notice in the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -22,6 +22,7 @@ from pydicom.uid import generate_uid
 from .. import NOT_FOR_DIAGNOSIS, __version__
 from ..domain import SliceId, Status, StudyResult
 
+T = TypeVar("T", bound=Dataset)
 SCHEME = "99ICHBATCH"
 FINDINGS = {  # label -> (code value, at most 16 characters; meaning)
     "any": ("ICH-ANY", "Intracranial hemorrhage, any type"),
@@ -51,9 +52,10 @@ def structured_report(result: StudyResult, source: Dataset, series_uid: str, ser
         observation_context=hd.sr.ObservationContext(observer_device_context=_device(result)),
         procedure_reported=CT_HEAD, imaging_measurements=groups,
         title=Code("126000", "DCM", "Imaging Measurement Report"))
-    return hd.sr.Comprehensive3DSR(
+    sr = hd.sr.Comprehensive3DSR(
         evidence=evidence, content=report[0], series_instance_uid=series_uid, series_number=series_number,
         sop_instance_uid=generate_uid(), instance_number=1, **_common(result, description))
+    return _versions(sr, result)
 
 
 def key_object_selection(result: StudyResult, source: Dataset, series_uid: str, series_number: int,
@@ -66,15 +68,21 @@ def key_object_selection(result: StudyResult, source: Dataset, series_uid: str, 
     content = hd.ko.KeyObjectSelection(
         document_title=OF_INTEREST, referenced_objects=refs, observer_device_context=_device(result),
         description=f"{NOT_FOR_DIAGNOSIS}. Key slices of {result.model} {result.model_version}; flagged: {flagged}"[:1024])
-    return hd.ko.KeyObjectSelectionDocument(
+    kos = hd.ko.KeyObjectSelectionDocument(
         evidence=refs, content=content, series_instance_uid=series_uid, series_number=series_number,
         sop_instance_uid=generate_uid(), instance_number=1, **_common(result, description, coding_schemes=False))
+    return _versions(kos, result)
+
+
+def _versions(ds: T, result: StudyResult) -> T:
+    """ichbatch's version, then the model's (a multi-valued LO, as the other DICOM outputs have it)."""
+    ds.SoftwareVersions = [__version__, result.model_version[:64] or "unknown"]
+    return ds
 
 
 def _common(result: StudyResult, description: str, coding_schemes: bool = True) -> dict[str, Any]:
     common: dict[str, Any] = dict(manufacturer="ichbatch", series_description=description,
-                  manufacturer_model_name=result.model[:64],
-                  software_versions=(__version__, result.model_version[:64] or "unknown"))
+                  manufacturer_model_name=result.model[:64])
     if coding_schemes:
         common.update(content_qualification=hd.ContentQualificationValues.RESEARCH, coding_schemes=[
             hd.coding_schemes.CodingSchemeIdentificationItem(designator=SCHEME, name="ichbatch findings and results",
