@@ -19,6 +19,15 @@ REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
 TINY_SIZE = 64
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 just now (tests bind and talk to the loopback address only)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def realdata(*parts: str) -> Path:
     path = REALDATA.joinpath(*parts)
     if not path.exists():
