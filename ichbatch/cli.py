@@ -482,8 +482,7 @@ def _delivery_status(db: Path, retry: bool, uids: bool) -> None:
     labels = sorted({d for d, _ in probe.counts()})
     if retry:  # the destinations are those the queue names
         probe.close()
-        probe = Deliveries(db, DeliverySettings(tuple(
-            Destination.stow(d) if d.startswith("http") else Destination.dimse(d) for d in labels)))
+        probe = Deliveries(db, DeliverySettings(tuple(Destination.from_label(d) for d in labels)))
         probe.retry_now()
         sent, unsent = probe.deliver_due()
         click.echo(f"retried: {sent} sent, {unsent} not sent")

@@ -58,9 +58,10 @@ def neighbours(zs: Sequence[float], i: int, k: int, spacing: float) -> list[int]
     return out
 
 
-def stack(slices: Sequence[HasSlice], i: int, k: int, spacing: float) -> np.ndarray:
-    """(2k+1, S, S) int16: slice i with its neighbours, from slices of one study in position order."""
-    zs = [s.z for s in slices]
+def stack(slices: Sequence[HasSlice], i: int, k: int, spacing: float, zs: Sequence[float] | None = None) -> np.ndarray:
+    """(2k+1, S, S) int16: slice i with its neighbours, from slices of one study in position order
+    (zs: their positions, when the caller already has them)."""
+    zs = [s.z for s in slices] if zs is None else zs
     return np.stack([_pixels(slices[c]) for c in neighbours(zs, i, k, spacing)])
 
 
@@ -77,24 +78,27 @@ def assemble(items: Iterable[T], k: int, spacing_of: Callable[[int], float]) -> 
             yield item, _pixels(item)[None]
         return
     study: list[T] = []
+    zs: list[float] = []  # their positions, kept beside them: read once per slice
     emitted = 0
     spacing = 1.0
     for item in items:
         if study and item.study != study[0].study:
-            yield from _emit(study, emitted, len(study), k, spacing)
-            study, emitted = [], 0
+            yield from _emit(study, zs, emitted, len(study), k, spacing)
+            study, zs, emitted = [], [], 0
         if not study:
             spacing = spacing_of(item.study)
         study.append(item)
+        zs.append(item.z)
         ready = emitted
-        while ready < len(study) and item.z >= study[ready].z + k * spacing - 1e-6:
+        while ready < len(study) and zs[-1] >= zs[ready] + k * spacing - 1e-6:
             ready += 1  # every target of slice `ready` is at or below the newest slice
-        yield from _emit(study, emitted, ready, k, spacing)
+        yield from _emit(study, zs, emitted, ready, k, spacing)
         emitted = ready
     if study:
-        yield from _emit(study, emitted, len(study), k, spacing)
+        yield from _emit(study, zs, emitted, len(study), k, spacing)
 
 
-def _emit(study: list[T], start: int, stop: int, k: int, spacing: float) -> Iterator[tuple[T, np.ndarray]]:
+def _emit(study: list[T], zs: list[float], start: int, stop: int, k: int,
+          spacing: float) -> Iterator[tuple[T, np.ndarray]]:
     for i in range(start, stop):
-        yield study[i], stack(study, i, k, spacing)
+        yield study[i], stack(study, i, k, spacing, zs)

@@ -21,7 +21,6 @@ from .errors import DecodeError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 IMAGE_MODALITY = "OT"
-IMAGE_PHOTOMETRIC = "PLAIN IMAGE"  # marks an InstanceRef made from an image file, not a DICOM header
 NOT_HU = "plain image: its pixel values are not Hounsfield units (read as a brain-window rendering)"
 MAX_IMAGE_PIXELS = 8192 * 8192
 
@@ -31,7 +30,8 @@ def is_image_file(path: Path) -> bool:
 
 
 def is_image(instance: InstanceRef) -> bool:
-    return instance.photometric == IMAGE_PHOTOMETRIC
+    """Made from an image file (it has a source path), not from a DICOM header."""
+    return bool(instance.source)
 
 
 def image_instance(path: Path, source: str) -> InstanceRef:
@@ -42,7 +42,7 @@ def image_instance(path: Path, source: str) -> InstanceRef:
         path=str(path), study=StudyMeta(study_uid), series_uid=f"{study_uid}.1", sop_uid=f"{study_uid}.1.1",
         sop_class_uid="", modality=IMAGE_MODALITY, image_type=("DERIVED", "SECONDARY"),
         orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0), position=(0.0, 0.0, 0.0), instance_number=1,
-        photometric=IMAGE_PHOTOMETRIC, has_pixels=True, series_description="plain image", source=source)
+        has_pixels=True, series_description="plain image", source=source)
 
 
 def load_image_hu(path: str) -> np.ndarray:

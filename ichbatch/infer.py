@@ -59,8 +59,6 @@ class Predictor:
         self.bundle = bundle
         self.tta = tta
         self.batch_size = batch_size
-        self.spec = bundle.card.input_spec
-        self.size = bundle.card.input_size
         self.features = features
         if bundle.card.architecture == "onnx":
             self._run = onnx_runner(bundle, tta, features)

@@ -42,13 +42,21 @@ class Orthanc:
     def start(self) -> Orthanc:
         self.proc = subprocess.Popen([str(ORTHANC), str(self.root / "orthanc.json")], stdout=subprocess.DEVNULL,
                                      stderr=open(self.root / "orthanc.log", "ab"))
-        _wait(lambda: self.get("/system") is not None, 60, "Orthanc did not start")
+        try:
+            _wait(lambda: self.get("/system") is not None, 60, "Orthanc did not start")
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.terminate()  # by PID: never a pkill that could hit anything else
-            self.proc.wait(timeout=60)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=60)
             self.proc = None
 
     def get(self, path: str):  # type: ignore[no-untyped-def]
@@ -102,11 +110,25 @@ def study(tmp_path, phantom_hu) -> tuple[str, list[Path]]:
     return uid, write_series(tmp_path / "study", phantom_hu, study_uid=uid, series_uid=generate_uid())
 
 
+STARTED: list[subprocess.Popen] = []  # listeners, stopped by their PID after each test whatever happened
+
+
+@pytest.fixture(autouse=True)
+def _no_listener_outlives_its_test():  # type: ignore[no-untyped-def]
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)
+
+
 def _listen(out: Path, port: int, bundle: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "ichbatch.cli", "listen", "--out", str(out), "--port", str(port), "--aet", "ICHBATCH",
            "--bind", "127.0.0.1", "--allow", "STORESCU", "--model", str(bundle), "--tta", "1", "--rescan-seconds", "1",
            *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(out.parent / f"listen-{port}.log", "ab"))
+    STARTED.append(proc)
     _wait(lambda: _echo(port), 120, "ichbatch listen did not answer C-ECHO")
     return proc
 

@@ -246,12 +246,17 @@ def load_bundle(name_or_path: str, precision: str = "float32") -> Bundle:
 def _load_domain(folder: Path, card: ModelCard) -> DomainCheck | None:
     if card.domain is None:
         return None
-    path = folder / str(card.domain["file"])
+    return DomainCheck.load(checked_file(folder, card, card.domain, "domain-check file"))
+
+
+def checked_file(folder: Path, card: ModelCard, entry: dict[str, Any], what: str) -> Path:
+    """A side file a card names as {"file", "sha256"}: present, and the file the card describes."""
+    path = folder / str(entry.get("file", ""))
     if not path.is_file():
-        raise BundleError(f"bundle {card.name}: domain-check file {path} is missing")
-    if sha256(path) != card.domain["sha256"]:
+        raise BundleError(f"bundle {card.name}: {what} {path} is missing")
+    if sha256(path) != entry.get("sha256"):
         raise BundleError(f"bundle {card.name}: {path.name} does not match the sha256 in the card")
-    return DomainCheck.load(path)
+    return path
 
 
 def _valid_calibration(entry: Any, outputs: tuple[str, ...]) -> bool:

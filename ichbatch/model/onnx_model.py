@@ -118,15 +118,9 @@ def _axis_meaning(layout: str, axis: int) -> str:
 
 
 def _load_kernel(folder: Path, card: Any) -> np.ndarray:
-    from .bundle import sha256
+    from .bundle import checked_file
 
-    cam = card.cam
-    path = folder / str(cam.get("file", ""))
-    if not path.is_file():
-        raise BundleError(f"bundle {card.name}: CAM weights {path} are missing")
-    if sha256(path) != cam.get("sha256"):
-        raise BundleError(f"bundle {card.name}: {path.name} does not match the sha256 in the card")
-    with np.load(path, allow_pickle=False) as data:
+    with np.load(checked_file(folder, card, card.cam, "CAM weights file"), allow_pickle=False) as data:
         return np.asarray(data["kernel"], np.float32)
 
 

@@ -46,6 +46,11 @@ class Destination:
             raise ValueError(f"--stow-url takes an http:// or https:// URL of a DICOMweb service. Received: {url!r}")
         return cls(url=url.rstrip("/"))
 
+    @classmethod
+    def from_label(cls, label: str) -> Destination:
+        """The destination a queue row names (its label)."""
+        return cls.stow(label) if label.startswith(("http://", "https://")) else cls.dimse(label)
+
     @property
     def label(self) -> str:
         return self.url or f"{self.ae_title}@{self.host}:{self.port}"

@@ -21,6 +21,7 @@ from pydicom.uid import generate_uid
 
 from .. import NOT_FOR_DIAGNOSIS, __version__
 from ..domain import SliceId, Status, StudyResult
+from .dicom_out import PATIENT_STUDY_TAGS
 
 T = TypeVar("T", bound=Dataset)
 SCHEME = "99ICHBATCH"
@@ -136,10 +137,10 @@ def _references(result: StudyResult, source: Dataset) -> list[tuple[Dataset, int
     refs = []
     for ident in slices:
         ds = Dataset()
-        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                        "StudyID", "AccessionNumber", "ReferringPhysicianName"):  # type 2: present, maybe empty
-            setattr(ds, keyword, source[keyword].value if keyword in source else "")
-        for keyword in ("SpecificCharacterSet", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "Rows", "Columns"):
+        for keyword in PATIENT_STUDY_TAGS:  # as the other DICOM outputs copy them; type 2: present, maybe empty
+            if keyword in source or keyword != "SpecificCharacterSet":
+                setattr(ds, keyword, source[keyword].value if keyword in source else "")
+        for keyword in ("SeriesInstanceUID", "SOPClassUID", "Rows", "Columns"):
             if keyword in source:
                 setattr(ds, keyword, source[keyword].value)
         ds.SOPInstanceUID = ident.sop_uid if ident is not None and ident.sop_uid else source.SOPInstanceUID

@@ -42,11 +42,7 @@ class OutputSettings:
 
     @property
     def deliveries_db(self) -> Path:
-        return deliveries_db(Path(self.csv))
-
-
-def deliveries_db(csv: Path) -> Path:
-    return csv.with_name(csv.stem + "_deliveries.sqlite")
+        return Path(self.csv).with_name(Path(self.csv).stem + "_deliveries.sqlite")
 
 
 class OutputWriter:
