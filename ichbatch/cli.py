@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import NOT_FOR_DIAGNOSIS, __version__
-from .errors import BundleError, IchBatchError, OutputError, OutputLockedError
+from .errors import BundleError, ClusterError, IchBatchError, OutputError, OutputLockedError
 
 if TYPE_CHECKING:
     from .net.scp import StorageSCP
@@ -187,9 +187,15 @@ def study_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--no-reports", is_flag=True, help="Write the CSV only.")
 @click.option("--resume", is_flag=True, help="Skip studies whose result is already complete in the store (same study, same instances, same model).")
 @click.option("--slices", "slices_csv", type=click.Path(dir_okay=False, path_type=Path), help="Also write per-slice probabilities of every study in the store to this CSV.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: decoding in Ray tasks and one model per GPU (or per two CPUs) in actors, across a cluster "
+                   "(needs ichbatch[ray]; README: Running on a Ray cluster).")
+@click.option("--address", default=None, metavar="ADDR",
+              help="With --engine ray: the cluster to join (auto, HOST:PORT or ray://HOST:PORT) [default: start a "
+                   "one-machine cluster bound to 127.0.0.1 for this run].")
 @study_options
 def run(inputs: tuple[Path, ...], out: Path, reports: Path | None, no_reports: bool, resume: bool,
-        slices_csv: Path | None, study: StudyOptions) -> None:
+        slices_csv: Path | None, engine: str, address: str | None, study: StudyOptions) -> None:
     """Process every study found under INPUTS (folders or files, nested, any file names).
 
     \b
@@ -197,13 +203,27 @@ def run(inputs: tuple[Path, ...], out: Path, reports: Path | None, no_reports: b
       ichbatch run /data/export --out results.csv
       ichbatch run a/ b/ --out results.csv --reports pdfs --tta 4 --slices slices.csv
       ichbatch run /archive --out results.csv --resume      # after a crash or Ctrl-C: only what is left
+      ichbatch run /shared/archive --out /shared/results.csv --engine ray --address auto
     """
+    if address and engine != "ray":
+        raise click.BadParameter("is for --engine ray", param_hint="--address")
     folder = None if no_reports else (reports or out.parent / "reports")
-    sys.exit(_run(list(inputs), out, folder, study, slices_csv=slices_csv, resume=resume))
+    sys.exit(_run(list(inputs), out, folder, study, slices_csv=slices_csv, resume=resume,
+                  cluster=_cluster(address) if engine == "ray" else None))
+
+
+def _cluster(address: str | None) -> Any:
+    import importlib.util
+
+    from .distributed import RaySettings
+
+    if importlib.util.find_spec("ray") is None:
+        raise click.BadParameter("needs Ray: pip install 'ichbatch[ray]'", param_hint="--engine ray")
+    return RaySettings(address=address)
 
 
 def _run(inputs: list[Path], out: Path, reports: Path | None, study: StudyOptions, *,
-         slices_csv: Path | None = None, resume: bool = False) -> int:
+         slices_csv: Path | None = None, resume: bool = False, cluster: Any = None) -> int:
     from .domain import Status
     from .errors import ExistingFileError
     from .pipeline import process_folder
@@ -229,8 +249,14 @@ def _run(inputs: list[Path], out: Path, reports: Path | None, study: StudyOption
     progress = TerminalProgress()
     try:
         with progress, writer:
-            summary = process_folder(inputs, study.run_settings(), sink=writer, progress=progress.update,
-                                     resume=writer if resume else None)
+            if cluster is None:
+                summary = process_folder(inputs, study.run_settings(), sink=writer, progress=progress.update,
+                                         resume=writer if resume else None)
+            else:
+                from .distributed import process_folder_ray
+
+                summary = process_folder_ray(inputs, study.run_settings(), cluster, sink=writer,
+                                             progress=progress.update, resume=writer if resume else None)
             if slices_csv:
                 write_slices(slices_csv, writer.store)
             issues = writer.store.file_issue_count()
@@ -239,6 +265,8 @@ def _run(inputs: list[Path], out: Path, reports: Path | None, study: StudyOption
     except BundleError as exc:
         raise _fatal(f"model: {exc}", EXIT_USAGE) from exc
     except OutputError as exc:
+        raise _fatal(f"{exc} (results written so far are intact; rerun with --resume)", EXIT_FATAL) from exc
+    except ClusterError as exc:
         raise _fatal(f"{exc} (results written so far are intact; rerun with --resume)", EXIT_FATAL) from exc
     if summary.studies == 0 and summary.resumed == 0:
         click.echo(f"nothing to do: no DICOM study found under {', '.join(map(str, inputs))} ({issues} other file(s), "

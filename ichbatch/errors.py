@@ -42,3 +42,7 @@ class OutputLockedError(IchBatchError):
 
 class ExistingFileError(IchBatchError):
     """An output path holds a file ichbatch did not write; it is never overwritten (a usage error)."""
+
+
+class ClusterError(IchBatchError):
+    """The Ray cluster cannot be reached or cannot run the model (not one study's fault)."""

@@ -24,7 +24,7 @@ from .series import choose_series, group_studies
 from .study import Engine, RunSettings, StudyPath, StudySink, resolve_precision
 
 log = logging.getLogger(__name__)
-__all__ = ["Engine", "RunSettings", "RunSummary", "process_folder", "process_studies", "resolve_precision", "select"]
+__all__ = ["Engine", "RunSettings", "RunSummary", "process_folder", "plan", "process_studies", "resolve_precision", "select"]
 
 
 @dataclass
@@ -87,32 +87,41 @@ def process_folder(
 ) -> RunSummary:
     """Run everything under the inputs. With `resume`, studies it reports complete are not run again."""
     start = time.perf_counter()
-    discovery = discover(inputs, progress=(lambda n: progress("reading headers", n, 0)) if progress else None)
-    summary = RunSummary(file_issues=len(discovery.issues))
-    log.info("%d DICOM instances and %d other files found", len(discovery.instances), len(discovery.issues))
-    if sink is not None:
-        for issue in discovery.issues:
-            sink.record_file_issue(issue)
     own_engine = engine is None
     engine = engine or Engine(settings)
-    studies = group_studies(discovery.instances)
-    total = len(studies)
-    discovery.instances.clear()  # the groups hold them now; no second copy for the whole run
-
-    def todo() -> Iterator[SeriesChoice]:
-        for n, series in enumerate(studies.values(), 1):
-            choice = choose_series(series, settings.rules)
-            if resume and resume.is_complete(choice.study.study_uid, choice.instances_digest, engine.model_key):
-                summary.resumed += 1
-            else:
-                yield choice
-            if progress:
-                progress("studies", n, total)
-
+    summary = RunSummary()
     try:
-        process_studies(todo(), engine, sink, on_result, summary)
+        process_studies(plan(inputs, settings, engine.model_key, summary, sink, progress, resume), engine, sink,
+                        on_result, summary)
     finally:
         if own_engine:
             engine.close()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def plan(inputs: Iterable[str | Path], settings: RunSettings, model_key: str, summary: RunSummary,
+         sink: StudySink | None = None, progress: Callable[[str, int, int], None] | None = None,
+         resume: ResumeCheck | None = None) -> Iterator[SeriesChoice]:
+    """discover -> group -> select, lazily: the chosen series of each study still to run, in a stable order.
+
+    Every engine runs what this yields. Unreadable files go to the sink; --resume's skips and the
+    number of file issues are counted in the summary.
+    """
+    discovery = discover(inputs, progress=(lambda n: progress("reading headers", n, 0)) if progress else None)
+    summary.file_issues = len(discovery.issues)
+    log.info("%d DICOM instances and %d other files found", len(discovery.instances), len(discovery.issues))
+    if sink is not None:
+        for issue in discovery.issues:
+            sink.record_file_issue(issue)
+    studies = group_studies(discovery.instances)
+    total = len(studies)
+    discovery.instances.clear()  # the groups hold them now; no second copy for the whole run
+    for n, series in enumerate(studies.values(), 1):
+        choice = choose_series(series, settings.rules)
+        if resume and resume.is_complete(choice.study.study_uid, choice.instances_digest, model_key):
+            summary.resumed += 1
+        else:
+            yield choice
+        if progress:
+            progress("studies", n, total)

@@ -25,7 +25,7 @@ from .decode import DecodeJob, Decoded, crashed, decode_slice
 from .infer import Predictor, default_device, default_tta, default_workers
 from .model.backend import import_backend
 from .model import calibration
-from .model.bundle import Bundle, load_bundle
+from .model.bundle import Bundle, ModelCard, load_bundle
 from .model.gradcam import CamExplainer, overlay
 from .model.inputs import model_input
 from .pixels import load_hu
@@ -83,8 +83,7 @@ class Engine:
 
     @property
     def model_key(self) -> str:
-        """What --resume compares: a result from another model or version is not reused."""
-        return f"{self.bundle.card.name} {self.bundle.card.version}"
+        return self.bundle.card.key
 
 
 def make_explainer(bundle: Bundle) -> Explainer:
@@ -126,6 +125,9 @@ def resolve_precision(precision: str, device: str) -> str:
     return precision
 
 
+Decoder = Callable[[Iterable[DecodeJob], int], Iterator[Decoded]]  # (jobs, how many ahead) -> results in order
+
+
 class StudySink(Protocol):
     """Where a study's outputs go (report.outputs.OutputWriter); tests and libraries may bring their own."""
 
@@ -138,10 +140,12 @@ class StudyPath:
     """Selected series to written outputs. `process` takes one study; `process_many` a stream of them."""
 
     def __init__(self, engine: Engine, sink: StudySink | None = None,
-                 on_slices: Callable[[int], None] | None = None) -> None:
+                 on_slices: Callable[[int], None] | None = None, decode: Decoder | None = None) -> None:
         self.engine = engine
         self.sink = sink
         self.on_slices = on_slices  # called with the number of slices scored, for progress
+        # Who decodes: the engine's isolated worker processes, or (the Ray engine) slices decoded elsewhere.
+        self.decode: Decoder = decode or engine.decoders.map
         self.n_slices = 0
 
     def process(self, choice: SeriesChoice) -> StudyResult:
@@ -178,12 +182,10 @@ class StudyPath:
             for i, choice in enumerate(choices):
                 rule = eligibility.problem(choice)
                 order[i] = choice, rule
-                if rule:
-                    continue  # not run: _finish says why
-                for k, ref in enumerate(choice.slices, 1):
-                    yield DecodeJob(i, slice_id(k, ref), ref, size)
+                if not rule:  # else not run: _finish says why
+                    yield from decode_jobs(i, choice, size)
 
-        decoded = self.engine.decoders.map(jobs(), depth=4 * self.engine.settings.batch_size)
+        decoded = self.decode(jobs(), 4 * self.engine.settings.batch_size)
         per_study: dict[int, list[Decoded]] = {}
         probs: dict[int, list[np.ndarray]] = {}
         features: dict[int, list[np.ndarray]] = {}
@@ -304,20 +306,27 @@ class StudyPath:
         return tuple(images)
 
     def _base(self, choice: SeriesChoice, status: Status, message: str) -> StudyResult:
-        card = self.engine.bundle.card
-        return StudyResult(
-            study=choice.study, status=status, message=message,
-            series_uid=choice.series.series_uid if choice.series else "",
-            series_description=choice.series.description if choice.series else "",
-            source_path=choice.slices[0].path if choice.slices else "",
-            labels=card.labels, outputs=card.outputs, warnings=choice.warnings,
-            model=card.name, model_version=card.version, model_trained=card.trained,
-            model_trained_on=card.trained_on, tta=self.engine.tta, heatmap=self.engine.explainer.describe(),
-            instances_digest=choice.instances_digest, thresholds=dict(card.thresholds), source=_source(choice),
-        )
+        return base_result(choice, self.engine.bundle.card, self.engine.tta, self.engine.explainer.describe(),
+                           status, message)
 
     def _failed(self, choice: SeriesChoice, message: str) -> StudyResult:
         return self._base(choice, Status.FAILED, message)
+
+
+def base_result(choice: SeriesChoice, card: ModelCard, tta: int, heatmap: str, status: Status,
+                message: str) -> StudyResult:
+    """A study's result before scores: who it is, which series, which model. Also what an engine that
+    lost a study (a Ray worker gone too often) records for it."""
+    return StudyResult(
+        study=choice.study, status=status, message=message,
+        series_uid=choice.series.series_uid if choice.series else "",
+        series_description=choice.series.description if choice.series else "",
+        source_path=choice.slices[0].path if choice.slices else "",
+        labels=card.labels, outputs=card.outputs, warnings=choice.warnings,
+        model=card.name, model_version=card.version, model_trained=card.trained,
+        model_trained_on=card.trained_on, tta=tta, heatmap=heatmap,
+        instances_digest=choice.instances_digest, thresholds=dict(card.thresholds), source=_source(choice),
+    )
 
 
 def _source(choice: SeriesChoice) -> str:
@@ -333,6 +342,12 @@ def heat_label(result: StudyResult) -> str:
     if "any" in flagged:
         return "any"
     return max(flagged, key=lambda label: result.study_probs.get(label) or 0.0)
+
+
+def decode_jobs(study: int, choice: SeriesChoice, size: int) -> Iterator[DecodeJob]:
+    """The decoding work of one study, its slices in series order."""
+    for k, ref in enumerate(choice.slices, 1):
+        yield DecodeJob(study, slice_id(k, ref), ref, size)
 
 
 def slice_id(index: int, ref: SliceRef) -> SliceId:

@@ -28,6 +28,33 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+LOOPBACK_ENV = "ICHBATCH_LOOPBACK_NETNS"
+
+
+def in_loopback_namespace(scenarios: Path, tmp_path: Path, timeout: int = 1200) -> str:
+    """Run a scenarios module with pytest in a network namespace whose only interface is loopback
+    (`unshare -n`): every server and client there can reach 127.0.0.1 and nothing else. Skips where
+    such a namespace cannot be made; fails with the inner output when a scenario fails."""
+    import shutil
+    import subprocess
+    import sys
+
+    missing = [tool for tool in ("unshare", "ip") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (Debian: util-linux iproute2)")
+    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a loopback-only network namespace here ({probe.stderr.strip()})")
+    inner_cmd = (f"ip link set lo up && exec {sys.executable} -m pytest -q -p no:cacheprovider "
+                 f"--basetemp={tmp_path / 'inner'} {scenarios}")
+    run = subprocess.run(["unshare", "-n", "sh", "-c", inner_cmd], capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, LOOPBACK_ENV: "1"}, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    last = run.stdout.strip().splitlines()[-1]
+    assert "skipped" not in last, run.stdout[-2000:]
+    return last
+
+
 def realdata(*parts: str) -> Path:
     path = REALDATA.joinpath(*parts)
     if not path.exists():

@@ -19,9 +19,9 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from .conftest import free_port, write_series
+from .conftest import LOOPBACK_ENV, free_port, write_series
 
-if os.environ.get("ICHBATCH_LOOPBACK_NETNS") != "1":
+if os.environ.get(LOOPBACK_ENV) != "1":
     pytest.skip("runs inside the loopback-only namespace that tests/test_pacs.py makes", allow_module_level=True)
 ORTHANC = shutil.which("Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")

@@ -8,37 +8,24 @@ starts pytest on them inside that namespace.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
 
-from .conftest import free_port, write_series
+from .conftest import free_port, in_loopback_namespace, write_series
 
 ORTHANC = shutil.which("Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-NEEDS = [("Orthanc", ORTHANC), ("storescu", shutil.which("storescu")), ("echoscu", shutil.which("echoscu")),
-         ("unshare", shutil.which("unshare")), ("ip", shutil.which("ip"))]
+NEEDS = [("Orthanc", ORTHANC), ("storescu", shutil.which("storescu")), ("echoscu", shutil.which("echoscu"))]
 
 
 def test_pacs_scenarios_in_a_loopback_only_network(tmp_path):
     missing = [name for name, path in NEEDS if path is None] + ([] if DICOMWEB_PLUGIN.exists() else ["orthanc-dicomweb"])
     if missing:
-        pytest.skip(f"needs {', '.join(missing)} (Debian: orthanc orthanc-dicomweb dcmtk iproute2 util-linux)")
-    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        pytest.skip(f"cannot make a loopback-only network namespace here ({probe.stderr.strip()})")
-    scenarios = Path(__file__).with_name("pacs_scenarios.py")
-    inner_cmd = (f"ip link set lo up && exec {sys.executable} -m pytest -q -p no:cacheprovider "
-                 f"--basetemp={tmp_path / 'inner'} {scenarios}")
-    run = subprocess.run(["unshare", "-n", "sh", "-c", inner_cmd], capture_output=True, text=True, timeout=1200,
-                         env={**os.environ, "ICHBATCH_LOOPBACK_NETNS": "1"}, cwd=Path(__file__).resolve().parents[1])
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    assert "4 passed" in run.stdout and "skipped" not in run.stdout.splitlines()[-1], run.stdout[-2000:]
+        pytest.skip(f"needs {', '.join(missing)} (Debian: orthanc orthanc-dicomweb dcmtk)")
+    assert "4 passed" in in_loopback_namespace(Path(__file__).with_name("pacs_scenarios.py"), tmp_path)
 
 
 def test_destinations_are_checked_before_anything_runs(tmp_path, tiny_bundle):

@@ -174,6 +174,11 @@ class ModelCard:
         return problems
 
     @property
+    def key(self) -> str:
+        """What --resume compares: a result from another model or version is not reused."""
+        return f"{self.name} {self.version}"
+
+    @property
     def input_spec(self) -> InputSpec:
         return spec_from_card(self)
 

@@ -97,55 +97,19 @@ class OutputWriter:
 
     def write(self, result: StudyResult, images: StudyImages) -> StudyResult:
         """Raises OutputError only when the store or CSV cannot be written; report failures go in the row."""
-        outputs: list[str] = []
-        result, pdf = self._write_report(result, images, outputs)
-        if self.settings.dicom_out is not None and result.status in (Status.OK, Status.NOT_ASSESSED) \
-                and not result.source:  # a plain image has no DICOM study to join
-            result = self._write_dicom(result, images, pdf, outputs)
-        self.store.put_study(row(result, self.settings.pseudonym_key), instances_digest=result.instances_digest,
-                             model=f"{result.model} {result.model_version}", outputs=outputs, run_id=self.run_id,
-                             slices=slice_rows(result))
-        self.index.update(result.study.study_uid)
-        return result
+        return self.commit(write_study_files(result, images, self.settings))
 
-    def _write_report(self, result: StudyResult, images: StudyImages,
-                      outputs: list[str]) -> tuple[StudyResult, bytes | None]:
-        """The PDF, rendered once: written to the reports folder and, when asked, wrapped in DICOM."""
-        folder = self.settings.reports
-        if folder is None and self.settings.dicom_out is None:
-            return result, None
-        if folder is not None:
-            result = replace(result, report_pdf=str(Path(folder) / pdf_name(result.study.study_uid)))
-        pdf = render_pdf(result, images)
-        if folder is None:
-            return result, pdf
-        try:
-            atomic_write_bytes(Path(result.report_pdf), pdf)
-            outputs.append(result.report_pdf)
-            outputs.append(str(write_json(result, folder, self.settings.pseudonym_key)))
-            thumb = write_thumbnail(result, images, folder)
-            if thumb is not None:
-                outputs.append(str(thumb))
-        except DiskFullError:
-            raise  # not the study's fault: the caller waits and retries
-        except OutputError as exc:
-            return replace(result, status=Status.FAILED, report_pdf="", message=f"report not written: {exc}"), None
-        return result, pdf
-
-    def _write_dicom(self, result: StudyResult, images: StudyImages, pdf: bytes | None, outputs: list[str]) -> StudyResult:
-        from .dicom_out import write_dicom_outputs
-
-        assert self.settings.dicom_out is not None
-        try:
-            paths = write_dicom_outputs(result, images, pdf, self.settings.dicom_out)
-        except DiskFullError:
-            raise
-        except (OutputError, OSError, ValueError) as exc:
-            return replace(result, status=Status.FAILED, message=f"DICOM outputs not written: {exc}")
-        outputs.extend(str(p) for p in paths)
-        if self.deliveries is not None:  # queued before any send: a PACS that is down loses nothing
-            self.deliveries.enqueue(result.study.study_uid, paths)
+    def commit(self, files: StudyFiles) -> StudyResult:
+        """A study whose files are written (here or by a Ray task): queue its DICOM results for sending,
+        then record it in the store, which shows the CSV row, then its page of the index."""
+        result = files.result
+        if self.deliveries is not None and files.dicom:  # queued before any send: a PACS that is down loses nothing
+            self.deliveries.enqueue(result.study.study_uid, list(files.dicom))
             self.deliver()
+        self.store.put_study(row(result, self.settings.pseudonym_key), instances_digest=result.instances_digest,
+                             model=f"{result.model} {result.model_version}", outputs=list(files.outputs),
+                             run_id=self.run_id, slices=slice_rows(result))
+        self.index.update(result.study.study_uid)
         return result
 
     def deliver(self) -> tuple[int, int]:
@@ -157,3 +121,64 @@ class OutputWriter:
         except Exception as exc:  # the queue's own database; the files and the queue stay as they are
             log.error("deliveries not attempted (%s: %s); will retry", type(exc).__name__, exc)
             return 0, 0
+
+
+@dataclass(frozen=True)
+class StudyFiles:
+    """What writing one study's files gave: its result (FAILED when a report could not be written), every
+    file written, and the DICOM ones among them (to be sent)."""
+
+    result: StudyResult
+    outputs: tuple[str, ...]
+    dicom: tuple[Path, ...] = ()
+
+
+def write_study_files(result: StudyResult, images: StudyImages, settings: OutputSettings) -> StudyFiles:
+    """PDF, JSON, thumbnail and DICOM objects of one study: everything but the store, so it can run
+    wherever the output folders are seen (the Ray engine runs it in CPU tasks). Raises DiskFullError."""
+    outputs: list[str] = []
+    result, pdf = _write_report(result, images, settings, outputs)
+    dicom: list[Path] = []
+    if settings.dicom_out is not None and result.status in (Status.OK, Status.NOT_ASSESSED) \
+            and not result.source:  # a plain image has no DICOM study to join
+        result = _write_dicom(result, images, pdf, settings.dicom_out, dicom)
+        outputs.extend(str(p) for p in dicom)
+    return StudyFiles(result, tuple(outputs), tuple(dicom))
+
+
+def _write_report(result: StudyResult, images: StudyImages, settings: OutputSettings,
+                  outputs: list[str]) -> tuple[StudyResult, bytes | None]:
+    """The PDF, rendered once: written to the reports folder and, when asked, wrapped in DICOM."""
+    folder = settings.reports
+    if folder is None and settings.dicom_out is None:
+        return result, None
+    if folder is not None:
+        result = replace(result, report_pdf=str(Path(folder) / pdf_name(result.study.study_uid)))
+    pdf = render_pdf(result, images)
+    if folder is None:
+        return result, pdf
+    try:
+        atomic_write_bytes(Path(result.report_pdf), pdf)
+        outputs.append(result.report_pdf)
+        outputs.append(str(write_json(result, folder, settings.pseudonym_key)))
+        thumb = write_thumbnail(result, images, folder)
+        if thumb is not None:
+            outputs.append(str(thumb))
+    except DiskFullError:
+        raise  # not the study's fault: the caller waits and retries
+    except OutputError as exc:
+        return replace(result, status=Status.FAILED, report_pdf="", message=f"report not written: {exc}"), None
+    return result, pdf
+
+
+def _write_dicom(result: StudyResult, images: StudyImages, pdf: bytes | None, folder: Path,
+                 written: list[Path]) -> StudyResult:
+    from .dicom_out import write_dicom_outputs
+
+    try:
+        written.extend(write_dicom_outputs(result, images, pdf, folder))
+    except DiskFullError:
+        raise
+    except (OutputError, OSError, ValueError) as exc:
+        return replace(result, status=Status.FAILED, message=f"DICOM outputs not written: {exc}")
+    return result

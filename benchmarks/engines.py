@@ -1,0 +1,151 @@
+"""The local engine against the Ray engine on the same studies, in one run; and the per-stage costs that
+the README's cluster estimate is built from.
+
+    pip install -c constraints.txt -e ".[cpu,onnx,ray]"
+    unshare -n sh -c 'ip link set lo up && python benchmarks/engines.py [--studies 12] [--repeats 2]'
+
+(`unshare -n` as root: a network namespace whose only interface is loopback, so the Ray cluster can
+reach 127.0.0.1 and nothing else.) A one-node Ray cluster is started once (`ray start --head`, node IP
+127.0.0.1, every core, no dashboard), then `ichbatch run` with --engine local and --engine ray over the
+same generated studies, alternated, PDF reports on. Each run's wall time includes loading the model.
+
+Per-stage costs, measured in this process (decoding, files and header reads on one core; the model on
+every core): reading headers (the driver's discovery, s per file), decoding (s per slice), scoring a
+decoded study (model with TTA, aggregation, heat maps; s per slice), writing its files (PDF, JSON,
+thumbnail; s per study) and the driver's commit to the results store (s per study). Header reads and
+commits are the stages a cluster does not spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+RAY = Path(sys.executable).with_name("ray")
+
+
+def _run(studies: Path, out: Path, args: argparse.Namespace, *extra: str) -> float:
+    cmd = [sys.executable, "-m", "ichbatch.cli", "run", str(studies), "--out", str(out), "--model", args.model,
+           "--tta", str(args.tta), *extra]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return seconds
+
+
+def _probabilities(csv_path: Path) -> dict[str, str]:
+    with csv_path.open(newline="") as f:
+        return {row["study_uid"]: row["prob_any"] for row in csv.DictReader(f)}
+
+
+@dataclass
+class StageCosts:
+    header_s: float = 0.0  # per file
+    decode_s: float = 0.0  # per slice
+    score_s: float = 0.0  # per slice
+    files_s: float = 0.0  # per study
+    commit_s: float = 0.0  # per study
+
+
+def _stage_costs(studies: Path, args: argparse.Namespace) -> StageCosts:
+    from ichbatch.decode import decode_slice
+    from ichbatch.discover import discover
+    from ichbatch.distributed import StudyScorer
+    from ichbatch.pipeline import select
+    from ichbatch.report.outputs import OutputSettings, OutputWriter, write_study_files
+    from ichbatch.study import RunSettings, decode_jobs
+
+    settings = RunSettings(model=args.model, tta=args.tta)
+    t = time.perf_counter()
+    discovery = discover([studies])
+    costs = StageCosts(header_s=(time.perf_counter() - t) / (len(discovery.instances) + len(discovery.issues)))
+    choices = [c for c in select(discovery, settings.rules) if c.series]
+    scorer = StudyScorer(settings, __import__("ichbatch").__version__)
+    size = scorer.engine.bundle.card.input_size
+    n = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        outputs = OutputSettings(csv=Path(tmp) / "r.csv", reports=Path(tmp) / "reports")
+        with OutputWriter(outputs) as writer:
+            for choice in choices:
+                t = time.perf_counter()
+                decoded = [decode_slice(job) for job in decode_jobs(0, choice, size)]
+                costs.decode_s += time.perf_counter() - t
+                t = time.perf_counter()
+                result, images, _ = scorer.score(choice, decoded)
+                costs.score_s += time.perf_counter() - t
+                t = time.perf_counter()
+                files = write_study_files(result, images, outputs)
+                costs.files_s += time.perf_counter() - t
+                t = time.perf_counter()
+                writer.commit(files)
+                costs.commit_s += time.perf_counter() - t
+                n += len(decoded)
+    scorer.engine.close()
+    costs.decode_s, costs.score_s = costs.decode_s / n, costs.score_s / n
+    costs.files_s, costs.commit_s = costs.files_s / len(choices), costs.commit_s / len(choices)
+    return costs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ich-resnet50-demo")
+    parser.add_argument("--studies", type=int, default=12)
+    parser.add_argument("--slices", type=int, default=24)
+    parser.add_argument("--tta", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    from ichbatch.synth import synth_studies
+
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0")
+    tmp = Path(tempfile.mkdtemp(prefix="ichbench"))
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    port = 20000 + secrets.randbelow(20000)
+    try:
+        studies = tmp / "studies"
+        synth_studies(studies, args.studies, seed=11, n_slices=args.slices)
+        subprocess.run([str(RAY), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                        "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
+                       check=True, capture_output=True)
+        times: dict[str, list[float]] = {"local": [], "ray": []}
+        outs = {}
+        for k in range(args.repeats):
+            for engine in (("local", "ray") if k % 2 == 0 else ("ray", "local")):
+                out = tmp / f"{engine}{k}" / "results.csv"
+                extra = ("--engine", "ray", "--address", f"127.0.0.1:{port}") if engine == "ray" else ()
+                times[engine].append(_run(studies, out, args, *extra))
+                outs[engine] = out
+        same = _probabilities(outs["local"]) == _probabilities(outs["ray"])
+        costs = _stage_costs(studies, args)
+    finally:
+        subprocess.run([str(RAY), "stop", "--force"], capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    slices = args.studies * args.slices
+    local, ray = min(times["local"]), min(times["ray"])
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; model {args.model}, "
+          f"{args.studies} studies x {args.slices} slices, TTA {args.tta}, PDF reports on; best of {args.repeats}")
+    print(f"wall s (model load included): local {local:.1f}   ray {ray:.1f}   "
+          f"slices/s local {slices / local:.1f}   ray {slices / ray:.1f}   ratio ray/local {local / ray:.2f}   "
+          f"same probabilities: {same}")
+    print(f"per-stage costs: header read {1000 * costs.header_s:.2f} ms/file (driver), decode "
+          f"{1000 * costs.decode_s:.1f} ms/slice (one core), score (model x TTA {args.tta}, aggregation, heat maps; "
+          f"every core) {1000 * costs.score_s:.1f} ms/slice, files {1000 * costs.files_s:.0f} ms/study (one core), "
+          f"commit {1000 * costs.commit_s:.1f} ms/study (driver)")
+
+
+if __name__ == "__main__":
+    main()

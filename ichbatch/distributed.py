@@ -1,0 +1,282 @@
+"""The Ray engine (`ichbatch run --engine ray`): the local run's plan and study path, spread over a cluster.
+
+    driver: discover -> group -> select (pipeline.plan, headers only), --resume checks
+    CPU tasks: decode and reduce each study's slices (decode.decode_slice, as in the local worker pool)
+    actor pool: one model per GPU (or per two CPUs without GPUs); each scores whole studies through
+                StudyPath (batched inference, aggregation, heat maps), exactly as the local engine does
+    CPU tasks: each study's files (PDF, JSON, thumbnail, DICOM objects: report.outputs.write_study_files)
+    driver: the same OutputWriter commits each study to the results store, in input order; its key
+            images never travel to the driver
+
+A study is written only once its actor call has returned, so a worker or node lost mid-study means the
+study is redone (Ray retries the task, or restarts the actor and retries the call), never written twice;
+a study that still cannot be done after `attempts` is recorded as failed with the reason. Results reach
+the store as they finish, so `--resume` after a killed driver redoes only what was not written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .domain import FileIssue, SeriesChoice, Status, StudyImages, StudyResult
+from .errors import BundleError, ClusterError, DiskFullError, IchBatchError
+from .logs import outcome, study_tag
+from .model.bundle import ModelCard, read_card, resolve
+from .pipeline import ResumeCheck, RunSummary, plan
+from .report.outputs import OutputSettings, OutputWriter, StudyFiles, write_study_files
+from .study import RunSettings, StudySink, base_result
+
+log = logging.getLogger(__name__)
+# Passed to every worker, so a remote cluster runs with the driver's backend, runtime and limits.
+FORWARDED_ENV = ("KERAS_BACKEND", "ICHBATCH_RUNTIME", "ICHBATCH_CACHE", "ICHBATCH_DECODE_MEMORY_MB",
+                 "ICHBATCH_DECODE_TIMEOUT_S", "TF_CPP_MIN_LOG_LEVEL")
+LOG_EVERY_S = 30.0
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    address: str | None = None  # an existing cluster ("auto", "HOST:PORT", "ray://HOST:PORT"); None: start one here
+    cpus: int | None = None  # for a cluster started here [default: every core]
+    actors: int = 0  # model replicas; 0: one per GPU, else one per two CPUs (at least one)
+    attempts: int = 3  # tries per study when workers die under it; then it is recorded as failed
+    in_flight: int = 0  # studies between the driver and the workers; 0: four per actor (bounds driver memory)
+
+
+class StudyScorer:
+    """One model replica (a Ray actor): scores whole studies whose slices were decoded by tasks."""
+
+    def __init__(self, settings: RunSettings, driver_version: str) -> None:
+        if driver_version != __version__:
+            raise ClusterError(f"this worker has ichbatch {__version__}, the driver {driver_version}: install the "
+                               "same version on every node")
+        from .study import Engine
+
+        self.engine = Engine(settings)  # its decoder processes are never started: tasks decode
+
+    def describe(self) -> tuple[int, int, str]:
+        """(process id, TTA views, heat-map method): the driver records failures with the same fields."""
+        return os.getpid(), self.engine.tta, self.engine.explainer.describe()
+
+    def score(self, choice: SeriesChoice, decoded: list[Any]) -> tuple[StudyResult, StudyImages, list[FileIssue]]:
+        """Called with num_returns=3: the images go straight from here to the task that writes the files."""
+        from .study import StudyPath
+
+        kept = _Kept()
+
+        def given(jobs: Iterable[Any], _ahead: int) -> Any:
+            slices = iter(decoded)
+            for _ in jobs:  # the same jobs, in the same order, that the decode task ran
+                yield next(slices)
+
+        StudyPath(self.engine, kept, decode=given).process(choice)
+        assert kept.result is not None
+        return kept.result, kept.images, kept.issues
+
+
+class _Kept:
+    """A sink that keeps what the study path produced, for the driver's writer."""
+
+    def __init__(self) -> None:
+        self.result: StudyResult | None = None
+        self.images = StudyImages()
+        self.issues: list[FileIssue] = []
+
+    def write(self, result: StudyResult, images: StudyImages) -> StudyResult:
+        self.result, self.images = result, images
+        return result
+
+    def record_file_issue(self, issue: FileIssue) -> None:
+        self.issues.append(issue)
+
+
+def decode_study(choice: SeriesChoice, size: int) -> list[Any]:
+    """A Ray task: every slice of one study decoded and reduced to the model's input size."""
+    from .decode import decode_slice
+    from .study import decode_jobs
+
+    return [decode_slice(job) for job in decode_jobs(0, choice, size)]
+
+
+def write_files(result: StudyResult, images: StudyImages, settings: OutputSettings) -> StudyFiles:
+    """A Ray task: one study's files, written where the driver's output folders are (a shared file system)."""
+    return write_study_files(result, images, settings)
+
+
+def process_folder_ray(
+    inputs: Iterable[str | Path],
+    settings: RunSettings,
+    cluster: RaySettings,
+    sink: StudySink | None = None,
+    on_result: Callable[[StudyResult], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    resume: ResumeCheck | None = None,
+) -> RunSummary:
+    """pipeline.process_folder on a Ray cluster: the same studies, results and outputs."""
+    ray = _import_ray()
+    start = time.perf_counter()
+    card = read_card(resolve(settings.model))
+    started_here = _connect(ray, cluster)
+    try:
+        return _Driver(ray, settings, cluster, card, sink, on_result, progress).run(inputs, resume, start)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+class _Driver:
+    def __init__(self, ray: Any, settings: RunSettings, cluster: RaySettings, card: ModelCard,
+                 sink: StudySink | None, on_result: Callable[[StudyResult], None] | None,
+                 progress: Callable[[str, int, int], None] | None) -> None:
+        self.ray, self.settings, self.cluster, self.card = ray, settings, cluster, card
+        self.sink, self.on_result, self.progress = sink, on_result, progress
+        self.summary = RunSummary()
+        self.total = 0
+        self.last_log = time.monotonic()
+
+    def run(self, inputs: Iterable[str | Path], resume: ResumeCheck | None, start: float) -> RunSummary:
+        ray = self.ray
+        actors, tta, heatmap = self._start_actors()
+        retries = self.cluster.attempts - 1
+        decode = ray.remote(num_cpus=1, max_retries=retries)(decode_study)
+        files = ray.remote(num_cpus=1, max_retries=retries)(write_files)
+        in_flight = self.cluster.in_flight or 4 * len(actors)
+        window: deque[tuple[SeriesChoice, Any, Any]] = deque()
+        for n, choice in enumerate(plan(inputs, self.settings, self.card.key, self.summary, self.sink,
+                                        self._planned, resume)):
+            decoded = decode.remote(choice, self.card.input_size) if self._runs(choice) else []
+            result, images, issues = actors[n % len(actors)].score.options(num_returns=3).remote(choice, decoded)
+            written = files.remote(result, images, self.sink.settings) if isinstance(self.sink, OutputWriter) \
+                else [result, images]  # another sink writes on the driver
+            window.append((choice, issues, written))
+            while len(window) >= in_flight:
+                self._finish(*window.popleft(), tta, heatmap, start)
+        while window:
+            self._finish(*window.popleft(), tta, heatmap, start)
+        self.summary.seconds = time.perf_counter() - start
+        return self.summary
+
+    def _runs(self, choice: SeriesChoice) -> bool:
+        """Whether the study's slices go to the model (else the actor records why not, without decoding)."""
+        return choice.series is not None and not self.card.eligibility.problem(choice)
+
+    def _start_actors(self) -> tuple[list[Any], int, str]:
+        ray = self.ray
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        count = self.cluster.actors or (gpus or max(1, cpus // 2))
+        options: dict[str, Any] = {"num_cpus": 1, "max_restarts": -1, "max_task_retries": self.cluster.attempts - 1}
+        if gpus:
+            options["num_gpus"] = 1
+        scorer = ray.remote(**options)(StudyScorer)
+        actors = [scorer.remote(self.settings, __version__) for _ in range(count)]
+        try:
+            described = ray.get([a.describe.remote() for a in actors])
+        except ray.exceptions.RayError as exc:
+            raise _cluster_error(exc, "the Ray workers could not load the model") from exc
+        log.info("Ray: %d model replica(s) (%d GPU(s), %d CPU(s) in the cluster)", count, gpus, cpus)
+        _, tta, heatmap = described[0]
+        return actors, tta, heatmap
+
+    def _finish(self, choice: SeriesChoice, issues_ref: Any, written: Any, tta: int, heatmap: str,
+                start: float) -> None:
+        ray = self.ray
+        try:
+            issues = ray.get(issues_ref)
+            got = ray.get(written)
+        except ray.exceptions.RayError as exc:  # workers lost more often than `attempts` allows
+            if isinstance(getattr(exc, "cause", None), DiskFullError):
+                raise exc.cause from exc  # not the study's fault: stop, as the local engine does
+            reason = f"lost on the Ray cluster after {self.cluster.attempts} attempt(s): {_cause(exc)}"
+            issues, got = [], StudyFiles(base_result(choice, self.card, tta, heatmap, Status.FAILED, reason), ())
+            if not isinstance(self.sink, OutputWriter):
+                got = [got.result, StudyImages()]
+        if self.sink is not None:
+            for issue in issues:
+                self.sink.record_file_issue(issue)
+        if isinstance(self.sink, OutputWriter):
+            result = self.sink.commit(got)
+        else:
+            result = self.sink.write(*got) if self.sink is not None else got[0]
+        self.summary.counts[result.status.value] += 1
+        self.summary.n_slices += result.n_slices
+        log.info("%s: %s, %d slices", study_tag(result.study.study_uid), outcome(result), result.n_slices)
+        if self.on_result:
+            self.on_result(result)
+        self._report(start)
+
+    def _planned(self, stage: str, done: int, total: int) -> None:
+        if stage == "studies":
+            self.total = total  # progress counts studies written, not studies handed out
+        elif self.progress:
+            self.progress(stage, done, total)
+
+    def _report(self, start: float) -> None:
+        done = self.summary.studies + self.summary.resumed
+        if self.progress:
+            self.progress("studies", done, self.total)
+        if time.monotonic() - self.last_log >= LOG_EVERY_S:
+            self.last_log = time.monotonic()
+            rate = self.summary.n_slices / max(time.perf_counter() - start, 1e-9)
+            log.warning("%d of %d studies done, %.1f slices/s across the cluster", done, self.total, rate)
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ClusterError("--engine ray needs Ray: pip install 'ichbatch[ray]'") from None
+    return ray
+
+
+def _connect(ray: Any, cluster: RaySettings) -> bool:
+    """Join the cluster at the address, or start a one-node cluster bound to 127.0.0.1; True if started here."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray would otherwise report usage to its makers
+    env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+    common: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
+    if env:
+        common["runtime_env"] = {"env_vars": env}
+    try:
+        if cluster.address:
+            _probe(cluster.address)
+            ray.init(address=cluster.address, **common)
+            return False
+        ray.init(num_cpus=cluster.cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **common)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ClusterError(f"cannot reach the Ray cluster at {cluster.address or 'a new local one'}: {exc}") from exc
+    return True
+
+
+def _probe(address: str) -> None:
+    """Ray retries an address that does not answer for minutes; a HOST:PORT that refuses fails here at once."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", or an address Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as exc:
+        raise ClusterError(f"nothing answers at {address} ({exc.strerror or exc}): is the Ray head running "
+                           "there (ray start --head)?") from exc
+
+
+def _cause(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        return f"{type(cause).__name__}: {cause}"
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _cluster_error(exc: BaseException, what: str) -> IchBatchError:
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BundleError):
+        return BundleError(str(cause))
+    return ClusterError(f"{what}: {_cause(exc)}")

@@ -1,0 +1,136 @@
+"""The Ray engine scenarios of tests/test_ray.py, run only inside the loopback-only network namespace
+that test makes (this file's name keeps pytest from collecting it on its own; run directly, it skips).
+
+A real local Ray cluster (`ray start --head`, 2 CPUs, node IP 127.0.0.1, no dashboard, no usage stats)
+runs `ichbatch run --engine ray` on generated studies and one study whose pixel data is broken.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pypdf import PdfReader
+
+from ichbatch.synth import synth_studies
+
+from .conftest import LOOPBACK_ENV, free_port
+
+if os.environ.get(LOOPBACK_ENV) != "1":
+    pytest.skip("runs inside the loopback-only namespace that tests/test_ray.py makes", allow_module_level=True)
+RAY = Path(sys.executable).with_name("ray")
+TIMING = ("seconds", "report_pdf")  # how long a study took; where its report is (each run has its own folder)
+N_STUDIES = 6
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    port = free_port()
+    # Token authentication on, as Ray does by default for clusters from 2.61: the cluster and every
+    # ichbatch driver run here get the token from the environment.
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0")
+    env = dict(os.environ)
+    start = subprocess.run([str(RAY), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                            "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
+                            f"--temp-dir={temp}"], capture_output=True, text=True, env=env, timeout=180)
+    assert start.returncode == 0, start.stdout[-3000:] + start.stderr[-3000:]
+    yield f"127.0.0.1:{port}"
+    subprocess.run([str(RAY), "stop", "--force"], capture_output=True, timeout=120)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("studies")
+    synth_studies(root, N_STUDIES - 1, seed=5, n_slices=12, size=96)
+    broken = root / "broken"
+    synth_studies(broken, 1, seed=6, n_slices=12, size=96)
+    for path in broken.glob("study_*/*"):  # headers fine, pixel data cut short: fails at decoding
+        ds = pydicom.dcmread(path)
+        ds.PixelData = ds.PixelData[:64]
+        ds.save_as(path)
+    return root
+
+
+def ichbatch_run(studies: Path, out: Path, bundle: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "ichbatch.cli", "run", str(studies), "--out", str(out), "--model", str(bundle), *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finished(proc: subprocess.Popen, timeout: int = 600) -> str:
+    """The run's messages; its exit status is 1, partial failure, for the broken study."""
+    stdout, stderr = proc.communicate(timeout=timeout)
+    assert proc.returncode == 1 and "1 failed" in stderr, stdout[-2000:] + stderr[-4000:]
+    return stderr
+
+
+def rows(csv_path: Path) -> list[dict[str, str]]:
+    with csv_path.open(newline="") as f:
+        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def local_rows(studies, tiny_bundle, tmp_path_factory) -> list[dict[str, str]]:
+    out = tmp_path_factory.mktemp("local") / "results.csv"
+    finished(ichbatch_run(studies, out, tiny_bundle))
+    return rows(out)
+
+
+def test_ray_engine_writes_the_local_engines_csv_row_for_row_and_the_reports(cluster, studies, tiny_bundle,
+                                                                               local_rows, tmp_path):
+    out = tmp_path / "results.csv"
+    finished(ichbatch_run(studies, out, tiny_bundle, "--engine", "ray", "--address", cluster))
+    got = rows(out)
+    assert got == local_rows
+    statuses = sorted(row["status"] for row in got)
+    assert statuses == ["failed"] + ["ok"] * (N_STUDIES - 1)
+    failed = next(row for row in got if row["status"] == "failed")
+    assert "could not be decoded" in failed["message"]
+    with (tmp_path / "results.csv").open(newline="") as f:
+        pdfs = [Path(row["report_pdf"]) for row in csv.DictReader(f) if row["status"] == "ok"]
+    assert len(pdfs) == N_STUDIES - 1
+    for pdf in pdfs:
+        text = "".join(page.extract_text() for page in PdfReader(pdf).pages)
+        assert "tiny" in text and "NOT FOR DIAGNOSIS" in text.upper()
+
+
+def busy_scorer() -> int | None:
+    """The process of a model replica (Ray actor) while it is scoring a study."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            title = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith("ray::StudyScorer.score"):
+            return int(proc.name)
+    return None
+
+
+def test_a_worker_killed_mid_run_leaves_every_study_with_exactly_one_row(cluster, studies, tiny_bundle, local_rows,
+                                                                          tmp_path):
+    out = tmp_path / "results.csv"
+    proc = ichbatch_run(studies, out, tiny_bundle, "--engine", "ray", "--address", cluster)
+    killed = None
+    deadline = time.monotonic() + 300
+    while killed is None and proc.poll() is None and time.monotonic() < deadline:
+        killed = busy_scorer()
+        time.sleep(0.02)
+    assert killed is not None, "no model replica was seen scoring a study"
+    os.kill(killed, signal.SIGKILL)
+    finished(proc)
+    got = rows(out)
+    assert len(got) == N_STUDIES and len({row["study_uid"] for row in got}) == N_STUDIES
+    assert got == local_rows  # the study under the killed worker was redone, with the same result
