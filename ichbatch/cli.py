@@ -545,15 +545,25 @@ def _delivery_status(db: Path, retry: bool, uids: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--phantom-studies", type=click.IntRange(2, 100000), default=200, show_default=True)
 @click.option("--phantom-slices", type=click.IntRange(8, 400), default=24, show_default=True)
+@click.option("--workers", type=click.IntRange(0, 256), default=0, show_default=True,
+              help="Decoder processes for --source rsna (0: one per core but one).")
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path),
+              help="--source rsna: keep the decoded slices here (size x size x 3 bytes each) so later epochs and "
+                   "later trainings read them instead of decoding.")
+@click.option("--checkpoints", type=click.Path(file_okay=False, path_type=Path),
+              help="Training state after every epoch; the same command run again resumes there [default: "
+                   "OUT.checkpoints beside the bundle; removed once the bundle is written].")
 def train(source: str, data: Path | None, labels_csv: Path | None, out: Path, name: str | None, version: str, input_size: int,
           epochs: int, batch_size: int, lr: float, init: Path | None, init_schedule: str, vertical_flip: bool,
-          val_fraction: float, seed: int, phantom_studies: int, phantom_slices: int) -> None:
+          val_fraction: float, seed: int, phantom_studies: int, phantom_slices: int, workers: int,
+          cache: Path | None, checkpoints: Path | None) -> None:
     """Train the ResNet50 bundle and write it with its card, training curves and validation metrics.
 
     \b
     Examples:
       ichbatch train --source phantoms --out models/my-phantom-model --epochs 10
-      ichbatch train --source rsna --data rsna/stage_2_train --labels rsna/stage_2_train.csv --out models/rsna
+      ichbatch train --source rsna --data rsna/stage_2_train --labels rsna/stage_2_train.csv --out models/rsna \\
+          --cache /scratch/rsna-cache          # stops? the same command resumes from the last epoch
       ichbatch train --source folder --data images/ --out models/binary --init models/x/weights.npz
     """
     from .train import TrainSettings, load_data
@@ -562,7 +572,8 @@ def train(source: str, data: Path | None, labels_csv: Path | None, out: Path, na
     settings = TrainSettings(source=source, out=out, name=name or out.name, version=version, data=data, labels_csv=labels_csv,
                              input_size=input_size, epochs=epochs, batch_size=batch_size, lr=lr, init=init,
                              val_fraction=val_fraction, seed=seed, phantom_studies=phantom_studies,
-                             phantom_slices=phantom_slices, init_schedule=init_schedule, vertical_flip=vertical_flip)
+                             phantom_slices=phantom_slices, init_schedule=init_schedule, vertical_flip=vertical_flip,
+                             workers=workers, cache=cache, checkpoints=checkpoints)
     try:
         run_training(settings, load_data(settings), echo=lambda m: click.echo(m, err=True))
     except IchBatchError as exc:

@@ -10,19 +10,23 @@ split by patient or study so that no study is in both training and validation.
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
+import os
 import re
-import tempfile
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .config import DEFAULT_WINDOWS, LABELS, SUBTYPES
-from .domain import SliceRef
+from .config import LABELS, SUBTYPES
 from .errors import IchBatchError
-from .preprocess import resize_hu, windows_np
+from .infer import default_workers
+from .report.files import atomic_write_bytes
+from .train_stream import SliceCache, SliceReader, batches, hu_to_channels, steps
 
 log = logging.getLogger(__name__)
 SOURCES = ("phantoms", "rsna", "folder")
@@ -31,11 +35,18 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 @dataclass
 class TrainData:
-    x: np.ndarray  # (n, size, size, 3) uint8: the three windows (or the image) scaled to 0..255
+    """A training source: small per-slice records; the images in memory (phantoms, image folders, small by
+    construction) or as one DICOM file per slice, decoded as training reads them (RSNA, any size)."""
+
+    x: np.ndarray | None  # (n, size, size, 3) uint8: the three windows (or the image) scaled to 0..255
     y: np.ndarray  # (n, outputs) float32 0/1
     groups: np.ndarray  # (n,) patient or study key for the split
     outputs: tuple[str, ...]
     description: str
+    paths: np.ndarray | None = None  # (n,) DICOM files, when x is None
+
+    def __len__(self) -> int:
+        return len(self.y)
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,9 @@ class TrainSettings:
     phantom_studies: int = 200
     phantom_slices: int = 24
     version: str = "1.0.0"
+    workers: int = 0  # decoder processes for file sources; 0: one per core but one
+    cache: Path | None = None  # decoded slices kept here after the first epoch (file sources)
+    checkpoints: Path | None = None  # state after every epoch, to resume a long training [default: beside --out]
     vertical_flip: bool = False  # off in the recipe: real heads are never upside down
     init_schedule: str = "transfer"  # with init: "transfer" (the two-stage recipe) or "continue" (all layers)
 
@@ -62,11 +76,6 @@ class TrainSettings:
     def transfer(self) -> bool:
         """The recipe's two stages (head, then conv5) rather than every layer training throughout."""
         return self.init is not None and self.init_schedule == "transfer"
-
-
-def hu_to_channels(hu: np.ndarray, size: int) -> np.ndarray:
-    """The same windows the inference path builds on the device, here in numpy as uint8."""
-    return (windows_np(resize_hu(hu, size), DEFAULT_WINDOWS) * 255 + 0.5).astype(np.uint8)
 
 
 def load_phantoms(settings: TrainSettings, progress: Callable[[int, int], None] | None = None) -> TrainData:
@@ -102,30 +111,30 @@ def read_rsna_labels(path: Path) -> dict[str, dict[str, int]]:
 
 
 def load_rsna(settings: TrainSettings) -> TrainData:
+    """The index only (file, labels, patient per slice): the pixels are decoded as training reads them."""
     import pydicom
-
-    from .pixels import load_hu
 
     if settings.data is None or settings.labels_csv is None:
         raise IchBatchError("--source rsna needs --data (folder of ID_*.dcm) and --labels (stage_2_train.csv)")
     labels = read_rsna_labels(settings.labels_csv)
-    xs, ys, groups, missing = [], [], [], 0
+    paths, ys, groups, missing = [], [], [], 0
     for image_id, lab in sorted(labels.items()):
         path = settings.data / f"{image_id}.dcm"
         if not path.exists():
             missing += 1
             continue
-        head = pydicom.dcmread(path, stop_before_pixels=True)
-        hu = load_hu(SliceRef(str(path), None, (0.0, 0.0, 0.0), 0.0)).hu
-        xs.append(hu_to_channels(hu, settings.input_size))
+        head = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID", "StudyInstanceUID"])
+        paths.append(str(path))
         ys.append([lab.get(label, 0) for label in LABELS])
         groups.append(str(head.get("PatientID") or head.get("StudyInstanceUID") or image_id))
-    if not xs:
-        raise IchBatchError(f"none of the {len(labels)} labelled images were found in {settings.data}")
+    del labels
+    if not paths:
+        raise IchBatchError(f"none of the labelled images were found in {settings.data}")
     if missing:
         log.warning("%d labelled images have no file in %s", missing, settings.data)
-    return TrainData(np.stack(xs), np.asarray(ys, np.float32), np.asarray(groups), LABELS,
-                     f"RSNA-layout data: {len(xs)} slices from {len(set(groups))} patients/studies")
+    return TrainData(None, np.asarray(ys, np.uint8).astype(np.float32), np.asarray(groups), LABELS,
+                     f"RSNA-layout data: {len(paths)} slices from {len(set(groups))} patients/studies",
+                     paths=np.asarray(paths))
 
 
 def load_folder(settings: TrainSettings) -> TrainData:
@@ -202,7 +211,11 @@ def _training_model(base, size: int, seed: int, vertical_flip: bool = False):  #
 
 
 def train(settings: TrainSettings, data: TrainData, echo: Callable[[str], None] = print) -> Path:
-    """Fit, evaluate on the validation split, write the bundle with its card, curves and metrics."""
+    """Fit, evaluate on the validation split, write the bundle with its card, curves and metrics.
+
+    The slices stream from a SliceReader (memory does not grow with the data set); after every epoch
+    the training state is saved in the checkpoint folder, and the same command run again resumes there.
+    """
     import keras
 
     from .evaluate import evaluate_arrays
@@ -221,21 +234,25 @@ def train(settings: TrainSettings, data: TrainData, echo: Callable[[str], None] 
         _set_bn_momentum(base, 0.9)
     model = _training_model(base, settings.input_size, settings.seed, settings.vertical_flip)
     weights = np.where(data.y[:, 0] > 0, 1.5, 1.0).astype(np.float32)  # positives count 1.5 times
-    fit_args = dict(x=data.x[tr], y=data.y[tr], sample_weight=weights[tr], batch_size=settings.batch_size,
-                    validation_data=(data.x[va], data.y[va]), verbose=2)
-    history: dict[str, list[float]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        stages = _stages(settings)
-        for i, (epochs, lr, trainable) in enumerate(stages):
-            _set_trainable(base, trainable)
-            model.compile(optimizer=keras.optimizers.Adam(lr), loss="binary_crossentropy",
-                          metrics=[keras.metrics.AUC(multi_label=True, name="auc")])
-            h = model.fit(epochs=epochs, callbacks=_callbacks(Path(tmp) / f"best{i}.weights.h5"), **fit_args)
-            for key, values in h.history.items():
-                history.setdefault(key, []).extend(float(v) for v in values)
-    recalibrate_batchnorm(base, data.x[tr], settings.batch_size, settings.seed)
-    val_pred = np.asarray(base.predict(data.x[va].astype(np.float32) / 255.0, batch_size=64, verbose=0))
-    metrics = evaluate_arrays(data.y[va], val_pred, data.outputs, groups=data.groups[va])
+    tr_idx, va_idx = np.flatnonzero(tr), np.flatnonzero(va)
+    checkpoints = settings.checkpoints or settings.out.with_name(settings.out.name + ".checkpoints")
+    # Two readers: Keras may read ahead into the next training epoch while validation runs.
+    train_reader, val_reader = _reader(settings, data), _reader(settings, data)
+    try:
+        history = _fit(settings, base, model, checkpoints, echo, (
+            batches(train_reader, tr_idx, data.y, weights, settings.batch_size, settings.seed),
+            steps(len(tr_idx), settings.batch_size),
+            batches(val_reader, va_idx, data.y, None, settings.batch_size, None),
+            steps(len(va_idx), settings.batch_size)))
+        order = np.random.default_rng(settings.seed).permutation(tr_idx)[:BN_BATCHES * settings.batch_size]
+        recalibrate_from(base, (x for x, _ in batches(train_reader, np.sort(order), data.y, None,
+                                                      settings.batch_size, None, epochs=1)))
+        val_pred, domain_x, domain_groups = _validate(base, val_reader, va_idx, data, settings.batch_size)
+        _report_unreadable(train_reader, val_reader, echo)
+    finally:
+        train_reader.close()
+        val_reader.close()
+    metrics = evaluate_arrays(data.y[va_idx], val_pred, data.outputs, groups=data.groups[va_idx])
     card = ModelCard(
         name=settings.name, version=settings.version, input_size=settings.input_size, outputs=data.outputs,
         thresholds={label: 0.5 for label in data.outputs}, trained=True,
@@ -243,12 +260,93 @@ def train(settings: TrainSettings, data: TrainData, echo: Callable[[str], None] 
                                                if settings.source == "phantoms" else "user data"),
         seed=settings.seed, metrics={"validation": _summary(metrics), "epochs_run": len(history.get("loss", []))},
     )
-    card = _with_calibration(card, data.y[va], val_pred, data.groups[va], echo)
+    card = _with_calibration(card, data.y[va_idx], val_pred, data.groups[va_idx], echo)
     folder = write_bundle(settings.out, card, base)
     _plot_curves(history, folder / "training_curves.png")
-    _fit_domain(folder, base, data.x[va], data.groups[va], echo)
+    _fit_domain(folder, base, domain_x, domain_groups, echo)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the bundle is written: nothing left to resume
     echo(f"bundle written to {folder}; validation: {card.metrics['validation']}")
     return folder
+
+
+BN_BATCHES = 64  # training batches that precise BN averages over
+DOMAIN_SLICES = 4096  # validation slices (whole studies) whose features fit the domain check
+
+
+def _reader(settings: TrainSettings, data: TrainData) -> SliceReader:
+    if data.x is not None:
+        return SliceReader(settings.input_size, images=data.x)
+    assert data.paths is not None
+    cache = None
+    if settings.cache is not None:
+        key = hashlib.sha256("\n".join(data.paths.tolist()).encode()).hexdigest()[:16]
+        cache = SliceCache(settings.cache, f"slices-{key}-{settings.input_size}", len(data), settings.input_size)
+    return SliceReader(settings.input_size, paths=data.paths, workers=settings.workers or default_workers(),
+                       cache=cache)
+
+
+def _fit(settings: TrainSettings, base, model, checkpoints: Path,  # type: ignore[no-untyped-def]
+         echo: Callable[[str], None], data: tuple) -> dict[str, list[float]]:
+    """The recipe's stages; a stage that finished in an earlier run of the same command is not run again."""
+    import keras
+
+    train_batches, train_steps, val_batches, val_steps = data
+    history: dict[str, list[float]] = {}
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    for i, (epochs, lr, trainable) in enumerate(_stages(settings)):
+        done, log_file = checkpoints / f"stage{i}.weights.h5", checkpoints / f"stage{i}.history.json"
+        _set_trainable(base, trainable)
+        if done.exists() and log_file.exists():
+            base.load_weights(done)
+            stage_history = json.loads(log_file.read_text())
+            echo(f"stage {i + 1}: finished in an earlier run; resumed from {checkpoints}")
+        else:
+            model.compile(optimizer=keras.optimizers.Adam(lr), loss="binary_crossentropy",
+                          metrics=[keras.metrics.AUC(multi_label=True, name="auc")])
+            backup = keras.callbacks.BackupAndRestore(str(checkpoints / f"stage{i}"), delete_checkpoint=False)
+            h = model.fit(train_batches, steps_per_epoch=train_steps, validation_data=val_batches,
+                          validation_steps=val_steps, epochs=epochs, verbose=2, shuffle=False,  # batches() shuffles
+                          callbacks=[backup, *_callbacks(checkpoints / f"best{i}.weights.h5")])
+            stage_history = {key: [float(v) for v in values] for key, values in h.history.items()}
+            base.save_weights(checkpoints / f"stage{i}.tmp.weights.h5")
+            os.replace(checkpoints / f"stage{i}.tmp.weights.h5", done)
+            atomic_write_bytes(log_file, json.dumps(stage_history).encode())
+        for key, values in stage_history.items():
+            history.setdefault(key, []).extend(values)
+    return history
+
+
+def _validate(base, reader: SliceReader, va_idx: np.ndarray, data: TrainData,  # type: ignore[no-untyped-def]
+              batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Predictions for every validation slice, and the images of the first whole studies (up to
+    DOMAIN_SLICES slices) for the domain check; one pass over the validation slices."""
+    keep = _whole_groups(data.groups[va_idx], DOMAIN_SLICES)
+    preds, kept = [], []
+    start = 0
+    for x, _ in batches(reader, va_idx, data.y, None, batch_size, None, epochs=1):
+        preds.append(np.asarray(base.predict_on_batch(x.astype(np.float32) / 255.0)))
+        kept.extend(x[keep[start:start + len(x)]])
+        start += len(x)
+    domain_x = np.stack(kept) if kept else np.zeros((0, reader.size, reader.size, 3), np.uint8)
+    return np.concatenate(preds), domain_x, data.groups[va_idx][keep]
+
+
+def _whole_groups(groups: np.ndarray, limit: int) -> np.ndarray:
+    """A mask over the slices: the groups in order of first appearance while their slices fit in the limit."""
+    keep = np.zeros(len(groups), bool)
+    for g in dict.fromkeys(groups.tolist()):
+        mask = groups == g
+        if keep.sum() + mask.sum() > limit and keep.any():
+            break
+        keep |= mask
+    return keep
+
+
+def _report_unreadable(train_reader: SliceReader, val_reader: SliceReader, echo: Callable[[str], None]) -> None:
+    errors = train_reader.errors + val_reader.errors
+    if errors:
+        echo(f"{errors} slice reads failed and trained as black images; first: "
+             f"{train_reader.first_error or val_reader.first_error}")
 
 
 def _with_calibration(card, y: np.ndarray, p: np.ndarray, groups: np.ndarray,  # type: ignore[no-untyped-def]
@@ -294,22 +392,29 @@ def _set_bn_momentum(base, momentum: float) -> None:  # type: ignore[no-untyped-
             layer.momentum = momentum
 
 
-def recalibrate_batchnorm(base, x_uint8: np.ndarray, batch_size: int, seed: int, max_batches: int = 64) -> None:  # type: ignore[no-untyped-def]
+def recalibrate_batchnorm(base, x_uint8: np.ndarray, batch_size: int, seed: int,  # type: ignore[no-untyped-def]
+                          max_batches: int = BN_BATCHES) -> None:
+    """"Precise BN" over up to max_batches batches drawn from an array (see recalibrate_from)."""
+    order = np.random.default_rng(seed).permutation(len(x_uint8))
+    n_batches = max(1, min(max_batches, len(order) // batch_size))
+    recalibrate_from(base, (x_uint8[order[i * batch_size:(i + 1) * batch_size]] for i in range(n_batches)))
+
+
+def recalibrate_from(base, x_batches: Iterable[np.ndarray]) -> None:  # type: ignore[no-untyped-def]
     """"Precise BN": replace each BatchNormalization layer's moving statistics by their average over
-    up to max_batches un-augmented training batches, with the final weights (no weight changes)."""
+    un-augmented training batches (uint8), with the final weights (no weight changes)."""
     import keras
 
     bns = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    if not bns or len(x_uint8) == 0:
+    if not bns:
         return
     saved = [layer.momentum for layer in bns]
-    order = np.random.default_rng(seed).permutation(len(x_uint8))
-    n_batches = max(1, min(max_batches, len(order) // batch_size))
-    for i in range(n_batches):
+    for i, x in enumerate(x_batches):
+        if not len(x):
+            continue
         for layer in bns:
             layer.momentum = i / (i + 1)  # running mean of the per-batch statistics
-        batch = x_uint8[order[i * batch_size : (i + 1) * batch_size]].astype(np.float32) / 255.0
-        base(batch, training=True)
+        base(x.astype(np.float32) / 255.0, training=True)
     for layer, momentum in zip(bns, saved):
         layer.momentum = momentum
 

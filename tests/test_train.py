@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
+import time
 
 import cv2
 import numpy as np
 import pandas as pd
+import pydicom
 from click.testing import CliRunner
 from pydicom.uid import generate_uid
 
@@ -46,24 +51,82 @@ def test_train_on_phantoms(tmp_path):
     assert load_bundle(str(out)).domain is not None and "domain check fitted on" in result.output
 
 
-def test_train_on_rsna_layout(tmp_path):
+def _rsna_folder(tmp_path, n=6, patients=3):
     data = tmp_path / "stage_2_train"
     data.mkdir()
-    hu = make_phantom(np.random.default_rng(0), n_slices=6, size=64, subtypes=("subdural",)).hu
+    hu = make_phantom(np.random.default_rng(0), n_slices=n, size=64, subtypes=("subdural",)).hu
     rows = []
-    for k in range(6):
+    for k in range(n):
         image_id = f"ID_{k:08x}"
-        ds = ct_slice_dataset(hu[k], z=5.0 * k, study_uid=generate_uid(), patient_id=f"PAT{k % 3}")
+        ds = ct_slice_dataset(hu[k], z=5.0 * k, study_uid=generate_uid(), patient_id=f"PAT{k % patients}")
         ds.save_as(data / f"{image_id}.dcm", enforce_file_format=True)
         for label in ("any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"):
             rows.append({"ID": f"{image_id}_{label}", "Label": int(label in ("any", "subdural") and k % 2 == 0)})
     pd.DataFrame(rows).to_csv(tmp_path / "stage_2_train.csv", index=False)
+    return ["--source", "rsna", "--data", str(data), "--labels", str(tmp_path / "stage_2_train.csv")]
+
+
+def test_train_on_rsna_layout(tmp_path):
     out = tmp_path / "rsna-model"
-    result = CliRunner().invoke(main, ["train", "--source", "rsna", "--data", str(data), "--labels",
-                                       str(tmp_path / "stage_2_train.csv"), "--out", str(out), *COMMON])
+    result = CliRunner().invoke(main, ["train", *_rsna_folder(tmp_path), "--out", str(out), *COMMON])
     assert result.exit_code == 0, result.output
-    assert "6 slices from 3 patients" in result.output
+    assert "6 slices from 3 patients" in result.output and "slice reads failed" not in result.output
     _check_bundle(out, ("any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"))
+    assert not (tmp_path / "rsna-model.checkpoints").exists()  # removed once the bundle is written
+
+
+def test_slice_cache_serves_later_epochs_and_trainings_instead_of_the_files(tmp_path):
+    rsna = _rsna_folder(tmp_path, n=8, patients=4)
+    cache = tmp_path / "cache"
+    first = CliRunner().invoke(main, ["train", *rsna, "--out", str(tmp_path / "a"), "--cache", str(cache), *COMMON])
+    assert first.exit_code == 0, first.output
+    (flags,) = cache.glob("*.done")
+    assert flags.read_bytes() == b"\x01" * 8 and next(cache.glob("*.u8")).stat().st_size == 8 * 32 * 32 * 3
+    for path in (tmp_path / "stage_2_train").iterdir():  # headers intact, pixels gone
+        ds = pydicom.dcmread(path)
+        ds.PixelData = ds.PixelData[:10]
+        ds.save_as(path)
+    cached = CliRunner().invoke(main, ["train", *rsna, "--out", str(tmp_path / "b"), "--cache", str(cache), *COMMON])
+    assert cached.exit_code == 0 and "slice reads failed" not in cached.output, cached.output
+    uncached = CliRunner().invoke(main, ["train", *rsna, "--out", str(tmp_path / "c"), *COMMON])
+    assert uncached.exit_code == 0 and "slice reads failed and trained as black images" in uncached.output
+
+
+def test_slice_cache_is_complete_only_when_every_slice_is_written(tmp_path):
+    from ichbatch.train_stream import SliceCache
+
+    cache = SliceCache(tmp_path, "k", 3, 4)
+    images = (np.arange(3 * 48) % 251).astype(np.uint8).reshape(3, 4, 4, 3)
+    cache.write(0, images[0])
+    cache.write(2, images[2])
+    assert not cache.complete()
+    cache.write(1, images[1])
+    assert cache.complete() and all(np.array_equal(cache.read(i), images[i]) for i in range(3))
+    cache.close()
+    again = SliceCache(tmp_path, "k", 3, 4)  # reopened with the same shape: kept
+    assert again.complete() and np.array_equal(again.read(1), images[1])
+    again.close()
+    assert not SliceCache(tmp_path, "k", 4, 4).complete()  # another size of source: started afresh
+
+
+def test_a_killed_training_resumes_at_its_last_finished_epoch(tmp_path):
+    rsna = _rsna_folder(tmp_path, n=12, patients=4)
+    out, checkpoints = tmp_path / "model", tmp_path / "ck"
+    cmd = [sys.executable, "-m", "ichbatch.cli", "train", *rsna, "--out", str(out), "--checkpoints", str(checkpoints),
+           "--input-size", "32", "--batch-size", "4", "--epochs", "6"]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not (checkpoints / "stage0" / "training_metadata.json").exists() and time.monotonic() < deadline:
+        assert first.poll() is None, first.communicate()[0][-3000:]
+        time.sleep(0.05)
+    first.kill()
+    first.communicate()
+    assert not (out / "model.json").exists()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    epochs = [int(m) for m in re.findall(r"^Epoch (\d+)/6", again.stdout + again.stderr, re.M)]
+    assert epochs and epochs[0] >= 2 and epochs[-1] == 6, epochs  # picked up after the saved epoch
+    assert (out / "model.json").exists() and not checkpoints.exists()
 
 
 def test_train_on_image_folder(tmp_path):
