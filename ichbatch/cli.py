@@ -311,7 +311,10 @@ def _check_writable(folder: Path) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--slices", "n_slices", type=click.IntRange(8, 400), default=24, show_default=True)
 @click.option("--size", type=click.IntRange(64, 1024), default=256, show_default=True, help="Rows and columns.")
-def synth(out: Path, studies: int, seed: int, n_slices: int, size: int) -> None:
+@click.option("--phantoms", type=click.Choice(["ellipse", "anatomy"]), default="ellipse", show_default=True,
+              help="ellipse: geometric heads (what the demo model was trained on); anatomy: the MNI template brain "
+                   "with skull, scalp and lesions placed by anatomy (README: Phantoms).")
+def synth(out: Path, studies: int, seed: int, n_slices: int, size: int, phantoms: str) -> None:
     """Write generated head-CT phantom studies (DICOM) and a manifest.json of their truth.
 
     \b
@@ -322,7 +325,8 @@ def synth(out: Path, studies: int, seed: int, n_slices: int, size: int) -> None:
     from .synth import synth_studies
 
     with TerminalProgress() as progress:
-        manifest = synth_studies(out, studies, seed=seed, n_slices=n_slices, size=size, progress=progress.update)
+        manifest = synth_studies(out, studies, seed=seed, n_slices=n_slices, size=size, progress=progress.update,
+                                 phantoms=phantoms)
     positives = sum(s["labels"]["any"] for s in manifest["studies"])
     click.echo(f"wrote {studies} phantom studies ({positives} with hemorrhage) to {out}; truth in {out / 'manifest.json'}")
 

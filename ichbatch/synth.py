@@ -434,16 +434,19 @@ def ct_slice_dataset(
 def synth_studies(
     out: Path, n_studies: int, seed: int = 0, n_slices: int = 24, size: int = 256, p_positive: float = 0.5,
     progress: Callable[[str, int, int], None] | None = None, encoding: Encoding | None = None,
+    phantoms: str = "ellipse",
 ) -> dict:
     """Write n studies under out and a manifest.json with each study's labels and lesion slices.
-    Each study's storage is drawn at random unless `encoding` fixes one for all."""
+    Each study's storage is drawn at random unless `encoding` fixes one for all. `phantoms`: "ellipse"
+    (this module's geometric heads) or "anatomy" (ichbatch.anatomy: the MNI template brain)."""
+    make = _generator(phantoms)
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
     studies = []
     masks: dict[str, np.ndarray] = {}
     for i in range(n_studies):
         subtypes = draw_subtypes(rng, p_positive)
-        phantom = make_phantom(rng, n_slices=n_slices, size=size, subtypes=subtypes)
+        phantom = make(rng, n_slices=n_slices, size=size, subtypes=subtypes)
         drawn = Encoding.draw(rng)  # drawn even when fixed, so a seed gives the same heads either way
         stored = encoding or drawn
         study_uid, series_uid = generate_uid(), generate_uid()
@@ -460,12 +463,22 @@ def synth_studies(
         if progress:
             progress("generating phantoms", i + 1, n_studies)
     np.savez_compressed(out / "lesion_masks.npz", **masks)  # type: ignore[arg-type]  # numpy stub: **kwds as bool
-    manifest = {"seed": seed, "generator": "ichbatch.synth", "size": size, "lesion_masks": "lesion_masks.npz",
-                "studies": studies}
+    manifest = {"seed": seed, "generator": "ichbatch.synth", "phantoms": phantoms, "size": size,
+                "lesion_masks": "lesion_masks.npz", "studies": studies}
     tmp = out / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / "manifest.json")
     return manifest
+
+
+def _generator(phantoms: str) -> Callable[..., Phantom]:
+    if phantoms == "ellipse":
+        return make_phantom
+    if phantoms == "anatomy":
+        from .anatomy import anatomy_phantom
+
+        return anatomy_phantom
+    raise ValueError(f"phantoms must be ellipse or anatomy. Received: {phantoms!r}")
 
 
 def load_masks(folder: Path) -> dict[str, np.ndarray]:

@@ -1,0 +1,363 @@
+"""Head CT phantoms built on real brain anatomy: the MNI ICBM152 2009a grey- and white-matter templates.
+
+The ellipse phantoms of ichbatch.synth have no gyri, sulci, cisterns or skull base, so a model trained
+on them learns that anything real is a bleed. Here each subject is the template brain (1 mm, shipped
+in ichbatch/data with the MNI notice, see NOTICE) under a random affine (head size, position, pitch
+as from gantry tilt or positioning, yaw, roll) and a smooth elastic deformation, with random atrophy;
+tissue probabilities become CT numbers drawn per subject around literature values, and what a head
+CT has around the brain is synthesised from distances to the brain: extra-axial CSF, a skull with
+inner and outer tables and diploe whose thickness varies over the head, scalp with its fat layer,
+the headrest and the table. Slices average sub-planes across their thickness (partial volume);
+noise is correlated as after a soft reconstruction kernel; the brain is darkened next to the skull
+(beam hardening); some slices are motion-blurred.
+
+Lesions are placed by anatomy, with a mask each: epidural (a lens under the inner table, limited in
+extent as sutures limit it), subdural (a crescent along the convexity; acute, subacute or chronic
+density), subarachnoid (blood mixed into the CSF of sulci near one region of the surface, or of the
+basal cisterns), intraventricular (layering in the dependent part of the ventricles) and
+intraparenchymal (lobar or deep, with a low-density oedema rim).
+
+Not modelled (yet): mass effect (blood replaces tissue, nothing is pushed aside), subdurals along the
+falx or tentorium, the facial skeleton, orbits, sinuses, mastoid air and petrous bones (the skull
+base here is a smooth bowl under the brain), vessels, metal streaks, bone-kernel reconstructions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .synth import Phantom
+
+TEMPLATE = Path(__file__).parent / "data" / "mni152_brain_1mm.npz"
+PAD_MM = 24  # room around the brain for extra-axial CSF, skull and scalp in the distance maps
+# Approximate landmarks in template voxels (z up, row anterior -> posterior, column patient right ->
+# left, as on an axial CT image), from MNI coordinates: pineal gland, atria of the lateral ventricles.
+PINEAL_MNI = (0.0, -28.0, 2.0)
+ATRIA_MNI = ((-27.0, -40.0, 14.0), (27.0, -40.0, 14.0))
+
+
+@dataclass(frozen=True)
+class Template:
+    gm: np.ndarray  # (z, row, col) float32 0..1
+    wm: np.ndarray
+    outside_mm: np.ndarray  # distance outside the brain mask (0 inside)
+    inside_mm: np.ndarray  # depth inside the brain mask (0 outside)
+    corner: np.ndarray  # template index (z, y, x) of this array's [0, 0, 0], before reorientation
+
+    @property
+    def center(self) -> np.ndarray:
+        return (np.array(self.gm.shape) - 1) / 2.0
+
+    def voxel(self, mni: tuple[float, float, float]) -> np.ndarray:
+        """(z, row, col) of an MNI (x right, y anterior, z up) coordinate in mm."""
+        x, y, z = mni
+        k, j, i = z + 72.0, y + 134.0, x + 98.0  # the template's origin and axes (LPS, flipped x and y)
+        k, j, i = k - self.corner[0] + PAD_MM, j - self.corner[1] + PAD_MM, i - self.corner[2] + PAD_MM
+        return np.array([k, self.gm.shape[1] - 1 - j, self.gm.shape[2] - 1 - i])
+
+
+@lru_cache(maxsize=1)
+def load_template() -> Template:
+    """The packaged template, padded and with its distance maps (computed once per process, about 2 s)."""
+    from scipy import ndimage
+
+    with np.load(TEMPLATE) as data:
+        shape = tuple(int(v) for v in data["shape"])
+        brain = np.unpackbits(data["brain"])[: int(np.prod(shape))].reshape(shape).astype(bool)
+        gm, wm, corner = data["gm"], data["wm"], data["corner_index_zyx"]
+    # Stored as read (index y grows anterior, x grows to the right); reoriented to image rows and columns.
+    orient = (slice(None), slice(None, None, -1), slice(None, None, -1))
+    pad = ((PAD_MM, PAD_MM),) * 3
+    brain = np.pad(brain[orient], pad)
+    return Template(
+        gm=np.pad(gm[orient].astype(np.float32) / 255.0, pad), wm=np.pad(wm[orient].astype(np.float32) / 255.0, pad),
+        outside_mm=ndimage.distance_transform_edt(~brain).astype(np.float32),
+        inside_mm=ndimage.distance_transform_edt(brain).astype(np.float32), corner=np.asarray(corner),
+    )
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One head's random draw: geometry and CT numbers."""
+
+    scale: np.ndarray  # (z, row, col) factors
+    angles: np.ndarray  # pitch, yaw, roll in radians
+    shift_mm: np.ndarray
+    atrophy: float  # 0 young .. 1 marked
+    extra_axial_mm: float  # CSF between brain and skull
+    skull_mm: float
+    scalp_mm: float
+    hu: dict[str, float]
+    noise_hu: float
+    kernel_px: float
+    beam_hardening_hu: float
+    calcified: tuple[bool, bool, bool]  # pineal, left and right choroid plexus
+
+
+def draw_subject(rng: np.random.Generator) -> Subject:
+    hu = {
+        "gm": rng.uniform(35, 45), "wm": rng.uniform(20, 30), "csf": rng.uniform(0, 15),
+        "table": rng.uniform(1300, 2000), "diploe": rng.uniform(500, 900), "scalp": rng.uniform(25, 50),
+        "fat": rng.uniform(-110, -80), "falx": rng.uniform(50, 80), "calcification": rng.uniform(150, 500),
+        "headrest": rng.uniform(-150, 150), "couch": rng.uniform(150, 400),
+    }
+    atrophy = float(rng.beta(1.3, 3.0))
+    return Subject(
+        scale=rng.uniform(0.9, 1.1) * rng.uniform(0.96, 1.04, 3), angles=np.radians(rng.normal(0, [8, 4, 3])),
+        shift_mm=rng.normal(0, [4, 8, 6]), atrophy=atrophy, extra_axial_mm=rng.uniform(0.8, 2.0) + 3.0 * atrophy,
+        skull_mm=rng.uniform(4.5, 8.5), scalp_mm=rng.uniform(4.0, 8.0), hu=hu, noise_hu=rng.uniform(2.5, 6.0),
+        kernel_px=rng.uniform(0.6, 1.2), beam_hardening_hu=rng.uniform(3.0, 12.0),
+        calcified=(bool(rng.random() < 0.6), bool(rng.random() < 0.5), bool(rng.random() < 0.5)),
+    )
+
+
+def anatomy_phantom(rng: np.random.Generator, n_slices: int = 24, size: int = 256, subtypes: tuple[str, ...] = (),
+                    fov_mm: float | None = None, subject: Subject | None = None, sub_planes: int = 3) -> Phantom:
+    """One head, skull base to vertex, as HU slices (slice 0 inferior), with the given kinds of bleed."""
+    t = load_template()
+    s = subject or draw_subject(rng)
+    fov = fov_mm or float(rng.uniform(210, 250))
+    spacing = fov / size
+    z_lo, z_hi = -0.42 * t.gm.shape[0] + PAD_MM * 0.5, 0.5 * t.gm.shape[0] - PAD_MM * 0.6  # base .. vertex, mm
+    thickness = (z_hi - z_lo) / n_slices
+    coords = _template_coords(rng, t, s, n_slices, size, spacing, z_lo, thickness, sub_planes)
+    samples, lesions = _ct_numbers(rng, t, s, coords, subtypes)
+    hu = samples.reshape(n_slices, sub_planes, size, size).mean(axis=1)
+    # A slice shows a bleed where at least half of its thickness holds blood (partial volume).
+    masks = {kind: m.reshape(n_slices, sub_planes, size, size).mean(axis=1) >= 0.5 for kind, m in lesions.items()}
+    _surroundings(rng, hu, s, size, spacing)
+    hu = _noise(rng, hu, s)
+    _motion(rng, hu)
+    return Phantom(hu=hu.astype(np.float32), masks={k: m for k, m in masks.items() if m.any()}, spacing_mm=spacing,
+                   thickness_mm=thickness)
+
+
+def _rotation(angles: np.ndarray) -> np.ndarray:
+    pitch, yaw, roll = angles  # about the left-right, up-down and front-back axes
+    cx, sx, cy, sy, cz, sz = np.cos(pitch), np.sin(pitch), np.cos(yaw), np.sin(yaw), np.cos(roll), np.sin(roll)
+    about_col = np.array([[cx, -sx, 0], [sx, cx, 0], [0, 0, 1]])  # (z, row) plane
+    about_z = np.array([[1, 0, 0], [0, cy, -sy], [0, sy, cy]])  # (row, col) plane
+    about_row = np.array([[cz, 0, -sz], [0, 1, 0], [sz, 0, cz]])  # (z, col) plane
+    return about_col @ about_z @ about_row
+
+
+def _template_coords(rng: np.random.Generator, t: Template, s: Subject, n: int, size: int, spacing: float,
+                     z_lo: float, thickness: float, sub: int) -> np.ndarray:
+    """(3, n*sub*size*size) template voxel coordinates of every output sample."""
+    from scipy import ndimage
+
+    offsets = (np.arange(sub) + 0.5) / sub - 0.5
+    z = (z_lo + (np.arange(n)[:, None] + 0.5 + offsets[None, :]) * thickness).ravel()
+    r = (np.arange(size) - (size - 1) / 2) * spacing
+    grid = np.stack(np.meshgrid(z, r, r, indexing="ij")).reshape(3, -1)
+    inverse = np.linalg.inv(_rotation(s.angles) * s.scale[None, :])
+    coords = inverse @ (grid - s.shift_mm[:, None]) + t.center[:, None]
+    # Smooth elastic deformation: a 5x5x5 field of displacements (mm), interpolated by cubic splines.
+    field = rng.normal(0, 2.0, (3, 5, 5, 5))
+    unit = coords / (np.array(t.gm.shape)[:, None] - 1) * 4
+    for axis in range(3):
+        coords[axis] += ndimage.map_coordinates(field[axis], unit, order=3, mode="nearest")
+    return coords
+
+
+def _ct_numbers(rng: np.random.Generator, t: Template, s: Subject, coords: np.ndarray,
+                subtypes: tuple[str, ...]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    from scipy import ndimage
+
+    def sample(volume: np.ndarray, fill: float) -> np.ndarray:
+        return ndimage.map_coordinates(volume, coords, order=1, mode="constant", cval=fill)
+
+    gm, wm = sample(t.gm, 0.0), sample(t.wm, 0.0)
+    outside, inside = sample(t.outside_mm, float(PAD_MM)), sample(t.inside_mm, 0.0)
+    # Atrophy: tissue thins at its edges, so sulci and ventricles widen.
+    shrink = 0.35 * s.atrophy
+    tissue = np.clip((gm + wm - shrink) / (1 - shrink), 0, 1)
+    share = np.divide(gm, gm + wm, out=np.full_like(gm, 0.5), where=gm + wm > 1e-3)
+    gm, wm = tissue * share, tissue * (1 - share)
+    h = s.hu
+    intracranial = outside <= s.extra_axial_mm
+    csf = np.where(intracranial, 1 - gm - wm, 0.0)
+    hu = np.where(intracranial, gm * h["gm"] + wm * h["wm"] + csf * h["csf"], -1000.0)
+    # Beam hardening: the brain next to the skull reads a little low.
+    hu -= np.where(intracranial, s.beam_hardening_hu * np.exp(-(inside + s.extra_axial_mm - outside) / 6.0), 0.0)
+    _falx_and_calcifications(t, s, coords, hu, csf)
+    depth = inside + s.extra_axial_mm - outside  # mm in from the inner table of the skull
+    region = Region(coords, gm, wm, csf, inside, depth, intracranial)
+    lesions = {kind: LESIONS[kind](rng, t, region) for kind in subtypes}
+    for kind in subtypes:  # densities drawn per lesion; blood replaces what was there
+        mask, value, rim = lesions[kind]
+        hu = np.where(rim, hu - rng.uniform(6, 12), hu)
+        hu = np.where(mask, value, hu)
+    # Skull: its thickness varies smoothly over the head; tables 1.5-2 mm of cortical bone, diploe between.
+    d = outside - s.extra_axial_mm
+    skull = s.skull_mm * (1 + 0.25 * np.sin(coords[0] / 23.0 + rng.uniform(0, 6)) * np.cos(coords[2] / 31.0))
+    table = np.minimum(1.8, skull / 3)
+    bone = (d > 0) & (d <= skull)
+    hu = np.where(bone, np.where((d <= table) | (d > skull - table), h["table"], h["diploe"]), hu)
+    scalp = (d > skull) & (d <= skull + s.scalp_mm)
+    fat = scalp & (np.abs(d - skull - 0.4 * s.scalp_mm) < 0.12 * s.scalp_mm)  # subcutaneous fat, thin
+    return np.where(fat, h["fat"], np.where(scalp, h["scalp"], hu)), {k: v[0] for k, v in lesions.items()}
+
+
+@dataclass(frozen=True)
+class Region:
+    """What lesions are placed by, per output sample."""
+
+    coords: np.ndarray  # (3, n) template mm
+    gm: np.ndarray
+    wm: np.ndarray
+    csf: np.ndarray
+    inside: np.ndarray  # depth inside the brain mask
+    depth: np.ndarray  # depth from the inner table
+    intracranial: np.ndarray
+
+    def distance(self, centre: np.ndarray) -> np.ndarray:
+        return np.sqrt(np.sum((self.coords - centre[:, None]) ** 2, axis=0))
+
+
+Lesion = tuple[np.ndarray, np.ndarray, np.ndarray]  # mask, CT number per sample, oedema rim
+
+
+@lru_cache(maxsize=1)
+def _surface_points() -> np.ndarray:
+    """Template voxels just inside the brain's outer surface, above the skull base: where extra-axial and
+    subarachnoid bleeds are centred."""
+    t = load_template()
+    zmin = t.voxel((0.0, 0.0, -20.0))[0]
+    pts = np.argwhere((t.inside_mm > 0.5) & (t.inside_mm < 2.0))
+    return pts[pts[:, 0] > zmin].astype(np.float32)
+
+
+def _pick(rng: np.random.Generator, points: np.ndarray) -> np.ndarray:
+    return points[rng.integers(len(points))]
+
+
+def _convexity(rng: np.random.Generator, r: Region, thickest: tuple[float, float], extent: tuple[float, float],
+               lens: bool) -> np.ndarray:
+    """Blood under the inner table around a surface point: a crescent (thin, wide) or a lens (thick, short)."""
+    centre = _pick(rng, _surface_points())
+    far = r.distance(centre) / rng.uniform(*extent)
+    profile = np.sqrt(np.clip(1 - far**2, 0, 1)) if lens else np.clip(1 - far**4, 0, 1)
+    return r.intracranial & (r.depth >= 0) & (r.depth <= rng.uniform(*thickest) * profile)
+
+
+def _epidural(rng: np.random.Generator, t: Template, r: Region) -> Lesion:
+    mask = _convexity(rng, r, (8, 22), (18, 35), lens=True)
+    return mask, np.full(mask.shape, rng.uniform(55, 90)), np.zeros_like(mask)
+
+
+def _subdural(rng: np.random.Generator, t: Template, r: Region) -> Lesion:
+    mask = _convexity(rng, r, (3, 12), (45, 80), lens=False)
+    age = rng.choice(["acute", "subacute", "chronic"], p=[0.7, 0.15, 0.15])
+    value = {"acute": (50, 80), "subacute": (30, 45), "chronic": (5, 25)}[str(age)]
+    return mask, np.full(mask.shape, rng.uniform(*value)), np.zeros_like(mask)
+
+
+def _subarachnoid(rng: np.random.Generator, t: Template, r: Region) -> Lesion:
+    if rng.random() < 0.4:  # basal cisterns, around the midbrain
+        centre, radius = t.voxel((0.0, -10.0, -8.0)) + rng.normal(0, 4, 3), rng.uniform(15, 30)
+        near = (r.distance(centre) < radius) & (r.csf > 0.35)
+    else:  # sulci near one part of the convexity
+        centre, radius = _pick(rng, _surface_points()), rng.uniform(20, 45)
+        near = (r.distance(centre) < radius) & (r.csf > 0.35) & (r.inside < 12)
+    blood = rng.uniform(50, 75)
+    # Blood mixes into the CSF it fills: the denser the CSF share, the more blood shows.
+    return near & r.intracranial, blood * np.clip(r.csf, 0.5, 1) + 30 * (1 - np.clip(r.csf, 0.5, 1)),         np.zeros_like(near)
+
+
+def _intraventricular(rng: np.random.Generator, t: Template, r: Region) -> Lesion:
+    ventricle = (r.csf > 0.6) & (r.inside > 10) & r.intracranial
+    rows = r.coords[1][ventricle]
+    if not len(rows):
+        return ventricle, np.zeros(ventricle.shape), ventricle
+    # Supine: blood settles in the dependent (posterior) part; a level across the ventricle.
+    level = np.quantile(rows, rng.uniform(0.55, 0.85))
+    side = rng.choice([-1, 0, 1])  # one lateral ventricle or both
+    mid = t.voxel((0.0, 0.0, 0.0))[2]
+    sided = np.ones_like(ventricle) if side == 0 else (np.sign(r.coords[2] - mid) == side)
+    mask = ventricle & (r.coords[1] >= level) & sided
+    return mask, np.full(mask.shape, rng.uniform(45, 75)), np.zeros_like(mask)
+
+
+def _intraparenchymal(rng: np.random.Generator, t: Template, r: Region) -> Lesion:
+    if rng.random() < 0.5:  # deep: basal ganglia and thalamus
+        centre = t.voxel((rng.choice([-1, 1]) * rng.uniform(15, 28), rng.uniform(-25, 10), rng.uniform(-2, 12)))
+    else:  # lobar: under the cortex
+        surface = _pick(rng, _surface_points())
+        centre = surface + (t.center - surface) * rng.uniform(0.12, 0.25)
+    axes = rng.uniform(3, 16) * rng.uniform(0.6, 1.4, 3)
+    rel = (r.coords - centre[:, None]) / axes[:, None]
+    shape = np.sqrt(np.sum(rel**2, axis=0))
+    mask = (shape <= 1) & r.intracranial & (r.inside > 1)
+    rim = (shape > 1) & (shape <= 1 + rng.uniform(0.15, 0.5)) & r.intracranial & (r.inside > 1)
+    return mask, np.full(mask.shape, rng.uniform(55, 85)), rim
+
+
+LESIONS = {"epidural": _epidural, "subdural": _subdural, "subarachnoid": _subarachnoid,
+           "intraventricular": _intraventricular, "intraparenchymal": _intraparenchymal}
+
+
+def _falx_and_calcifications(t: Template, s: Subject, coords: np.ndarray, hu: np.ndarray, csf: np.ndarray) -> None:
+    h = s.hu
+    mid_col = t.voxel((0.0, 0.0, 0.0))[2]
+    falx = (np.abs(coords[2] - mid_col) < 0.8) & (csf > 0.5) & (coords[0] > t.voxel((0.0, 0.0, 5.0))[0])
+    hu[falx] = h["falx"]
+    spots = [(PINEAL_MNI, 2.5)] + [(a, 3.0) for a in ATRIA_MNI]
+    for (mni, radius), present in zip(spots, s.calcified):
+        if present:
+            centre = t.voxel(mni)
+            near = np.sum((coords - centre[:, None]) ** 2, axis=0) < radius**2
+            hu[near] = h["calcification"]
+
+
+def _surroundings(rng: np.random.Generator, hu: np.ndarray, s: Subject, size: int, spacing: float) -> None:
+    """The headrest under the back of the head and the couch below it (rows grow towards posterior)."""
+    air = hu < -900
+    head = ~air
+    rows = np.where(head.any(axis=(0, 2)))[0]
+    if not len(rows):
+        return
+    back = rows.max()
+    yy, xx = np.mgrid[0:size, 0:size]
+    cx = (size - 1) / 2
+    cradle_r = (back - rows.min()) / 2 + rng.uniform(3, 8) / spacing
+    cy = back - (back - rows.min()) / 2
+    ring = np.abs(np.hypot(yy - cy, xx - cx) - cradle_r) < rng.uniform(3, 6) / spacing
+    cradle = ring & (yy > cy + 0.35 * cradle_r) & (np.abs(xx - cx) < 0.8 * cradle_r)
+    couch_top = min(size - 2, back + int(rng.uniform(12, 30) / spacing))
+    couch = (yy >= couch_top) & (yy < couch_top + max(2, int(rng.uniform(5, 10) / spacing)))
+    for k in range(hu.shape[0]):
+        sl = hu[k]
+        sl[cradle & air[k]] = s.hu["headrest"]
+        sl[couch] = s.hu["couch"]
+
+
+def _noise(rng: np.random.Generator, hu: np.ndarray, s: Subject) -> np.ndarray:
+    """Noise with the texture of a soft reconstruction kernel: white noise smoothed, then scaled."""
+    from scipy import ndimage
+
+    white = rng.normal(0, 1, hu.shape).astype(np.float32)
+    textured = ndimage.gaussian_filter(white, sigma=(0, s.kernel_px, s.kernel_px))
+    textured *= s.noise_hu / max(float(textured.std()), 1e-6)
+    smooth = ndimage.gaussian_filter(hu, sigma=(0, 0.5, 0.5))  # the kernel also blurs edges a little
+    return smooth + textured
+
+
+def _motion(rng: np.random.Generator, hu: np.ndarray) -> None:
+    """One study in ten has a few slices blurred along a random direction, as when the head moved."""
+    import cv2
+
+    if rng.random() >= 0.1:
+        return
+    length = int(rng.integers(3, 8))
+    kernel = np.zeros((length, length), np.float32)
+    kernel[length // 2, :] = 1 / length
+    rotation = cv2.getRotationMatrix2D(((length - 1) / 2, (length - 1) / 2), float(rng.uniform(0, 180)), 1.0)
+    kernel = cv2.warpAffine(kernel, rotation, (length, length))
+    kernel /= max(float(kernel.sum()), 1e-6)
+    for k in rng.choice(hu.shape[0], size=min(hu.shape[0], int(rng.integers(1, 4))), replace=False):
+        hu[k] = cv2.filter2D(hu[k], -1, kernel, borderType=cv2.BORDER_REPLICATE)

@@ -1,0 +1,97 @@
+"""Anatomy phantoms (ichbatch.anatomy): the MNI template brain as head CT, with lesions placed by anatomy.
+
+Each lesion test draws the same subject twice from the same seed, without and with the lesion, so
+the lesion's mask can be checked against what was there before (CSF, tissue, the skull next to it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from ichbatch.anatomy import TEMPLATE, anatomy_phantom, draw_subject, load_template
+from ichbatch.synth import synth_studies
+
+SIZE, SLICES = 128, 16
+
+
+def pair(seed: int, kind: str):
+    subject = draw_subject(np.random.default_rng(seed + 1000))
+    subject = replace(subject, noise_hu=0.5)  # near-noiseless, so the checks read the tissue
+    plain = anatomy_phantom(np.random.default_rng(seed), SLICES, SIZE, subject=subject)
+    bled = anatomy_phantom(np.random.default_rng(seed), SLICES, SIZE, (kind,), subject=subject)
+    return plain, bled
+
+
+def test_the_template_and_its_notice_are_packaged():
+    notice = (TEMPLATE.parent / "NOTICE.mni152").read_text()
+    assert "Louis Collins, McConnell Brain Imaging Centre" in notice and "Permission to use, copy" in notice
+    t = load_template()
+    assert t.gm.max() > 0.9 and t.wm.max() > 0.9 and t.outside_mm.max() > 20
+
+
+def test_a_normal_head_has_brain_csf_skull_scalp_and_air_in_ct_numbers():
+    ph = anatomy_phantom(np.random.default_rng(3), SLICES, SIZE)
+    assert ph.hu.shape == (SLICES, SIZE, SIZE) and ph.masks == {} and ph.hu.dtype == np.float32
+    mid = ph.hu[SLICES // 2]
+    assert np.median(np.concatenate([mid[:6, :6], mid[:6, -6:]])) < -900  # air in the front corners
+    bone = mid > 700
+    inside = ndimage.binary_fill_holes(bone) & ~ndimage.binary_dilation(bone, iterations=2)
+    brain = mid[inside]
+    assert 15 < np.median(brain) < 45  # grey and white matter
+    # CSF (ventricles, sulci): low CT numbers where the template has neither grey nor white matter; on
+    # 10 mm slices partial volume lifts much of it, so the count is of what reads below 18 HU.
+    assert (brain < 18).mean() > 0.02
+    assert 1000 < mid.max()  # cortical bone of the skull tables
+    ring = ndimage.binary_dilation(bone, iterations=4) & ~ndimage.binary_fill_holes(bone)
+    assert np.median(mid[ring & (mid > -500)]) < 80  # scalp outside the skull is soft tissue
+
+
+def test_heads_differ_between_subjects():
+    a = anatomy_phantom(np.random.default_rng(1), SLICES, SIZE)
+    b = anatomy_phantom(np.random.default_rng(2), SLICES, SIZE)
+    assert abs(float((a.hu > -500).sum()) - float((b.hu > -500).sum())) > 0.01 * (a.hu > -500).sum()
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_intraventricular_blood_lies_in_the_ventricles(seed):
+    plain, bled = pair(seed, "intraventricular")
+    mask = bled.masks["intraventricular"]
+    assert mask.sum() > 10
+    assert np.median(plain.hu[mask]) < 18 and np.median(bled.hu[mask]) > 40  # CSF before, blood after
+
+
+def test_intraparenchymal_blood_replaces_brain_tissue():
+    plain, bled = pair(7, "intraparenchymal")
+    mask = bled.masks["intraparenchymal"]
+    assert mask.sum() > 10
+    assert 15 < np.median(plain.hu[mask]) < 48 and np.median(bled.hu[mask]) > 52
+
+
+@pytest.mark.parametrize("kind", ["epidural", "subdural"])
+def test_extra_axial_blood_lies_against_the_inner_table(kind):
+    plain, bled = pair(8, kind)
+    mask = bled.masks[kind]
+    assert mask.sum() > 10
+    near_bone = ndimage.binary_dilation(plain.hu > 500, iterations=3)
+    assert (mask & near_bone).sum() / mask.sum() > 0.3
+    # Never in the skull itself. A masked pixel is blood in at least 2 of its 3 sub-planes, so bone in the
+    # third can lift its average to about 700 HU where the skull runs across the slice, never above 1000.
+    assert not (mask & (plain.hu > 1000)).any()
+
+
+def test_subarachnoid_blood_fills_csf_spaces():
+    plain, bled = pair(9, "subarachnoid")
+    mask = bled.masks["subarachnoid"]
+    assert mask.sum() > 10
+    assert np.median(plain.hu[mask]) < 25 and np.median(bled.hu[mask]) > np.median(plain.hu[mask]) + 15
+
+
+def test_synth_writes_anatomy_studies_with_their_truth(tmp_path):
+    manifest = synth_studies(tmp_path, 2, seed=4, n_slices=8, size=96, p_positive=1.0, phantoms="anatomy")
+    assert manifest["phantoms"] == "anatomy"
+    assert all(study["labels"]["any"] == 1 for study in manifest["studies"])
+    assert len(list(tmp_path.glob("study_*/**/*.dcm"))) + len(list(tmp_path.glob("study_*/**/[0-9a-f]*"))) >= 16
