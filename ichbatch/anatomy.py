@@ -354,10 +354,10 @@ def _motion(rng: np.random.Generator, hu: np.ndarray) -> None:
     if rng.random() >= 0.1:
         return
     length = int(rng.integers(3, 8))
-    kernel = np.zeros((length, length), np.float32)
-    kernel[length // 2, :] = 1 / length
+    line = np.zeros((length, length), np.float32)
+    line[length // 2, :] = 1 / length
     rotation = cv2.getRotationMatrix2D(((length - 1) / 2, (length - 1) / 2), float(rng.uniform(0, 180)), 1.0)
-    kernel = cv2.warpAffine(kernel, rotation, (length, length))
+    kernel = np.asarray(cv2.warpAffine(line, rotation, (length, length)), np.float32)
     kernel /= max(float(kernel.sum()), 1e-6)
     for k in rng.choice(hu.shape[0], size=min(hu.shape[0], int(rng.integers(1, 4))), replace=False):
         hu[k] = cv2.filter2D(hu[k], -1, kernel, borderType=cv2.BORDER_REPLICATE)
