@@ -156,11 +156,12 @@ def _template_coords(rng: np.random.Generator, t: Template, s: Subject, n: int, 
     grid = np.stack(np.meshgrid(z, r, r, indexing="ij")).reshape(3, -1)
     inverse = np.linalg.inv(_rotation(s.angles) * s.scale[None, :])
     coords = inverse @ (grid - s.shift_mm[:, None]) + t.center[:, None]
-    # Smooth elastic deformation: a 5x5x5 field of displacements (mm), interpolated by cubic splines.
-    field = rng.normal(0, 2.0, (3, 5, 5, 5))
-    unit = coords / (np.array(t.gm.shape)[:, None] - 1) * 4
+    # Smooth elastic deformation: a 5x5x5 field of displacements (mm) made smooth by cubic splines on a
+    # 33x33x33 grid once, then read linearly at every sample (a cubic read per sample costs 4x more).
+    field = ndimage.zoom(rng.normal(0, 2.0, (3, 5, 5, 5)), (1, 33 / 5, 33 / 5, 33 / 5), order=3, mode="nearest")
+    unit = coords / (np.array(t.gm.shape)[:, None] - 1) * 32
     for axis in range(3):
-        coords[axis] += ndimage.map_coordinates(field[axis], unit, order=3, mode="nearest")
+        coords[axis] += ndimage.map_coordinates(field[axis], unit, order=1, mode="nearest")
     return coords
 
 

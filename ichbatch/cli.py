@@ -549,6 +549,11 @@ def _delivery_status(db: Path, retry: bool, uids: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--phantom-studies", type=click.IntRange(2, 100000), default=200, show_default=True)
 @click.option("--phantom-slices", type=click.IntRange(8, 400), default=24, show_default=True)
+@click.option("--phantoms", type=click.Choice(["ellipse", "anatomy"]), default="ellipse", show_default=True,
+              help="--source phantoms: which generator (README: Phantoms).")
+@click.option("--screenshots", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="--source phantoms: this share of slices is seen as screenshots (unknown window, 8 bit, JPEG, "
+                   "text, crops, borders); a model trained so accepts plain images (its card says so).")
 @click.option("--workers", type=click.IntRange(0, 256), default=0, show_default=True,
               help="Decoder processes for --source rsna (0: one per core but one).")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path),
@@ -559,8 +564,8 @@ def _delivery_status(db: Path, retry: bool, uids: bool) -> None:
                    "OUT.checkpoints beside the bundle; removed once the bundle is written].")
 def train(source: str, data: Path | None, labels_csv: Path | None, out: Path, name: str | None, version: str, input_size: int,
           epochs: int, batch_size: int, lr: float, init: Path | None, init_schedule: str, vertical_flip: bool,
-          val_fraction: float, seed: int, phantom_studies: int, phantom_slices: int, workers: int,
-          cache: Path | None, checkpoints: Path | None) -> None:
+          val_fraction: float, seed: int, phantom_studies: int, phantom_slices: int, phantoms: str,
+          screenshots: float, workers: int, cache: Path | None, checkpoints: Path | None) -> None:
     """Train the ResNet50 bundle and write it with its card, training curves and validation metrics.
 
     \b
@@ -577,7 +582,8 @@ def train(source: str, data: Path | None, labels_csv: Path | None, out: Path, na
                              input_size=input_size, epochs=epochs, batch_size=batch_size, lr=lr, init=init,
                              val_fraction=val_fraction, seed=seed, phantom_studies=phantom_studies,
                              phantom_slices=phantom_slices, init_schedule=init_schedule, vertical_flip=vertical_flip,
-                             workers=workers, cache=cache, checkpoints=checkpoints)
+                             workers=workers, cache=cache, checkpoints=checkpoints, phantoms=phantoms,
+                             screenshots=screenshots)
     try:
         run_training(settings, load_data(settings), echo=lambda m: click.echo(m, err=True))
     except IchBatchError as exc:

@@ -55,6 +55,12 @@ def load_image_hu(path: str) -> np.ndarray:
         raise DecodeError(f"{path}: not a readable PNG, JPEG or TIFF image")
     if image.shape[0] * image.shape[1] > MAX_IMAGE_PIXELS:
         raise DecodeError(f"{path}: {image.shape[1]}x{image.shape[0]} pixels, more than the limit of {MAX_IMAGE_PIXELS}")
+    return image_to_hu(image)
+
+
+def image_to_hu(image: np.ndarray) -> np.ndarray:
+    """A decoded image (grey, BGR or BGRA; 8 or 16 bit) as the square 'HU' slice of the brain-window reading;
+    also what training's screenshot augmentation (ichbatch.screenshots) goes through."""
     grey = image.astype(np.float32)
     if image.dtype == np.uint16:
         grey /= 257.0  # 16-bit PNG or TIFF of a windowed image: back to 0-255

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import LABELS, SUBTYPES
+from .eligibility import Eligibility
 from .errors import IchBatchError
 from .infer import default_workers
 from .report.files import atomic_write_bytes
@@ -69,6 +70,8 @@ class TrainSettings:
     workers: int = 0  # decoder processes for file sources; 0: one per core but one
     cache: Path | None = None  # decoded slices kept here after the first epoch (file sources)
     checkpoints: Path | None = None  # state after every epoch, to resume a long training [default: beside --out]
+    phantoms: str = "ellipse"  # or "anatomy" (ichbatch.anatomy)
+    screenshots: float = 0.0  # share of phantom slices seen as 8-bit screenshots (ichbatch.screenshots)
     vertical_flip: bool = False  # off in the recipe: real heads are never upside down
     init_schedule: str = "transfer"  # with init: "transfer" (the two-stage recipe) or "continue" (all layers)
 
@@ -79,22 +82,30 @@ class TrainSettings:
 
 
 def load_phantoms(settings: TrainSettings, progress: Callable[[int, int], None] | None = None) -> TrainData:
-    from .synth import draw_subtypes, make_phantom
+    """Generated studies in memory; with `screenshots`, that share of slices seen as screenshots instead."""
+    from .screenshots import screenshot_channels
+    from .synth import _generator, draw_subtypes
 
+    make = _generator(settings.phantoms)
     rng = np.random.default_rng(settings.seed)
+    shots = np.random.default_rng([settings.seed, 1])  # its own stream: the heads do not depend on it
     xs, ys, groups = [], [], []
     for i in range(settings.phantom_studies):
         subtypes = draw_subtypes(rng)
-        ph = make_phantom(rng, n_slices=settings.phantom_slices, size=256, subtypes=subtypes)
+        ph = make(rng, n_slices=settings.phantom_slices, size=256, subtypes=subtypes)
         for s in range(ph.hu.shape[0]):
             present = [int(ph.masks[t][s].any()) if t in ph.masks else 0 for t in SUBTYPES]
-            xs.append(hu_to_channels(ph.hu[s], settings.input_size))
+            as_image = shots.random() < settings.screenshots
+            xs.append(screenshot_channels(ph.hu[s], settings.input_size, shots) if as_image
+                      else hu_to_channels(ph.hu[s], settings.input_size))
             ys.append([int(any(present)), *present])
             groups.append(f"phantom-{i}")
         if progress:
             progress(i + 1, settings.phantom_studies)
+    shown = f", {settings.screenshots:.0%} of slices as screenshots" if settings.screenshots else ""
     return TrainData(np.stack(xs), np.asarray(ys, np.float32), np.asarray(groups), LABELS,
-                     f"{settings.phantom_studies} generated phantom studies (ichbatch.synth, seed {settings.seed})")
+                     f"{settings.phantom_studies} generated {settings.phantoms} phantom studies (ichbatch.synth, "
+                     f"seed {settings.seed}{shown})")
 
 
 def read_rsna_labels(path: Path) -> dict[str, dict[str, int]]:
@@ -259,6 +270,8 @@ def train(settings: TrainSettings, data: TrainData, echo: Callable[[str], None] 
         trained_on=data.description + " - " + ("synthetic phantoms: for demonstrating the pipeline only"
                                                if settings.source == "phantoms" else "user data"),
         seed=settings.seed, metrics={"validation": _summary(metrics), "epochs_run": len(history.get("loss", []))},
+        # Trained on screenshots too: it may be run on plain images (the card says so; run checks it).
+        eligibility=Eligibility(windowed_images=settings.screenshots > 0),
     )
     card = _with_calibration(card, data.y[va_idx], val_pred, data.groups[va_idx], echo)
     folder = write_bundle(settings.out, card, base)
