@@ -3,7 +3,7 @@
     python benchmarks/phantom_holdout.py [--model ich-resnet50-demo] [--studies 80] [--seed 777]
                                          [--cam-layers conv2_block3_out,conv3_block4_out]
                                          [--cam-augment hflip,vflip,hvflip] [--cam-method hirescam]
-                                         [--record]
+                                         [--phantoms ellipse|anatomy] [--record]
 
 Generates phantom studies with a seed the demo model never saw, runs the pipeline on them, and
 reports study-level ROC AUC per label and, for true-positive slices (label 'any' present and slice
@@ -11,7 +11,8 @@ probability at the card's threshold), how often the Grad-CAM peak falls inside t
 card's cam_layer and any --cam-layers to compare, each with the card's cam_method (or --cam-method) and
 cam_augment flips (or --cam-augment; "none" for none) and, for comparison, without them. Choose layer,
 method and flips on a tuning seed, not on the held-out one.
---record writes the figures into the bundle's card under metrics.holdout (the weights are unchanged).
+--record writes the figures into the bundle's card under metrics.holdout (holdout_anatomy for
+--phantoms anatomy; the weights are unchanged).
 These are figures on synthetic phantoms only: they say nothing about accuracy on real patients.
 """
 
@@ -35,6 +36,8 @@ def main() -> None:
     parser.add_argument("--cam-layers", default="", help="comma-separated extra layers to compare, each layer[:method]")
     parser.add_argument("--cam-augment", default=None, help="comma-separated flips instead of the card's, or none")
     parser.add_argument("--cam-method", default=None, help="gradcam or hirescam instead of the card's")
+    parser.add_argument("--phantoms", choices=["ellipse", "anatomy"], default="ellipse",
+                        help="which generator makes the held-out studies (ichbatch.synth, ichbatch.anatomy)")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
 
@@ -52,7 +55,7 @@ def main() -> None:
     engine = Engine(RunSettings(model=args.model, tta=args.tta))
     card = engine.bundle.card
     with tempfile.TemporaryDirectory() as tmp:
-        manifest = synth_studies(Path(tmp), args.studies, seed=args.seed)
+        manifest = synth_studies(Path(tmp), args.studies, seed=args.seed, phantoms=args.phantoms)
         masks = load_masks(Path(tmp))
         truth = {s["study_uid"]: s for s in manifest["studies"]}
         choices = {c.study.study_uid: c for c in select(discover([tmp]), engine.settings.rules)}
@@ -94,7 +97,7 @@ def main() -> None:
                     hits[name].append((kinds[k], bool(mask[k][int(row * scale), int(col * scale)])))
     main_rows = hits[layers[0]]
     report = {
-        "phantom_seed": args.seed, "studies": args.studies, "tta": args.tta,
+        "phantom_seed": args.seed, "phantoms": args.phantoms, "studies": args.studies, "tta": args.tta,
         "study_auc": {k: None if v is None else round(v, 4) for k, v in aucs.items()},
         "gradcam_layer": card.cam_layer or "last", "gradcam_augment": list(flips), "gradcam_method": method,
         "gradcam_peak_in_lesion": rate(main_rows), "true_positive_slices": len(main_rows),
@@ -107,7 +110,8 @@ def main() -> None:
     if args.record:
         folder = resolve(args.model)
         data = json.loads((folder / CARD).read_text())
-        data.setdefault("metrics", {})["holdout"] = report
+        key = "holdout" if args.phantoms == "ellipse" else f"holdout_{args.phantoms}"
+        data.setdefault("metrics", {})[key] = report
         (folder / CARD).write_text(json.dumps(data, indent=2) + "\n")
         print(f"recorded in {folder / CARD}")
 
