@@ -555,7 +555,7 @@ def _delivery_status(db: Path, retry: bool, uids: bool) -> None:
               help="--source phantoms: this share of slices is seen as screenshots (unknown window, 8 bit, JPEG, "
                    "text, crops, borders); a model trained so accepts plain images (its card says so).")
 @click.option("--workers", type=click.IntRange(0, 256), default=0, show_default=True,
-              help="Decoder processes for --source rsna (0: one per core but one).")
+              help="Decoder processes for --source rsna (0: one per core, at most 8).")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path),
               help="--source rsna: keep the decoded slices here (size x size x 3 bytes each) so later epochs and "
                    "later trainings read them instead of decoding.")
@@ -584,8 +584,13 @@ def train(source: str, data: Path | None, labels_csv: Path | None, out: Path, na
                              phantom_slices=phantom_slices, init_schedule=init_schedule, vertical_flip=vertical_flip,
                              workers=workers, cache=cache, checkpoints=checkpoints, phantoms=phantoms,
                              screenshots=screenshots)
+    from .progress import TerminalProgress
+
+    stage = {"phantoms": "generating phantoms", "rsna": "reading the index (headers)"}.get(source, "reading images")
     try:
-        run_training(settings, load_data(settings), echo=lambda m: click.echo(m, err=True))
+        with TerminalProgress() as progress:
+            loaded = load_data(settings, lambda done, total: progress.update(stage, done, total))
+        run_training(settings, loaded, echo=lambda m: click.echo(m, err=True))
     except IchBatchError as exc:
         raise _fatal(str(exc), EXIT_USAGE) from exc
 

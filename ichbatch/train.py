@@ -67,7 +67,7 @@ class TrainSettings:
     phantom_studies: int = 200
     phantom_slices: int = 24
     version: str = "1.0.0"
-    workers: int = 0  # decoder processes for file sources; 0: one per core but one
+    workers: int = 0  # decoder processes for file sources; 0: one per core, at most 8
     cache: Path | None = None  # decoded slices kept here after the first epoch (file sources)
     checkpoints: Path | None = None  # state after every epoch, to resume a long training [default: beside --out]
     phantoms: str = "ellipse"  # or "anatomy" (ichbatch.anatomy)
@@ -121,7 +121,7 @@ def read_rsna_labels(path: Path) -> dict[str, dict[str, int]]:
     return labels
 
 
-def load_rsna(settings: TrainSettings) -> TrainData:
+def load_rsna(settings: TrainSettings, progress: Callable[[int, int], None] | None = None) -> TrainData:
     """The index only (file, labels, patient per slice): the pixels are decoded as training reads them."""
     import pydicom
 
@@ -129,7 +129,9 @@ def load_rsna(settings: TrainSettings) -> TrainData:
         raise IchBatchError("--source rsna needs --data (folder of ID_*.dcm) and --labels (stage_2_train.csv)")
     labels = read_rsna_labels(settings.labels_csv)
     paths, ys, groups, missing = [], [], [], 0
-    for image_id, lab in sorted(labels.items()):
+    for n, (image_id, lab) in enumerate(sorted(labels.items()), 1):
+        if progress and n % 256 == 0:
+            progress(n, len(labels))
         path = settings.data / f"{image_id}.dcm"
         if not path.exists():
             missing += 1
@@ -497,11 +499,13 @@ def _plot_curves(history: dict[str, list[float]], path: Path) -> None:
     plt.close(fig)
 
 
-LOADERS = {"phantoms": load_phantoms, "rsna": load_rsna, "folder": load_folder}
-
-
-def load_data(settings: TrainSettings) -> TrainData:
-    return LOADERS[settings.source](settings)
+def load_data(settings: TrainSettings, progress: Callable[[int, int], None] | None = None) -> TrainData:
+    """The source's data; progress(done, total) while phantoms are generated or RSNA headers indexed."""
+    if settings.source == "phantoms":
+        return load_phantoms(settings, progress)
+    if settings.source == "rsna":
+        return load_rsna(settings, progress)
+    return load_folder(settings)
 
 
 __all__ = ["TrainSettings", "TrainData", "load_data", "train", "group_split", "read_rsna_labels"]
