@@ -191,10 +191,13 @@ class _Driver:
         try:
             issues = ray.get(issues_ref)
             got = ray.get(written)
-        except ray.exceptions.RayError as exc:  # workers lost more often than `attempts` allows
+        except ray.exceptions.RayError as exc:
             if isinstance(getattr(exc, "cause", None), DiskFullError):
                 raise exc.cause from exc  # not the study's fault: stop, as the local engine does
-            reason = f"lost on the Ray cluster after {self.cluster.attempts} attempt(s): {_cause(exc)}"
+            if isinstance(exc, ray.exceptions.RayTaskError):  # the study's own error, raised on a worker
+                reason = f"failed on a Ray worker: {_cause(exc)}"
+            else:  # workers or objects lost more often than `attempts` allows
+                reason = f"lost on the Ray cluster after {self.cluster.attempts} attempt(s): {_cause(exc)}"
             issues, got = [], StudyFiles(base_result(choice, self.card, tta, heatmap, Status.FAILED, reason), ())
             if not isinstance(self.sink, OutputWriter):
                 got = [got.result, StudyImages()]
