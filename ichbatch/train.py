@@ -250,7 +250,8 @@ def train(settings: TrainSettings, data: TrainData, echo: Callable[[str], None] 
     tr_idx, va_idx = np.flatnonzero(tr), np.flatnonzero(va)
     checkpoints = settings.checkpoints or settings.out.with_name(settings.out.name + ".checkpoints")
     # Two readers: Keras may read ahead into the next training epoch while validation runs.
-    train_reader, val_reader = _reader(settings, data), _reader(settings, data)
+    key = _cache_key(settings, data)
+    train_reader, val_reader = _reader(settings, data, key), _reader(settings, data, key)
     try:
         history = _fit(settings, base, model, checkpoints, echo, (
             batches(train_reader, tr_idx, data.y, weights, settings.batch_size, settings.seed),
@@ -288,14 +289,21 @@ BN_BATCHES = 64  # training batches that precise BN averages over
 DOMAIN_SLICES = 4096  # validation slices (whole studies) whose features fit the domain check
 
 
-def _reader(settings: TrainSettings, data: TrainData) -> SliceReader:
+def _cache_key(settings: TrainSettings, data: TrainData) -> str:
+    """Names the cache file after the file list and size, hashed once for both readers."""
+    if data.paths is None or settings.cache is None:
+        return ""
+    digest = hashlib.sha256("\n".join(data.paths.tolist()).encode()).hexdigest()[:16]
+    return f"slices-{digest}-{settings.input_size}"
+
+
+def _reader(settings: TrainSettings, data: TrainData, cache_key: str) -> SliceReader:
     if data.x is not None:
         return SliceReader(settings.input_size, images=data.x)
     assert data.paths is not None
     cache = None
     if settings.cache is not None:
-        key = hashlib.sha256("\n".join(data.paths.tolist()).encode()).hexdigest()[:16]
-        cache = SliceCache(settings.cache, f"slices-{key}-{settings.input_size}", len(data), settings.input_size)
+        cache = SliceCache(settings.cache, cache_key, len(data), settings.input_size)
     return SliceReader(settings.input_size, paths=data.paths, workers=settings.workers or default_workers(),
                        cache=cache)
 

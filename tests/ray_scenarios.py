@@ -7,11 +7,13 @@ runs `ichbatch run --engine ray` on generated studies and one study whose pixel 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import shutil
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -40,14 +42,56 @@ def cluster():
     # Token authentication on, as Ray does by default for clusters from 2.61: the cluster and every
     # ichbatch driver run here get the token from the environment.
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0")
-    env = dict(os.environ)
-    start = subprocess.run([str(RAY), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                            "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
-                            f"--temp-dir={temp}"], capture_output=True, text=True, env=env, timeout=180)
-    assert start.returncode == 0, start.stdout[-3000:] + start.stderr[-3000:]
-    yield f"127.0.0.1:{port}"
-    subprocess.run([str(RAY), "stop", "--force"], capture_output=True, timeout=120)
-    shutil.rmtree(temp, ignore_errors=True)
+    head = subprocess.Popen([str(RAY), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                             "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
+                             f"--temp-dir={temp}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        wait_for_port(port, head)
+        yield f"127.0.0.1:{port}"
+    finally:
+        stop_cluster(head, temp)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def wait_for_port(port: int, head: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert head.poll() is None, head.stderr.read().decode()[-3000:] if head.stderr else "ray start exited"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"the Ray head did not listen on 127.0.0.1:{port} within {seconds} s")
+
+
+def cluster_pids(temp: str) -> list[int]:
+    """This cluster's processes: every Ray process names its session folder, under our temp dir."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if temp in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def stop_cluster(head: subprocess.Popen, temp: str) -> None:
+    """By PID: the blocking `ray start` and its process group, then any process of this cluster's session."""
+    for sig, wait in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, sig)
+        for pid in cluster_pids(temp):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while (head.poll() is None or cluster_pids(temp)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    head.wait(timeout=10)
+    assert not cluster_pids(temp), "Ray processes of the test cluster are still running"
 
 
 @pytest.fixture(scope="module")
