@@ -2,8 +2,9 @@
 
     python examples/anatomy_montage.py [--out docs/anatomy-montage.png]
 
-Top row: three generated subjects, each at the skull base, the ventricles and the vertex. Bottom row:
-one subject per kind of bleed at the slice where its mask is largest, and one with several kinds.
+Top row: three generated subjects, each at the skull base, the orbits, the ventricles and the vertex.
+Bottom row: one subject per kind of bleed at the slice where its mask is largest, one with several kinds,
+then the three subjects' skull base and orbit levels in a bone window.
 """
 
 from __future__ import annotations
@@ -15,15 +16,15 @@ import cv2
 import numpy as np
 
 from ichbatch.anatomy import anatomy_phantom
-from ichbatch.config import BRAIN
+from ichbatch.config import BONE, BRAIN
 from ichbatch.preprocess import to_uint8
 
 TILE = 192
 SLICES = 28
 
 
-def tile(hu: np.ndarray, masks: list[np.ndarray], caption: str) -> np.ndarray:
-    img = cv2.cvtColor(cv2.resize(to_uint8(hu, BRAIN), (TILE, TILE), interpolation=cv2.INTER_AREA), cv2.COLOR_GRAY2BGR)
+def tile(hu: np.ndarray, masks: list[np.ndarray], caption: str, window=BRAIN) -> np.ndarray:  # type: ignore[no-untyped-def]
+    img = cv2.cvtColor(cv2.resize(to_uint8(hu, window), (TILE, TILE), interpolation=cv2.INTER_AREA), cv2.COLOR_GRAY2BGR)
     for mask in masks:
         small = cv2.resize(mask.astype(np.uint8), (TILE, TILE), interpolation=cv2.INTER_NEAREST)
         contours, _ = cv2.findContours(small, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
@@ -36,11 +37,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("docs/anatomy-montage.png"))
     args = parser.parse_args()
-    top = []
+    top, bone = [], []
     for subject in range(3):
         ph = anatomy_phantom(np.random.default_rng(100 + subject), SLICES, 256)
-        for name, level in (("base", 0.12), ("ventricles", 0.5), ("vertex", 0.85)):
+        for name, level in (("base", 0.08), ("orbits", 0.2), ("ventricles", 0.5), ("vertex", 0.85)):
             top.append(tile(ph.hu[int(level * SLICES)], [], f"subject {subject + 1}, {name}"))
+            if name in ("base", "orbits"):
+                bone.append(tile(ph.hu[int(level * SLICES)], [], f"subject {subject + 1}, {name}, bone", BONE))
     bottom = []
     kinds = [("epidural",), ("subdural",), ("subarachnoid",), ("intraventricular",), ("intraparenchymal",),
              ("subdural", "intraventricular", "intraparenchymal")]
@@ -50,6 +53,7 @@ def main() -> None:
         level = int(np.argmax(union.sum(axis=(1, 2))))
         caption = "several kinds" if len(kind) > 1 else kind[0]
         bottom.append(tile(ph.hu[level], [m[level] for m in ph.masks.values()], caption))
+    bottom += bone
     while len(bottom) < len(top):
         bottom.append(np.zeros_like(top[0]))
     grid = np.vstack([np.hstack(top), np.hstack(bottom)])

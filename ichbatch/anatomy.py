@@ -7,9 +7,12 @@ as from gantry tilt or positioning, yaw, roll) and a smooth elastic deformation,
 tissue probabilities become CT numbers drawn per subject around literature values, and what a head
 CT has around the brain is synthesised from distances to the brain: extra-axial CSF, a skull with
 inner and outer tables and diploe whose thickness varies over the head, scalp with its fat layer,
-the headrest and the table. Slices average sub-planes across their thickness (partial volume);
-noise is correlated as after a soft reconstruction kernel; the brain is darkened next to the skull
-(beam hardening); some slices are motion-blurred.
+the headrest and the table. Below the brain's floor the head is filled with the soft tissue of the
+face and neck and the skull base is built from landmarks: petrous bones, clivus, mastoid and ethmoid
+air cells, sphenoid, maxillary and frontal sinuses, nasal cavity and pharynx, orbits (fat, globes,
+bony walls), zygomatic arches, mandibular rami and the atlas. Slices average sub-planes across their
+thickness (partial volume); noise is correlated as after a soft reconstruction kernel; the brain is
+darkened next to the skull (beam hardening); some slices are motion-blurred.
 
 Lesions are placed by anatomy, with a mask each: epidural (a lens under the inner table, limited in
 extent as sutures limit it), subdural (a crescent along the convexity; acute, subacute or chronic
@@ -18,8 +21,9 @@ basal cisterns), intraventricular (layering in the dependent part of the ventric
 intraparenchymal (lobar or deep, with a low-density oedema rim).
 
 Not modelled (yet): mass effect (blood replaces tissue, nothing is pushed aside), subdurals along the
-falx or tentorium, the facial skeleton, orbits, sinuses, mastoid air and petrous bones (the skull
-base here is a smooth bowl under the brain), vessels, metal streaks, bone-kernel reconstructions.
+falx or tentorium, the tentorium itself, the inner ear and fine skull-base foramina (the skull-base
+shapes are smooth ellipsoids and tubes, the air-cell septa a regular grid), the lens, extra-ocular
+muscles, teeth, vessels, metal streaks, gantry-tilted slices, bone-kernel reconstructions.
 """
 
 from __future__ import annotations
@@ -201,7 +205,8 @@ def _ct_numbers(rng: np.random.Generator, t: Template, s: Subject, coords: np.nd
     hu = np.where(bone, np.where((d <= table) | (d > skull - table), h["table"], h["diploe"]), hu)
     scalp = (d > skull) & (d <= skull + s.scalp_mm)
     fat = scalp & (np.abs(d - skull - 0.4 * s.scalp_mm) < 0.12 * s.scalp_mm)  # subcutaneous fat, thin
-    return np.where(fat, h["fat"], np.where(scalp, h["scalp"], hu)), {k: v[0] for k, v in lesions.items()}
+    hu = np.where(fat, h["fat"], np.where(scalp, h["scalp"], hu))
+    return _skull_base(rng, s, coords, hu, bone, d > skull, intracranial), {k: v[0] for k, v in lesions.items()}
 
 
 @dataclass(frozen=True)
@@ -362,3 +367,112 @@ def _motion(rng: np.random.Generator, hu: np.ndarray) -> None:
     kernel /= max(float(kernel.sum()), 1e-6)
     for k in rng.choice(hu.shape[0], size=min(hu.shape[0], int(rng.integers(1, 4))), replace=False):
         hu[k] = cv2.filter2D(hu[k], -1, kernel, borderType=cv2.BORDER_REPLICATE)
+
+
+def _mni(coords: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Template voxel (z, row, col) -> MNI x (right), y (anterior), z (up) in mm; Template.voxel inverted."""
+    t = load_template()
+    k, row, col = coords
+    z = k + t.corner[0] - PAD_MM - 72.0
+    y = (t.gm.shape[1] - 1 - row) + t.corner[1] - PAD_MM - 134.0
+    x = (t.gm.shape[2] - 1 - col) + t.corner[2] - PAD_MM - 98.0
+    return x, y, z
+
+
+def _ellipsoid(x: np.ndarray, y: np.ndarray, z: np.ndarray, centre: tuple[float, float, float],
+               semi: tuple[float, float, float]) -> np.ndarray:
+    """Normalised radius: < 1 inside the ellipsoid."""
+    return np.sqrt(((x - centre[0]) / semi[0]) ** 2 + ((y - centre[1]) / semi[1]) ** 2
+                   + ((z - centre[2]) / semi[2]) ** 2)
+
+
+def _segment(x: np.ndarray, y: np.ndarray, z: np.ndarray, a: tuple[float, float, float],
+             b: tuple[float, float, float]) -> np.ndarray:
+    """Distance (mm) from each point to the segment a-b."""
+    pa = np.stack([x - a[0], y - a[1], z - a[2]])
+    ab = np.subtract(b, a, dtype=np.float64)
+    along = np.clip(np.tensordot(ab, pa, axes=1) / float(ab @ ab), 0, 1)
+    return np.sqrt(np.sum((pa - ab[:, None] * along[None, :]) ** 2, axis=0))
+
+
+def _septa(x: np.ndarray, y: np.ndarray, z: np.ndarray, cell: float, offset: float) -> np.ndarray:
+    """Thin bony walls on a jittered grid: the honeycomb of ethmoid and mastoid air cells."""
+    w = 0.22
+    return ((np.abs(np.sin(np.pi * (x + offset) / cell)) < w) | (np.abs(np.sin(np.pi * (y - offset) / cell)) < w)
+            | (np.abs(np.sin(np.pi * (z + 0.5 * offset) / cell)) < w))
+
+
+def _skull_base(rng: np.random.Generator, s: Subject, coords: np.ndarray, hu: np.ndarray, bone: np.ndarray,
+                beyond: np.ndarray, intracranial: np.ndarray) -> np.ndarray:
+    """Below the brain's floor: soft tissue of the face and neck instead of air between the fossae, the
+    petrous bones and clivus, mastoid and ethmoid air cells, the sphenoid, maxillary and frontal sinuses,
+    the nasal cavity and pharynx, the orbits with their globes and fat, zygomatic arches, mandibular rami
+    and the atlas with the dens. Positions are MNI coordinates (approximate, read off the template) under
+    the subject's own deformation; sizes and pneumatisation are drawn per subject."""
+    h = s.hu
+    floor = -8.0 + rng.uniform(-4, 4)  # above this the head is the brain's skull and scalp
+    size = rng.uniform(0.93, 1.07)
+    # Only samples below the floor and outside the cranial cavity can change: work on those alone.
+    (index,) = np.nonzero((_mni(coords[:, ::1])[2] < floor + 10) & ~intracranial & (beyond | bone))
+    x, y, z = _mni(coords[:, index])
+    below, beyond, bone = z < floor, beyond[index], bone[index]
+    part = hu[index]
+    radius = _ellipsoid(x, y, z, (0.0, -8.0, -22.0), (72 * size, 98 * size, 68 * size))
+    lower = below & (radius < 1) & beyond
+    muscle, bone_hu, petrous_hu = rng.uniform(38, 58), h["table"], min(h["table"] + rng.uniform(150, 450), 2600)
+    part[lower] = muscle
+    part[lower & (radius > 0.935) & (radius < 0.97)] = h["fat"]
+    part[lower & (radius >= 0.97)] = h["scalp"]
+    solid = lower | bone  # where skull-base structures may replace what is there
+    sides = (-1.0, 1.0)
+
+    def put(where: np.ndarray, value: float) -> None:
+        part[where & solid] = value
+
+    for sx in sides:  # zygomatic arches and mandibular rami, cortical bone
+        put(_segment(x, y, z, (sx * 60, 18, -44), (sx * 62, -18, -46)) < rng.uniform(2.5, 4), bone_hu)
+        put(_segment(x, y, z, (sx * 50, -12, -52), (sx * 45, 2, -95)) < rng.uniform(4, 6), bone_hu * 0.8)
+    # Orbits: fat cone, bony wall, globe with a denser rim.
+    for sx in sides:
+        orbit = _ellipsoid(x, y, z, (sx * 30, 42, -36), (16, 18, 15))
+        put((orbit >= 1) & (orbit < 1.13) & (y < 54), bone_hu * 0.7)
+        put(orbit < 1, h["fat"])
+        globe = _ellipsoid(x, y, z, (sx * 31, 54, -36), (11.5, 11.5, 11.5))
+        put(globe < 1, 45.0)
+        put(globe < 0.88, rng.uniform(5, 15))
+    # Air spaces with bony walls: sinuses (pneumatisation varies a lot between people), nasal cavity.
+    pneum = rng.uniform(0.7, 1.25, 5)
+    sinuses = [((0.0, 15.0, -38.0), (13.0, 10.0, 9.0), pneum[0])]
+    sinuses += [((sx * 28, 46.0, -58.0), (13.0, 15.0, 14.0), pneum[1]) for sx in sides]
+    for centre, semi, p in sinuses:
+        r = _ellipsoid(x, y, z, centre, tuple(v * p for v in semi))
+        put((r >= 1) & (r < 1.18), bone_hu * 0.75)
+        put(r < 1, -1000.0)
+    if rng.random() < 0.85:  # frontal sinus, inside the frontal bone; absent in some people
+        r = _ellipsoid(x, y, z, (0.0, 70.0, 8.0), (16 * pneum[2], 6.0, 12 * pneum[2]))
+        part[(r < 1) & bone] = -1000.0
+    nasal = (np.abs(x) < 14 - 0.1 * np.maximum(-z - 42, 0)) & (y > 30) & (radius < 0.95) & (z > -72) & (z < -40)
+    put(nasal, -1000.0)
+    put(nasal & (np.abs(x) < 1.2), bone_hu * 0.5)  # septum
+    for sx in sides:  # inferior turbinates
+        put(_ellipsoid(x, y, z, (sx * 9, 58, -62), (4.0, 24.0, 5.0)) < 1, muscle)
+    ethmoid = (np.abs(x) < 11) & (y > 22) & (y < 58) & (z > -48) & (z < -22)
+    offset = rng.uniform(0, 5)
+    put(ethmoid, -1000.0)
+    put(ethmoid & _septa(x, y, z, 6.0, offset), bone_hu * 0.6)
+    put(_ellipsoid(x, y, z, (0.0, 14.0, -54.0), (10.0, 9.0, 7.0)) < 1, -1000.0)  # nasopharynx
+    put((np.hypot(x / 8.0, (y - 6.0) / 6.0) < 1) & (z < -61), -1000.0)  # oropharynx
+    # Petrous bones (the densest of the skull), mastoid air cells behind them, the clivus between.
+    for sx in sides:
+        mastoid = _ellipsoid(x, y, z, (sx * 51, -36, -46), (10 * pneum[3], 13 * pneum[3], 12 * pneum[3])) < 1
+        put(mastoid, -1000.0)
+        put(mastoid & _septa(x, y, z, 4.0, offset), bone_hu * 0.6)
+        put(_segment(x, y, z, (sx * 16, -9, -40), (sx * 54, -33, -36)) < rng.uniform(6, 8.5), petrous_hu)
+    put(_segment(x, y, z, (0, -6, -32), (0, -28, -64)) < rng.uniform(5, 7), bone_hu * 0.8)
+    # The atlas around the spinal canal and the dens in front of it, below the foramen magnum.
+    ring = np.hypot(x, (y + 42.0) * 0.9)
+    put((z < -63) & (z > -74) & (np.abs(ring - 17) < 3), bone_hu * 0.8)
+    put((np.hypot(x, y + 25.0) < 5) & (z < -63), bone_hu * 0.8)
+    out = hu.copy()
+    out[index] = part
+    return out
