@@ -43,6 +43,8 @@ def test_logging_options_after_the_subcommand_with_iso_lines_and_no_uids(tmp_pat
     assert lines and all(ISO_LINE.match(line) for line in lines), lines
     assert any(": ok, any " in line for line in lines)  # the per-study line says the outcome and flag
     assert uid not in log.read_text()  # studies are named by a short hash
+    # Not on a terminal (nohup, a scheduler): progress is logged, the first step and the last at least.
+    assert any(re.search(r"ichbatch\.progress: .*: 1 of 1$", line) for line in lines), lines
 
     json_log = tmp_path / "run.jsonl"
     again = CliRunner().invoke(main, ["--log-format", "json", *args[:-4], "--log-file", str(json_log), "-v"])
