@@ -10,6 +10,7 @@ import functools
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -311,9 +312,9 @@ def _check_writable(folder: Path) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--slices", "n_slices", type=click.IntRange(8, 400), default=24, show_default=True)
 @click.option("--size", type=click.IntRange(64, 1024), default=256, show_default=True, help="Rows and columns.")
-@click.option("--phantoms", type=click.Choice(["ellipse", "anatomy"]), default="ellipse", show_default=True,
-              help="ellipse: geometric heads (what the demo model was trained on); anatomy: the MNI template brain "
-                   "with skull, scalp and lesions placed by anatomy (README: Phantoms).")
+@click.option("--phantoms", type=click.Choice(["ellipse", "anatomy"]), default="anatomy", show_default=True,
+              help="anatomy: the MNI template brain with skull, skull base, face and lesions placed by anatomy (what "
+                   "the demo model is trained on; README: Phantoms); ellipse: quick geometric heads, for tests.")
 def synth(out: Path, studies: int, seed: int, n_slices: int, size: int, phantoms: str) -> None:
     """Write generated head-CT phantom studies (DICOM) and a manifest.json of their truth.
 
@@ -335,7 +336,9 @@ def synth(out: Path, studies: int, seed: int, n_slices: int, size: int, phantoms
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-output"), show_default=True)
 @click.option("--studies", type=click.IntRange(1, 100), default=4, show_default=True)
 @click.option("--model", default=None, help="Bundle name or folder [default: the shipped demo model].")
-def demo(out: Path, studies: int, model: str | None) -> None:
+@click.option("--phantoms", type=click.Choice(["ellipse", "anatomy"]), default="anatomy", show_default=True,
+              help="Which generator makes the studies (see `ichbatch synth`).")
+def demo(out: Path, studies: int, model: str | None, phantoms: str) -> None:
     """Generate phantom studies in OUT/studies and run the pipeline on them with the shipped model.
 
     \b
@@ -346,7 +349,7 @@ def demo(out: Path, studies: int, model: str | None) -> None:
 
     options = StudyOptions(model=model)
     options.check()
-    synth_studies(out / "studies", studies, seed=2026)
+    synth_studies(out / "studies", studies, seed=2026, phantoms=phantoms)
     for truth in ("manifest.json", "lesion_masks.npz"):  # beside the studies, so the run does not list them as unused
         os.replace(out / "studies" / truth, out / truth)
     click.echo(f"generated {studies} phantom studies in {out / 'studies'} (truth: {out / 'manifest.json'})", err=True)
@@ -555,7 +558,8 @@ def _delivery_status(db: Path, retry: bool, uids: bool) -> None:
               help="--source phantoms: this share of slices is seen as screenshots (unknown window, 8 bit, JPEG, "
                    "text, crops, borders); a model trained so accepts plain images (its card says so).")
 @click.option("--workers", type=click.IntRange(0, 256), default=0, show_default=True,
-              help="Decoder processes for --source rsna (0: one per core, at most 8).")
+              help="Worker processes that decode (--source rsna) or generate (--source phantoms) studies "
+                   "(0: one per core, at most 8).")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path),
               help="--source rsna: keep the decoded slices here (size x size x 3 bytes each) so later epochs and "
                    "later trainings read them instead of decoding.")
@@ -583,7 +587,7 @@ def train(source: str, data: Path | None, labels_csv: Path | None, out: Path, na
                              val_fraction=val_fraction, seed=seed, phantom_studies=phantom_studies,
                              phantom_slices=phantom_slices, init_schedule=init_schedule, vertical_flip=vertical_flip,
                              workers=workers, cache=cache, checkpoints=checkpoints, phantoms=phantoms,
-                             screenshots=screenshots)
+                             screenshots=screenshots, command=_command_line(), started=time.time())
     from .progress import TerminalProgress
 
     stage = {"phantoms": "generating phantoms", "rsna": "reading the index (headers)"}.get(source, "reading images")
@@ -594,6 +598,28 @@ def train(source: str, data: Path | None, labels_csv: Path | None, out: Path, na
     except IchBatchError as exc:
         raise _fatal(str(exc), EXIT_USAGE) from exc
 
+
+
+def _command_line() -> str:
+    """The current command with the options given on its line or in the environment (for a card's record
+    of how a bundle was made); logging options left out."""
+    import shlex
+
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    words = ["ichbatch", ctx.info_name or ""]
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or not param.name or param.name in ("verbose", "log_file", "log_format"):
+            continue
+        if ctx.get_parameter_source(param.name) not in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            continue
+        value = ctx.params[param.name]
+        if param.is_flag:
+            words.append(param.opts[0] if value else (param.secondary_opts or [""])[0])
+        else:
+            words += [param.opts[0], str(value)]
+    return shlex.join(w for w in words if w)
 
 @main.command()
 @click.argument("predictions", type=click.Path(exists=True, dir_okay=False, path_type=Path))

@@ -67,13 +67,15 @@ class TrainSettings:
     phantom_studies: int = 200
     phantom_slices: int = 24
     version: str = "1.0.0"
-    workers: int = 0  # decoder processes for file sources; 0: one per core, at most 8
+    workers: int = 0  # decoder or generator processes; 0: one per core, at most 8
     cache: Path | None = None  # decoded slices kept here after the first epoch (file sources)
     checkpoints: Path | None = None  # state after every epoch, to resume a long training [default: beside --out]
     phantoms: str = "ellipse"  # or "anatomy" (ichbatch.anatomy)
     screenshots: float = 0.0  # share of phantom slices seen as 8-bit screenshots (ichbatch.screenshots)
     vertical_flip: bool = False  # off in the recipe: real heads are never upside down
     init_schedule: str = "transfer"  # with init: "transfer" (the two-stage recipe) or "continue" (all layers)
+    command: str = ""  # the command line, for the card's record of how the bundle was made
+    started: float = 0.0  # time.time() when the command started (data generation or loading included)
 
     @property
     def transfer(self) -> bool:
@@ -81,27 +83,59 @@ class TrainSettings:
         return self.init is not None and self.init_schedule == "transfer"
 
 
-def load_phantoms(settings: TrainSettings, progress: Callable[[int, int], None] | None = None) -> TrainData:
-    """Generated studies in memory; with `screenshots`, that share of slices seen as screenshots instead."""
-    from .screenshots import screenshot_channels
+@dataclass(frozen=True)
+class PhantomJob:
+    """One generated training study: its generator, and the seed stream it draws from."""
+
+    kind: str
+    seed: int
+    index: int
+    n_slices: int
+
+
+def generate_phantom(job: PhantomJob) -> tuple[np.ndarray, np.ndarray] | None:
+    """A worker's study: HU slices and, per slice, which subtypes it shows (as 0/1 in SUBTYPES order).
+    Each study has its own random stream ([seed, index]), so the data do not depend on the workers."""
     from .synth import _generator, draw_subtypes
 
-    make = _generator(settings.phantoms)
-    rng = np.random.default_rng(settings.seed)
+    rng = np.random.default_rng([job.seed, job.index])
+    ph = _generator(job.kind)(rng, n_slices=job.n_slices, size=256, subtypes=draw_subtypes(rng))
+    present = np.array([[int(ph.masks[t][s].any()) if t in ph.masks else 0 for t in SUBTYPES]
+                        for s in range(ph.hu.shape[0])], np.int8)
+    return ph.hu, present
+
+
+def _generation_failed(job: PhantomJob, reason: str) -> None:
+    return None
+
+
+def load_phantoms(settings: TrainSettings, progress: Callable[[int, int], None] | None = None) -> TrainData:
+    """Generated studies in memory (made in worker processes); with `screenshots`, that share of slices
+    seen as screenshots instead."""
+    from .screenshots import screenshot_channels
+    from .workers import IsolatedPool, WorkerLimits
+
     shots = np.random.default_rng([settings.seed, 1])  # its own stream: the heads do not depend on it
     xs, ys, groups = [], [], []
-    for i in range(settings.phantom_studies):
-        subtypes = draw_subtypes(rng)
-        ph = make(rng, n_slices=settings.phantom_slices, size=256, subtypes=subtypes)
-        for s in range(ph.hu.shape[0]):
-            present = [int(ph.masks[t][s].any()) if t in ph.masks else 0 for t in SUBTYPES]
-            as_image = shots.random() < settings.screenshots
-            xs.append(screenshot_channels(ph.hu[s], settings.input_size, shots) if as_image
-                      else hu_to_channels(ph.hu[s], settings.input_size))
-            ys.append([int(any(present)), *present])
-            groups.append(f"phantom-{i}")
-        if progress:
-            progress(i + 1, settings.phantom_studies)
+    jobs = (PhantomJob(settings.phantoms, settings.seed, i, settings.phantom_slices)
+            for i in range(settings.phantom_studies))
+    # A 256 px anatomy study takes a few seconds and about 1.5 GB while it is made.
+    limits = WorkerLimits(memory_mb=6144, seconds=600)
+    workers = settings.workers or default_workers()
+    with IsolatedPool(generate_phantom, _generation_failed, workers, limits) as pool:
+        for i, made in enumerate(pool.map(jobs, depth=2 * workers)):
+            if made is None:
+                raise IchBatchError(f"generating phantom study {i} failed in its worker process (out of memory "
+                                    f"or time?); nothing was trained")
+            hu, present = made
+            for s in range(hu.shape[0]):
+                as_image = shots.random() < settings.screenshots
+                xs.append(screenshot_channels(hu[s], settings.input_size, shots) if as_image
+                          else hu_to_channels(hu[s], settings.input_size))
+                ys.append([int(present[s].any()), *present[s].tolist()])
+                groups.append(f"phantom-{i}")
+            if progress:
+                progress(i + 1, settings.phantom_studies)
     shown = f", {settings.screenshots:.0%} of slices as screenshots" if settings.screenshots else ""
     return TrainData(np.stack(xs), np.asarray(ys, np.float32), np.asarray(groups), LABELS,
                      f"{settings.phantom_studies} generated {settings.phantoms} phantom studies (ichbatch.synth, "
@@ -272,7 +306,8 @@ def train(settings: TrainSettings, data: TrainData, echo: Callable[[str], None] 
         thresholds={label: 0.5 for label in data.outputs}, trained=True,
         trained_on=data.description + " - " + ("synthetic phantoms: for demonstrating the pipeline only"
                                                if settings.source == "phantoms" else "user data"),
-        seed=settings.seed, metrics={"validation": _summary(metrics), "epochs_run": len(history.get("loss", []))},
+        seed=settings.seed, metrics={"validation": _summary(metrics), "epochs_run": len(history.get("loss", [])),
+                                     "training": training_record(settings)},
         # Trained on screenshots too: it may be run on plain images (the card says so; run checks it).
         eligibility=Eligibility(windowed_images=settings.screenshots > 0),
     )
@@ -283,6 +318,26 @@ def train(settings: TrainSettings, data: TrainData, echo: Callable[[str], None] 
     shutil.rmtree(checkpoints, ignore_errors=True)  # the bundle is written: nothing left to resume
     echo(f"bundle written to {folder}; validation: {card.metrics['validation']}")
     return folder
+
+
+def training_record(settings: TrainSettings) -> dict[str, str]:
+    """How the bundle was made, for its card: command, starting weights, machine and backend, wall time."""
+    import platform
+
+    import keras
+
+    from .infer import default_device
+
+    record = {"command": settings.command or "(library call)",
+              "machine": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
+                         f"Keras {keras.__version__} on {keras.backend.backend()} ({default_device()})".replace(" ,", ","),
+              "starting_point": f"weights from {settings.init.name} in {settings.init.parent.name}" if settings.init
+                                else "random initialisation"}
+    if settings.started:
+        import time
+
+        record["wall_minutes"] = f"{(time.time() - settings.started) / 60:.0f}"
+    return record
 
 
 BN_BATCHES = 64  # training batches that precise BN averages over

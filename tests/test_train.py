@@ -49,6 +49,10 @@ def test_train_on_phantoms(tmp_path):
     assert "validation split" in card["calibration"]["fitted_on"] and set(card["calibration"]["params"]) == set(card["outputs"])
     assert "validation split" in card["domain"]["fitted_on"] and card["domain"]["held_out_studies"] >= 2
     assert load_bundle(str(out)).domain is not None and "domain check fitted on" in result.output
+    record = card["metrics"]["training"]  # how it was made: the command, the machine, the time it took
+    assert record["command"].startswith("ichbatch ") and "--phantom-studies 16" in record["command"]
+    assert record["starting_point"] == "random initialisation" and "cores" in record["machine"]
+    assert float(record["wall_minutes"]) >= 0
 
 
 def _rsna_folder(tmp_path, n=6, patients=3):
