@@ -63,7 +63,7 @@ def exported(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("studies")
-    synth_studies(root, 3, seed=11, n_slices=12, size=256, p_positive=0.7)
+    synth_studies(root, 3, seed=11, n_slices=20, size=256, p_positive=0.7, phantoms="anatomy")  # what the demo knows
     return root
 
 

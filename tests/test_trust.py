@@ -78,31 +78,34 @@ def test_bad_eligibility_rules_are_refused_with_a_message(tmp_path, tiny_bundle)
 
 
 @pytest.mark.timeout(900)
-def test_shipped_demo_assesses_held_out_phantoms_and_nothing_else(tmp_path):
-    """Held-out generated studies are in domain; real heads (which it was never trained on), MR, RGB
-    captures, and a generated study labelled CHEST are not assessed, each with the reason."""
+def test_shipped_demo_does_not_flag_real_normal_heads_and_assesses_only_head_ct(tmp_path):
+    """The real normal heads (GE human head series with gantry tilt, Philips head phantom), which the
+    demo never saw, are not flagged for 'any'; held-out anatomy phantoms are in domain; the MR, the RGB
+    captures and a generated study labelled CHEST are not assessed, each with the reason."""
     if not REALDATA.exists():
         pytest.skip(f"{REALDATA} is not here")
-    manifest = synth_studies(tmp_path / "gen", 8, seed=303)
-    chest = synth_studies(tmp_path / "chest", 1, seed=304)["studies"][0]["study_uid"]
+    manifest = synth_studies(tmp_path / "gen", 6, seed=303, phantoms="anatomy")
+    chest = synth_studies(tmp_path / "chest", 1, seed=304, phantoms="anatomy")["studies"][0]["study_uid"]
     for p in (tmp_path / "chest").rglob("*.dcm"):
         ds = pydicom.dcmread(p)
         ds.BodyPartExamined = "CHEST"
         ds.save_as(p)
-    inputs = [tmp_path / "gen", tmp_path / "chest", REALDATA / "dcm_qa_ct", REALDATA / "dcm_qa_ts_mr",
-              REALDATA / "deid_data"]
+    heads = [REALDATA / "dcm_qa_ct" / "GE_HiSpeed_human_head_tilt", REALDATA / "dcm_qa_ct" / "Philips_Ingenuity_head_phantom"]
+    inputs = [tmp_path / "gen", tmp_path / "chest", *heads, REALDATA / "dcm_qa_ts_mr", REALDATA / "deid_data"]
     rows = _run(inputs, tmp_path / "r.csv", DEMO, "--no-reports")
     generated = rows.loc[[s["study_uid"] for s in manifest["studies"]]]
-    assert (generated["status"] == "ok").mean() >= 0.9, generated[["status", "domain_score"]]
-    others = rows.drop(index=generated.index)
-    assert len(others) >= 5  # chest, GE head, Philips phantom, MR, the RGB captures
-    assert (others["flag_any"] == "not_assessed").mean() >= 0.9
-    assert all(m for m in others["message"])  # each with its reason
+    assert (generated["status"] == "ok").mean() >= 0.8, generated[["status", "domain_score"]]
+    real = rows.loc[sorted({ds.StudyInstanceUID for h in heads for f in h.rglob("*") if f.is_file()
+                            for ds in [pydicom.dcmread(f, stop_before_pixels=True, force=True)]
+                            if ds.get("Modality") == "CT" and "StudyInstanceUID" in ds})]
+    assert len(real) == 2
+    # Not flagged: assessed and negative, or not assessed with the reason; never a positive 'any'.
+    assert (real["flag_any"].isin(["0", "not_assessed"])).all(), real[["flag_any", "prob_any", "message"]]
+    assert all("outside the data model" in m for m in real.loc[real["flag_any"] == "not_assessed", "message"])
+    others = rows.drop(index=generated.index).drop(index=real.index)
+    assert len(others) >= 3  # chest, MR, the RGB captures
+    assert (others["flag_any"] == "not_assessed").all() and all(m for m in others["message"])
     assert "body part CHEST" in rows.loc[chest, "message"]
-    real_heads = others[others["message"].str.contains("outside the data model")]
-    assert len(real_heads) == 2 and (real_heads["domain_score"].astype(float) >
-                                     real_heads["domain_threshold"].astype(float)).all()
-    assert (real_heads["prob_any"] == "").all() and (real_heads["unassessed_prob_any"] != "").all()
 
 
 def _page_images(pdf: str) -> list[np.ndarray]:
