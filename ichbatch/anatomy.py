@@ -40,6 +40,7 @@ TEMPLATE = Path(__file__).parent / "data" / "mni152_brain_1mm.npz"
 PAD_MM = 24  # room around the brain for extra-axial CSF, skull and scalp in the distance maps
 # Approximate landmarks in template voxels (z up, row anterior -> posterior, column patient right ->
 # left, as on an axial CT image), from MNI coordinates: pineal gland, atria of the lateral ventricles.
+MNI_ORIGIN = (98.0, 134.0, 72.0)  # voxel (x, y, z) of MNI (0, 0, 0) in the 1 mm template as read
 PINEAL_MNI = (0.0, -28.0, 2.0)
 ATRIA_MNI = ((-27.0, -40.0, 14.0), (27.0, -40.0, 14.0))
 
@@ -59,9 +60,20 @@ class Template:
     def voxel(self, mni: tuple[float, float, float]) -> np.ndarray:
         """(z, row, col) of an MNI (x right, y anterior, z up) coordinate in mm."""
         x, y, z = mni
-        k, j, i = z + 72.0, y + 134.0, x + 98.0  # the template's origin and axes (LPS, flipped x and y)
+        k, j, i = z + MNI_ORIGIN[2], y + MNI_ORIGIN[1], x + MNI_ORIGIN[0]  # the template's axes (LPS, x and y flipped)
         k, j, i = k - self.corner[0] + PAD_MM, j - self.corner[1] + PAD_MM, i - self.corner[2] + PAD_MM
         return np.array([k, self.gm.shape[1] - 1 - j, self.gm.shape[2] - 1 - i])
+
+    def mni_z(self, k: np.ndarray) -> np.ndarray:
+        """MNI z (mm, up) of voxel coordinates along the first axis: `voxel` inverted for z alone."""
+        return k + self.corner[0] - PAD_MM - MNI_ORIGIN[2]
+
+    def mni(self, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Voxel (z, row, col) coordinates -> MNI x (right), y (anterior), z (up) in mm; `voxel` inverted."""
+        k, row, col = coords
+        y = (self.gm.shape[1] - 1 - row) + self.corner[1] - PAD_MM - MNI_ORIGIN[1]
+        x = (self.gm.shape[2] - 1 - col) + self.corner[2] - PAD_MM - MNI_ORIGIN[0]
+        return x, y, self.mni_z(k)
 
 
 @lru_cache(maxsize=1)
@@ -369,16 +381,6 @@ def _motion(rng: np.random.Generator, hu: np.ndarray) -> None:
         hu[k] = cv2.filter2D(hu[k], -1, kernel, borderType=cv2.BORDER_REPLICATE)
 
 
-def _mni(coords: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Template voxel (z, row, col) -> MNI x (right), y (anterior), z (up) in mm; Template.voxel inverted."""
-    t = load_template()
-    k, row, col = coords
-    z = k + t.corner[0] - PAD_MM - 72.0
-    y = (t.gm.shape[1] - 1 - row) + t.corner[1] - PAD_MM - 134.0
-    x = (t.gm.shape[2] - 1 - col) + t.corner[2] - PAD_MM - 98.0
-    return x, y, z
-
-
 def _ellipsoid(x: np.ndarray, y: np.ndarray, z: np.ndarray, centre: tuple[float, float, float],
                semi: tuple[float, float, float]) -> np.ndarray:
     """Normalised radius: < 1 inside the ellipsoid."""
@@ -413,8 +415,9 @@ def _skull_base(rng: np.random.Generator, s: Subject, coords: np.ndarray, hu: np
     floor = -8.0 + rng.uniform(-4, 4)  # above this the head is the brain's skull and scalp
     size = rng.uniform(0.93, 1.07)
     # Only samples below the floor and outside the cranial cavity can change: work on those alone.
-    (index,) = np.nonzero((_mni(coords[:, ::1])[2] < floor + 10) & ~intracranial & (beyond | bone))
-    x, y, z = _mni(coords[:, index])
+    t = load_template()
+    (index,) = np.nonzero((t.mni_z(coords[0]) < floor + 10) & ~intracranial & (beyond | bone))
+    x, y, z = t.mni(coords[:, index])
     below, beyond, bone = z < floor, beyond[index], bone[index]
     part = hu[index]
     radius = _ellipsoid(x, y, z, (0.0, -8.0, -22.0), (72 * size, 98 * size, 68 * size))

@@ -599,7 +599,6 @@ def train(source: str, data: Path | None, labels_csv: Path | None, out: Path, na
         raise _fatal(str(exc), EXIT_USAGE) from exc
 
 
-
 def _command_line() -> str:
     """The current command with the options given on its line or in the environment (for a card's record
     of how a bundle was made); logging options left out."""
@@ -620,6 +619,7 @@ def _command_line() -> str:
         else:
             words += [param.opts[0], str(value)]
     return shlex.join(w for w in words if w)
+
 
 @main.command()
 @click.argument("predictions", type=click.Path(exists=True, dir_okay=False, path_type=Path))

@@ -93,7 +93,7 @@ class PhantomJob:
     n_slices: int
 
 
-def generate_phantom(job: PhantomJob) -> tuple[np.ndarray, np.ndarray] | None:
+def generate_phantom(job: PhantomJob) -> tuple[np.ndarray, np.ndarray]:
     """A worker's study: HU slices and, per slice, which subtypes it shows (as 0/1 in SUBTYPES order).
     Each study has its own random stream ([seed, index]), so the data do not depend on the workers."""
     from .synth import _generator, draw_subtypes
@@ -106,6 +106,7 @@ def generate_phantom(job: PhantomJob) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _generation_failed(job: PhantomJob, reason: str) -> None:
+    """A worker that died or ran out of time: load_phantoms stops with an error."""
     return None
 
 
@@ -329,8 +330,9 @@ def training_record(settings: TrainSettings) -> dict[str, str]:
     from .infer import default_device
 
     record = {"command": settings.command or "(library call)",
-              "machine": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
-                         f"Keras {keras.__version__} on {keras.backend.backend()} ({default_device()})".replace(" ,", ","),
+              "machine": ", ".join([" ".join(filter(None, (platform.machine(), platform.processor()))),
+                                    f"{os.cpu_count()} cores",
+                                    f"Keras {keras.__version__} on {keras.backend.backend()} ({default_device()})"]),
               "starting_point": f"weights from {settings.init.name} in {settings.init.parent.name}" if settings.init
                                 else "random initialisation"}
     if settings.started:
