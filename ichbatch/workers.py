@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 import resource
 import signal
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -107,7 +110,10 @@ class _Worker:
 class IsolatedPool(Generic[T, R]):
     """map(fn, items) in worker processes, in order, with a bounded number of results held.
 
-    on_crash(item, reason) gives the result for an item whose worker died or ran out of time.
+    on_crash(item, reason) gives the result for an item whose worker died or ran out of time. A thread
+    hands out items and collects results, so the workers keep decoding while the caller's thread is busy
+    (running the model, which releases the GIL); items are still drawn from `items` on the caller's
+    thread, so what produces them (discovery, the results store) never runs on another thread.
     """
 
     def __init__(self, fn: Callable[[T], R], on_crash: Callable[[T, str], R], workers: int,
@@ -118,41 +124,48 @@ class IsolatedPool(Generic[T, R]):
         self.limits = limits or WorkerLimits.from_env()
         self._workers: list[_Worker] = []
         self._seq = 0  # across maps: a result from an abandoned map is recognised and dropped
+        self._driver: _Driver | None = None
         self.crashes = 0
 
     def map(self, items: Iterable[T], depth: int) -> Iterator[R]:
+        self._halt()  # an earlier map left unfinished stops handing out its items
         if not self._workers:
             self._workers = [_Worker(self.fn, self.limits.memory_mb) for _ in range(self.size)]
         source = iter(items)
         first = self._seq
+        driver = self._driver = _Driver(self, first)
         done: dict[int, R] = {}
         exhausted = False
-        while True:
-            while not exhausted and self._seq - first < max(depth, 1) and self._idle():
-                try:
-                    item = next(source)
-                except StopIteration:
-                    exhausted = True
-                    break
-                self._idle()[0].give(self._seq, item, self.limits.seconds)
-                self._seq += 1
-            if first in done:
+        try:
+            while True:
+                while not exhausted and self._seq - first < max(depth, 1):
+                    try:
+                        item = next(source)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    driver.give(self._seq, item)
+                    self._seq += 1
+                if exhausted and first == self._seq:
+                    return
+                while first not in done:
+                    seq, ok, value = driver.results.get()
+                    if not ok:
+                        raise value
+                    done[seq] = value
                 yield done.pop(first)
                 first += 1
-                continue
-            if exhausted and first == self._seq:
-                return
-            self._collect(done, first)
+        finally:
+            if self._driver is driver:  # not when a later map has taken over the workers
+                self._halt()
 
-    def _idle(self) -> list[_Worker]:
-        return [w for w in self._workers if w.job is None]
+    def _halt(self) -> None:
+        if self._driver is not None:
+            self._driver.stop()
+            self._driver = None
 
-    def _collect(self, done: dict[int, R], first: int) -> None:
-        """Wait for any busy worker to answer, die or run out of time."""
-        busy = [w for w in self._workers if w.job is not None]
-        timeout = max(0.0, min(w.deadline for w in busy) - time.monotonic())
-        ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy],
-                     None if timeout == float("inf") else timeout)
+    def _collect(self, ready: list[Any], first: int, put: Callable[[tuple[int, bool, Any]], None]) -> None:
+        """Results of the busy workers that answered, died or ran out of time."""
         for index, worker in enumerate(self._workers):
             if worker.job is None:
                 continue
@@ -165,10 +178,8 @@ class IsolatedPool(Generic[T, R]):
                     reason = self._death(worker)
                 else:
                     worker.job = None
-                    if not ok:
-                        raise value
                     if got >= first:
-                        done[got] = value
+                        put((got, ok, value))
                     continue
             elif worker.process.sentinel in ready:
                 reason = self._death(worker)
@@ -179,7 +190,7 @@ class IsolatedPool(Generic[T, R]):
                 worker.stop()
                 self._workers[index] = _Worker(self.fn, self.limits.memory_mb)
                 if seq >= first:
-                    done[seq] = self.on_crash(item, reason)
+                    put((seq, True, self.on_crash(item, reason)))
 
     def _death(self, worker: _Worker) -> str:
         worker.process.join(1)
@@ -188,6 +199,7 @@ class IsolatedPool(Generic[T, R]):
         return f"the decoder process {how} on this file (limits: {self.limits.describe()})"
 
     def close(self) -> None:
+        self._halt()
         for worker in self._workers:
             worker.stop()
         self._workers = []
@@ -197,3 +209,58 @@ class IsolatedPool(Generic[T, R]):
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+class _Driver:
+    """The thread that drives a pool's workers for one map: items in from the caller, results out."""
+
+    def __init__(self, pool: IsolatedPool[Any, Any], first: int) -> None:
+        self.pool = pool
+        self.first = first  # results of earlier maps are dropped
+        self.results: queue.SimpleQueue[tuple[int, bool, Any]] = queue.SimpleQueue()
+        self._items: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()  # wakes the thread from its wait on the workers
+        os.set_blocking(self._wake_w, False)
+        self._thread = threading.Thread(target=self._run, name="ichbatch-pool", daemon=True)
+        self._thread.start()
+
+    def give(self, seq: int, item: Any) -> None:
+        self._items.put((seq, item))
+        self._wake()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake()
+        self._thread.join()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:  # the pipe is full: the thread is awake already
+            pass
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # the caller waits on results: it must hear of this thread's death
+            self.results.put((-1, False, exc))
+
+    def _loop(self) -> None:
+        pool = self.pool
+        waiting: deque[tuple[int, Any]] = deque()
+        while not self._stopping.is_set():
+            while not self._items.empty():
+                waiting.append(self._items.get())
+            for worker in pool._workers:
+                if worker.job is None and waiting:
+                    worker.give(*waiting.popleft(), pool.limits.seconds)
+            busy = [w for w in pool._workers if w.job is not None]
+            deadline = min((w.deadline for w in busy), default=float("inf"))
+            timeout = None if deadline == float("inf") else max(0.0, deadline - time.monotonic())
+            ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy] + [self._wake_r], timeout)
+            if self._wake_r in ready:
+                os.read(self._wake_r, 4096)
+            pool._collect(ready, self.first, self.results.put)

@@ -40,6 +40,25 @@ def test_a_worker_that_dies_fails_only_its_own_item_and_order_is_kept():
 
 
 @pytest.mark.timeout(300)
+def test_workers_keep_working_while_the_caller_is_busy_and_an_abandoned_map_does_not_stop_the_next():
+    with IsolatedPool(pool_tasks.sleep_for, pool_tasks.crashed, workers=2, limits=WorkerLimits(0, 0)) as pool:
+        assert list(pool.map([0.0, 0.0], depth=2)) == ["woke", "woke"]  # the workers are started
+        results = pool.map([0.2] * 8, depth=8)
+        assert next(results) == "woke"
+        time.sleep(1.5)  # the caller is busy (as with the model); the other seven take 0.8 s on two workers
+        start = time.monotonic()
+        assert list(results) == ["woke"] * 7
+        assert time.monotonic() - start < 0.3  # they were decoded meanwhile, not when asked for
+
+        abandoned = pool.map([0.3] * 6, depth=6)
+        next(abandoned)
+        later = pool.map([0.0, 0.1, 0.2], depth=3)  # takes the workers over from the unfinished map
+        assert next(later) == "woke"
+        del abandoned  # closing the old map must not stop the new one
+        assert list(later) == ["woke", "woke"]
+
+
+@pytest.mark.timeout(300)
 def test_memory_cap_and_time_limit_hold_inside_the_workers():
     with IsolatedPool(pool_tasks.allocate_gb, pool_tasks.crashed, 1, WorkerLimits(memory_mb=1024, seconds=0)) as pool:
         assert list(pool.map([4.0, 0.1], depth=2)) == ["MemoryError", "allocated 0 GiB"]
