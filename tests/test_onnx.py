@@ -19,7 +19,7 @@ from ichbatch import context
 from ichbatch.cli import main
 from ichbatch.domain import StudyImages, StudyResult
 from ichbatch.errors import BundleError
-from ichbatch.model.bundle import read_card
+from ichbatch.model.bundle import load_bundle, read_card
 from ichbatch.model.gradcam import CamExplainer
 from ichbatch.model.inputs import model_input
 from ichbatch.pipeline import process_folder
@@ -125,6 +125,12 @@ def test_importing_the_export_again_gives_the_same_bundle(exported, tmp_path):
     assert result.exit_code == 0, result.output
     again = read_card(tmp_path / "again")
     assert again.cam["features"] == data["cam"]["features"] and again.domain is None  # a domain check is fitted, not imported
+
+
+def test_onnx_sessions_do_not_busy_wait_between_runs(exported):
+    """Spinning threads took the cores that decoding needs between batches (benchmarks/throughput.py)."""
+    session = load_bundle(str(exported["nchw"])).model.session
+    assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 @pytest.mark.parametrize("change, message", [

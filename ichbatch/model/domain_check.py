@@ -37,7 +37,7 @@ class DomainCheck:
     def slice_distances(self, features: np.ndarray) -> np.ndarray:
         """(n, d) pooled features -> (n,) Mahalanobis distances."""
         z = (np.asarray(features, np.float64) - self.mean) @ self.components.T
-        return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", z, self.precision, z), 0.0))
+        return np.sqrt(np.maximum(((z @ self.precision) * z).sum(axis=1), 0.0))  # einsum here took 12 ms a study
 
     def study_score(self, features: np.ndarray) -> float:
         return float(np.quantile(self.slice_distances(features), QUANTILE)) if len(features) else float("inf")

@@ -55,6 +55,9 @@ class OnnxNetwork:
             kernel = _load_kernel(folder, card)
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # No busy-waiting between runs: on a small CPU the spinning threads took the cores that decoding
+        # and the host side need while the model waits for its next batch.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             session = ort.InferenceSession(str(folder / str(card.weights)), options, providers=providers())
         except Exception as exc:
