@@ -15,15 +15,19 @@ thickness (partial volume); noise is correlated as after a soft reconstruction k
 darkened next to the skull (beam hardening); some slices are motion-blurred.
 
 Lesions are placed by anatomy, with a mask each: epidural (a lens under the inner table, limited in
-extent as sutures limit it), subdural (a crescent along the convexity; acute, subacute or chronic
-density), subarachnoid (blood mixed into the CSF of sulci near one region of the surface, or of the
+extent as sutures limit it), subdural (a crescent along the convexity, or a band beside the falx or on the tentorium; acute,
+subacute or chronic density), subarachnoid (blood mixed into the CSF of sulci near one region of the surface, or of the
 basal cisterns), intraventricular (layering in the dependent part of the ventricles) and
 intraparenchymal (lobar or deep, with a low-density oedema rim).
 
-Not modelled (yet): mass effect (blood replaces tissue, nothing is pushed aside), subdurals along the
-falx or tentorium, the tentorium itself, the inner ear and fine skull-base foramina (the skull-base
+The falx and the tentorium (a tent from the incisura to the torcula, sloping to the transverse sinuses)
+show where CSF lies around them. A quarter of subjects are scanned with the gantry tilted 10-25
+degrees, so their slices cut the head obliquely.
+
+Not modelled (yet): mass effect (blood replaces tissue, nothing is pushed aside), the inner ear and fine skull-base foramina (the skull-base
 shapes are smooth ellipsoids and tubes, the air-cell septa a regular grid), the lens, extra-ocular
-muscles, teeth, vessels, metal streaks, gantry-tilted slices, bone-kernel reconstructions.
+muscles, teeth, vessels, metal streaks, bone-kernel reconstructions; a tilted gantry is modelled by
+what the slices show, not by the sheared slice positions a tilted scanner writes.
 """
 
 from __future__ import annotations
@@ -114,6 +118,10 @@ class Subject:
     calcified: tuple[bool, bool, bool]  # pineal, left and right choroid plexus
 
 
+GANTRY_TILT_SHARE = 0.25  # of subjects scanned with the gantry tilted (the GE head in realdata: 18.5 degrees)
+GANTRY_TILT_DEG = (10.0, 25.0)
+
+
 def draw_subject(rng: np.random.Generator) -> Subject:
     hu = {
         "gm": rng.uniform(35, 45), "wm": rng.uniform(20, 30), "csf": rng.uniform(0, 15),
@@ -123,12 +131,22 @@ def draw_subject(rng: np.random.Generator) -> Subject:
     }
     atrophy = float(rng.beta(1.3, 3.0))
     return Subject(
-        scale=rng.uniform(0.9, 1.1) * rng.uniform(0.96, 1.04, 3), angles=np.radians(rng.normal(0, [8, 4, 3])),
+        scale=rng.uniform(0.9, 1.1) * rng.uniform(0.96, 1.04, 3), angles=np.radians(rng.normal(0, [8, 4, 3]))
+        + _gantry_tilt(rng),
         shift_mm=rng.normal(0, [4, 8, 6]), atrophy=atrophy, extra_axial_mm=rng.uniform(0.8, 2.0) + 3.0 * atrophy,
         skull_mm=rng.uniform(4.5, 8.5), scalp_mm=rng.uniform(4.0, 8.0), hu=hu, noise_hu=rng.uniform(2.5, 6.0),
         kernel_px=rng.uniform(0.6, 1.2), beam_hardening_hu=rng.uniform(3.0, 12.0),
         calcified=(bool(rng.random() < 0.6), bool(rng.random() < 0.5), bool(rng.random() < 0.5)),
     )
+
+
+def _gantry_tilt(rng: np.random.Generator) -> np.ndarray:
+    """Extra pitch (radians) for the subjects scanned with a tilted gantry: slices cut the head obliquely,
+    from the orbits to the occiput. Drawn from a child stream, so every other draw of a seed is unchanged."""
+    child = rng.spawn(1)[0]
+    if child.random() >= GANTRY_TILT_SHARE:
+        return np.zeros(3)
+    return np.radians([child.choice([-1, 1]) * child.uniform(*GANTRY_TILT_DEG), 0.0, 0.0])
 
 
 def anatomy_phantom(rng: np.random.Generator, n_slices: int = 24, size: int = 256, subtypes: tuple[str, ...] = (),
@@ -268,11 +286,39 @@ def _epidural(rng: np.random.Generator, t: Template, r: Region) -> Lesion:
     return mask, np.full(mask.shape, rng.uniform(55, 90)), np.zeros_like(mask)
 
 
+SUBDURAL_SITES = {"convexity": 0.7, "falx": 0.15, "tentorium": 0.15}
+
+
 def _subdural(rng: np.random.Generator, t: Template, r: Region) -> Lesion:
-    mask = _convexity(rng, r, (3, 12), (45, 80), lens=False)
+    site = str(rng.choice(list(SUBDURAL_SITES), p=list(SUBDURAL_SITES.values())))
+    if site == "falx":
+        mask = _along_falx(rng, t, r)
+    elif site == "tentorium":
+        mask = _along_tentorium(rng, t, r)
+    else:
+        mask = _convexity(rng, r, (3, 12), (45, 80), lens=False)
     age = rng.choice(["acute", "subacute", "chronic"], p=[0.7, 0.15, 0.15])
     value = {"acute": (50, 80), "subacute": (30, 45), "chronic": (5, 25)}[str(age)]
     return mask, np.full(mask.shape, rng.uniform(*value)), np.zeros_like(mask)
+
+
+def _along_falx(rng: np.random.Generator, t: Template, r: Region) -> np.ndarray:
+    """A band of blood beside the falx, in the interhemispheric fissure, over part of its length."""
+    x, y, z = t.mni(r.coords)
+    side = rng.choice([-1, 1])
+    width = rng.uniform(2.0, 5.0)
+    centre, half = rng.uniform(-60, 30), rng.uniform(20, 45)
+    beside = (side * x > FALX_HALF_MM) & (side * x <= FALX_HALF_MM + width)
+    return r.intracranial & beside & (np.abs(y - centre) < half) & (z > rng.uniform(5, 25))
+
+
+def _along_tentorium(rng: np.random.Generator, t: Template, r: Region) -> np.ndarray:
+    """A layer of blood on the upper or lower surface of the tentorium, on one side."""
+    x, y, z = t.mni(r.coords)
+    above = tentorium_height(x, y)
+    side, width = rng.choice([-1, 1]), rng.uniform(2.0, 5.0)
+    layer = (z - above >= 0) & (z - above <= width) if rng.random() < 0.6 else (above - z >= 0) & (above - z <= width)
+    return r.intracranial & layer & (side * x > 3) & _under_tentorium(x, y)
 
 
 def _subarachnoid(rng: np.random.Generator, t: Template, r: Region) -> Lesion:
@@ -319,11 +365,28 @@ LESIONS = {"epidural": _epidural, "subdural": _subdural, "subarachnoid": _subara
            "intraventricular": _intraventricular, "intraparenchymal": _intraparenchymal}
 
 
+FALX_HALF_MM = 0.8
+
+
+def tentorium_height(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """MNI z (mm) of the tentorium over MNI (x, y): a tent whose ridge (the straight sinus) falls from the
+    incisura (y -45, z 8) to the torcula (y -95, z -17), sloping down to each side towards the
+    transverse sinuses and petrous ridges."""
+    return 8.0 + 0.5 * np.minimum(y + 45.0, 0.0) - 0.45 * np.abs(x)
+
+
+def _under_tentorium(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Where the tentorium spans: behind the petrous ridges, with the incisura left open around the midbrain."""
+    return (y < -30) & (y > -105) & (np.abs(x) < 60) & ((y < -50) | (np.abs(x) > 14))
+
+
 def _falx_and_calcifications(t: Template, s: Subject, coords: np.ndarray, hu: np.ndarray, csf: np.ndarray) -> None:
+    """The dura that shows on CT (falx and tentorium, where CSF lies around them) and calcified spots."""
     h = s.hu
-    mid_col = t.voxel((0.0, 0.0, 0.0))[2]
-    falx = (np.abs(coords[2] - mid_col) < 0.8) & (csf > 0.5) & (coords[0] > t.voxel((0.0, 0.0, 5.0))[0])
-    hu[falx] = h["falx"]
+    x, y, z = t.mni(coords)
+    falx = (np.abs(x) < FALX_HALF_MM) & (csf > 0.5) & (z > 5.0)
+    tentorium = (np.abs(z - tentorium_height(x, y)) < FALX_HALF_MM) & (csf > 0.5) & _under_tentorium(x, y)
+    hu[falx | tentorium] = h["falx"]
     spots = [(PINEAL_MNI, 2.5)] + [(a, 3.0) for a in ATRIA_MNI]
     for (mni, radius), present in zip(spots, s.calcified):
         if present:

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ichbatch.anatomy import TEMPLATE, anatomy_phantom, draw_subject, load_template
+from ichbatch import anatomy
+from ichbatch.anatomy import (GANTRY_TILT_DEG, GANTRY_TILT_SHARE, TEMPLATE, anatomy_phantom, draw_subject, load_template,
+                              tentorium_height)
 from ichbatch.synth import synth_studies
 
 SIZE, SLICES = 128, 16
@@ -102,6 +104,59 @@ def test_extra_axial_blood_lies_against_the_inner_table(kind):
     # Never in the skull itself. A masked pixel is blood in at least 2 of its 3 sub-planes, so bone in the
     # third can lift its average to about 700 HU where the skull runs across the slice, never above 1000.
     assert not (mask & (plain.hu > 1000)).any()
+
+
+@pytest.mark.parametrize("site", ["falx", "tentorium"])
+def test_subdurals_beside_the_falx_and_on_the_tentorium(site, monkeypatch):
+    monkeypatch.setattr(anatomy, "SUBDURAL_SITES", {site: 1.0})
+    subject = replace(draw_subject(np.random.default_rng(1021)), noise_hu=0.5, angles=np.zeros(3),
+                      shift_mm=np.zeros(3))
+    plain = anatomy_phantom(np.random.default_rng(21), 24, SIZE, subject=subject)
+    bled = anatomy_phantom(np.random.default_rng(21), 24, SIZE, ("subdural",), subject=subject)
+    mask = bled.masks["subdural"]
+    assert mask.sum() > 10 and np.median(bled.hu[mask]) > np.median(plain.hu[mask]) + 5
+    levels, rows, cols = np.nonzero(mask)
+    mm = SIZE / 2 - 0.5, bled.spacing_mm
+    if site == "falx":  # a narrow band beside the midline, long from front to back, above the ventricles
+        assert np.all(np.abs(cols - mm[0]) * mm[1] < 12) and (rows.max() - rows.min()) * mm[1] > 25
+        assert levels.min() >= 24 // 2
+    else:  # behind the midbrain and low in the head, sloping: further out to the side, lower down
+        assert np.median(rows) > mm[0] and levels.max() < 24 * 0.6
+        off = np.abs(cols - mm[0])
+        assert np.corrcoef(levels, off)[0, 1] < -0.2
+
+
+def test_the_tentorium_shows_where_csf_lies_against_it_and_leaves_the_incisura_open():
+    t = load_template()
+    subject = replace(draw_subject(np.random.default_rng(1)), angles=np.zeros(3))
+    points = [(30.0, -70.0, float(tentorium_height(np.float64(30), np.float64(-70)))),  # on the tent
+              (30.0, -70.0, float(tentorium_height(np.float64(30), np.float64(-70))) + 5),  # above it
+              (8.0, -40.0, float(tentorium_height(np.float64(8), np.float64(-40))))]  # the incisura
+    coords = np.stack([t.voxel(p) for p in points], axis=1).astype(np.float64)
+    hu = np.zeros(3)
+    anatomy._falx_and_calcifications(t, replace(subject, calcified=(False, False, False)), coords, hu, np.ones(3))
+    assert hu.tolist() == [subject.hu["falx"], 0.0, 0.0]
+    assert tentorium_height(np.float64(0), np.float64(-95)) < tentorium_height(np.float64(0), np.float64(-50))
+    assert tentorium_height(np.float64(40), np.float64(-60)) < tentorium_height(np.float64(0), np.float64(-60))
+
+
+def test_a_share_of_subjects_is_scanned_with_the_gantry_tilted_and_other_draws_stay_the_same(monkeypatch):
+    def pitches() -> np.ndarray:
+        return np.degrees([abs(draw_subject(np.random.default_rng(seed)).angles[0]) for seed in range(400)])
+
+    def draw(seed: int):
+        rng = np.random.default_rng(seed)
+        return draw_subject(rng), rng.random()
+
+    tilt, steep = pitches(), 15.0
+    tilted_seed = int(np.argmax(tilt))
+    with_tilt, after = draw(tilted_seed)
+    monkeypatch.setattr(anatomy, "GANTRY_TILT_SHARE", 0.0)
+    level = pitches()  # positioning alone: pitch SD 8 degrees
+    assert (tilt > steep).mean() - (level > steep).mean() > 0.4 * GANTRY_TILT_SHARE and tilt.max() > GANTRY_TILT_DEG[1]
+    without, after_without = draw(tilted_seed)
+    assert after == after_without and with_tilt.hu == without.hu and with_tilt.skull_mm == without.skull_mm
+    assert with_tilt.angles[0] != without.angles[0] and with_tilt.angles[1] == without.angles[1]
 
 
 def test_subarachnoid_blood_fills_csf_spaces():
