@@ -15,19 +15,22 @@ thickness (partial volume); noise is correlated as after a soft reconstruction k
 darkened next to the skull (beam hardening); some slices are motion-blurred.
 
 Lesions are placed by anatomy, with a mask each: epidural (a lens under the inner table, limited in
-extent as sutures limit it), subdural (a crescent along the convexity, or a band beside the falx or on the tentorium; acute,
-subacute or chronic density), subarachnoid (blood mixed into the CSF of sulci near one region of the surface, or of the
-basal cisterns), intraventricular (layering in the dependent part of the ventricles) and
-intraparenchymal (lobar or deep, with a low-density oedema rim).
+extent as sutures limit it), subdural (a crescent along the convexity, or a band beside the falx or on
+the tentorium; acute, subacute or chronic density), subarachnoid (blood mixed into the CSF of sulci
+near one region of the surface, or of the basal cisterns), intraventricular (layering in the dependent
+part of the ventricles) and intraparenchymal (lobar or deep, with a low-density oedema rim and mass
+effect: the brain around it is pushed aside, filling the sulci and ventricles next to it and shifting
+the falx and pineal).
 
 The falx and the tentorium (a tent from the incisura to the torcula, sloping to the transverse sinuses)
 show where CSF lies around them. A quarter of subjects are scanned with the gantry tilted 10-25
 degrees, so their slices cut the head obliquely.
 
-Not modelled (yet): mass effect (blood replaces tissue, nothing is pushed aside), the inner ear and fine skull-base foramina (the skull-base
-shapes are smooth ellipsoids and tubes, the air-cell septa a regular grid), the lens, extra-ocular
-muscles, teeth, vessels, metal streaks, bone-kernel reconstructions; a tilted gantry is modelled by
-what the slices show, not by the sheared slice positions a tilted scanner writes.
+Not modelled (yet): mass effect of extra-axial bleeds (there blood replaces what was there), the inner
+ear and fine skull-base foramina (the skull-base shapes are smooth ellipsoids and tubes, the air-cell
+septa a regular grid), the lens, extra-ocular muscles, teeth, vessels, metal streaks, bone-kernel
+reconstructions; a tilted gantry is modelled by what the slices show, not by the sheared slice
+positions a tilted scanner writes.
 """
 
 from __future__ import annotations
@@ -203,10 +206,14 @@ def _ct_numbers(rng: np.random.Generator, t: Template, s: Subject, coords: np.nd
                 subtypes: tuple[str, ...]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     from scipy import ndimage
 
-    def sample(volume: np.ndarray, fill: float) -> np.ndarray:
-        return ndimage.map_coordinates(volume, coords, order=1, mode="constant", cval=fill)
+    def sample(volume: np.ndarray, fill: float, at: np.ndarray = coords) -> np.ndarray:
+        return ndimage.map_coordinates(volume, at, order=1, mode="constant", cval=fill)
 
-    gm, wm = sample(t.gm, 0.0), sample(t.wm, 0.0)
+    # A haematoma pushes the brain around it aside: tissue is read where it was before it moved. The
+    # skull and what lies outside it stay, so pushed tissue fills the sulci and CSF next to it.
+    mass = _mass(rng, t) if "intraparenchymal" in subtypes else None
+    moved = coords if mass is None else mass.displace(coords)
+    gm, wm = sample(t.gm, 0.0, moved), sample(t.wm, 0.0, moved)
     outside, inside = sample(t.outside_mm, float(PAD_MM)), sample(t.inside_mm, 0.0)
     # Atrophy: tissue thins at its edges, so sulci and ventricles widen.
     shrink = 0.35 * s.atrophy
@@ -219,9 +226,9 @@ def _ct_numbers(rng: np.random.Generator, t: Template, s: Subject, coords: np.nd
     hu = np.where(intracranial, gm * h["gm"] + wm * h["wm"] + csf * h["csf"], -1000.0)
     # Beam hardening: the brain next to the skull reads a little low.
     hu -= np.where(intracranial, s.beam_hardening_hu * np.exp(-(inside + s.extra_axial_mm - outside) / 6.0), 0.0)
-    _falx_and_calcifications(t, s, coords, hu, csf)
+    _falx_and_calcifications(t, s, moved, hu, csf)  # moved: a midline shift takes the falx and pineal along
     depth = inside + s.extra_axial_mm - outside  # mm in from the inner table of the skull
-    region = Region(coords, gm, wm, csf, inside, depth, intracranial)
+    region = Region(coords, gm, wm, csf, inside, depth, intracranial, mass)
     lesions = {kind: LESIONS[kind](rng, t, region) for kind in subtypes}
     for kind in subtypes:  # densities drawn per lesion; blood replaces what was there
         mask, value, rim = lesions[kind]
@@ -240,6 +247,35 @@ def _ct_numbers(rng: np.random.Generator, t: Template, s: Subject, coords: np.nd
 
 
 @dataclass(frozen=True)
+class Mass:
+    """An intraparenchymal haematoma: an ellipsoid, and how much of its volume pushed tissue aside."""
+
+    centre: np.ndarray  # template voxel (z, row, col)
+    axes: np.ndarray  # semi-axes, mm
+    push: float  # 0: the blood replaced the tissue; 1: all of the tissue it took up was pushed outwards
+
+    def radius(self, coords: np.ndarray) -> np.ndarray:
+        """Radius in units of the ellipsoid: 1 on its surface."""
+        return np.sqrt(np.sum(((coords - self.centre[:, None]) / self.axes[:, None]) ** 2, axis=0))
+
+    def displace(self, coords: np.ndarray) -> np.ndarray:
+        """Where the tissue now at coords was before: a shell at radius r came from radius (r^3 - push)^(1/3),
+        so the volume the blood pushed aside is kept, and the push fades as 1/r^2 with distance."""
+        r = np.maximum(self.radius(coords), 1e-6)
+        factor = np.where(r > 1, np.cbrt(np.maximum(r**3 - self.push, 0.0)) / r, 1.0)
+        return self.centre[:, None] + (coords - self.centre[:, None]) * factor
+
+
+def _mass(rng: np.random.Generator, t: Template) -> Mass:
+    if rng.random() < 0.5:  # deep: basal ganglia and thalamus
+        centre = t.voxel((rng.choice([-1, 1]) * rng.uniform(15, 28), rng.uniform(-25, 10), rng.uniform(-2, 12)))
+    else:  # lobar: under the cortex
+        surface = _pick(rng, _surface_points())
+        centre = surface + (t.center - surface) * rng.uniform(0.12, 0.25)
+    return Mass(centre, rng.uniform(3, 16) * rng.uniform(0.6, 1.4, 3), float(rng.uniform(0.3, 0.9)))
+
+
+@dataclass(frozen=True)
 class Region:
     """What lesions are placed by, per output sample."""
 
@@ -250,6 +286,7 @@ class Region:
     inside: np.ndarray  # depth inside the brain mask
     depth: np.ndarray  # depth from the inner table
     intracranial: np.ndarray
+    mass: Mass | None = None  # the intraparenchymal haematoma, drawn before the tissue was read
 
     def distance(self, centre: np.ndarray) -> np.ndarray:
         return np.sqrt(np.sum((self.coords - centre[:, None]) ** 2, axis=0))
@@ -348,14 +385,8 @@ def _intraventricular(rng: np.random.Generator, t: Template, r: Region) -> Lesio
 
 
 def _intraparenchymal(rng: np.random.Generator, t: Template, r: Region) -> Lesion:
-    if rng.random() < 0.5:  # deep: basal ganglia and thalamus
-        centre = t.voxel((rng.choice([-1, 1]) * rng.uniform(15, 28), rng.uniform(-25, 10), rng.uniform(-2, 12)))
-    else:  # lobar: under the cortex
-        surface = _pick(rng, _surface_points())
-        centre = surface + (t.center - surface) * rng.uniform(0.12, 0.25)
-    axes = rng.uniform(3, 16) * rng.uniform(0.6, 1.4, 3)
-    rel = (r.coords - centre[:, None]) / axes[:, None]
-    shape = np.sqrt(np.sum(rel**2, axis=0))
+    assert r.mass is not None, "the haematoma is drawn before the tissue is read"
+    shape = r.mass.radius(r.coords)
     mask = (shape <= 1) & r.intracranial & (r.inside > 1)
     rim = (shape > 1) & (shape <= 1 + rng.uniform(0.15, 0.5)) & r.intracranial & (r.inside > 1)
     return mask, np.full(mask.shape, rng.uniform(55, 85)), rim

@@ -94,6 +94,34 @@ def test_intraparenchymal_blood_replaces_brain_tissue():
     assert 15 < np.median(plain.hu[mask]) < 48 and np.median(bled.hu[mask]) > 52
 
 
+def test_a_haematoma_pushes_tissue_aside_keeping_its_volume_and_less_so_further_away():
+    mass = anatomy.Mass(np.zeros(3), np.array([4.0, 8.0, 8.0]), push=0.6)
+    points = np.array([[2.0, 0.0, 0.0], [0.0, 16.0, 0.0], [0.0, 80.0, 0.0]]).T  # r = 0.5, 2 and 10
+    came_from = mass.displace(points)
+    assert np.allclose(came_from[:, 0], points[:, 0])  # inside: blood, nothing moves
+    assert np.isclose(mass.radius(came_from[:, 1:2])[0], np.cbrt(2.0**3 - 0.6))  # the shell's volume is kept
+    assert 0 < 80.0 - came_from[1, 2] < 0.02 * 8  # far away the push has faded
+
+
+@pytest.mark.parametrize("seed", [7, 8])
+def test_the_brain_around_an_intraparenchymal_haematoma_is_displaced(seed, monkeypatch):
+    subject = replace(draw_subject(np.random.default_rng(seed + 1000)), noise_hu=0.5)
+    drawn = anatomy._mass
+    out = {}
+    for push in (0.0, 0.9):  # the same haematoma, replacing tissue or pushing it aside
+        monkeypatch.setattr(anatomy, "_mass", lambda rng, t, p=push: replace(drawn(rng, t), push=p))
+        out[push] = anatomy_phantom(np.random.default_rng(seed), SLICES, SIZE, ("intraparenchymal",), subject=subject)
+    mask = out[0.9].masks["intraparenchymal"]
+    assert np.array_equal(mask, out[0.0].masks["intraparenchymal"])
+    ring = ndimage.binary_dilation(mask, iterations=6) & ~ndimage.binary_dilation(mask, iterations=2)
+    far = ~ndimage.binary_dilation(mask, iterations=25)
+    replaced, pushed = out[0.0].hu, out[0.9].hu
+    brain = (replaced > -5) & (replaced < 60)
+    change = np.abs(pushed - replaced)
+    assert change[ring & brain].mean() > 3 * change[far & brain].mean()
+    assert (pushed[ring & brain] < 15).mean() <= (replaced[ring & brain] < 15).mean()  # CSF next to it is effaced
+
+
 @pytest.mark.parametrize("kind", ["epidural", "subdural"])
 def test_extra_axial_blood_lies_against_the_inner_table(kind):
     plain, bled = pair(8, kind)
