@@ -23,12 +23,14 @@ effect: the brain around it is pushed aside, filling the sulci and ventricles ne
 the falx and pineal).
 
 The falx and the tentorium (a tent from the incisura to the torcula, sloping to the transverse sinuses)
-show where CSF lies around them. A quarter of subjects are scanned with the gantry tilted 10-25
+show where CSF lies around them. Normal blood that is not a bleed: arteries in the basal cisterns and
+sylvian fissures, the superior sagittal and transverse sinuses (40-65 HU), and calcified carotid
+siphons (commoner with atrophy). A quarter of subjects are scanned with the gantry tilted 10-25
 degrees, so their slices cut the head obliquely.
 
 Not modelled (yet): mass effect of extra-axial bleeds (there blood replaces what was there), the inner
 ear and fine skull-base foramina (the skull-base shapes are smooth ellipsoids and tubes, the air-cell
-septa a regular grid), the lens, extra-ocular muscles, teeth, vessels, metal streaks, bone-kernel
+septa a regular grid), the lens, extra-ocular muscles, teeth, cortical veins, metal streaks, bone-kernel
 reconstructions; a tilted gantry is modelled by what the slices show, not by the sheared slice
 positions a tilted scanner writes.
 """
@@ -228,6 +230,8 @@ def _ct_numbers(rng: np.random.Generator, t: Template, s: Subject, coords: np.nd
     hu -= np.where(intracranial, s.beam_hardening_hu * np.exp(-(inside + s.extra_axial_mm - outside) / 6.0), 0.0)
     _falx_and_calcifications(t, s, moved, hu, csf)  # moved: a midline shift takes the falx and pineal along
     depth = inside + s.extra_axial_mm - outside  # mm in from the inner table of the skull
+    vessels = rng.spawn(1)[0]  # a stream of their own: every other draw of a seed stays as it was
+    _vessels(vessels, t, s, coords, moved, hu, csf, depth, intracranial)
     region = Region(coords, gm, wm, csf, inside, depth, intracranial, mass)
     lesions = {kind: LESIONS[kind](rng, t, region) for kind in subtypes}
     for kind in subtypes:  # densities drawn per lesion; blood replaces what was there
@@ -243,7 +247,9 @@ def _ct_numbers(rng: np.random.Generator, t: Template, s: Subject, coords: np.nd
     scalp = (d > skull) & (d <= skull + s.scalp_mm)
     fat = scalp & (np.abs(d - skull - 0.4 * s.scalp_mm) < 0.12 * s.scalp_mm)  # subcutaneous fat, thin
     hu = np.where(fat, h["fat"], np.where(scalp, h["scalp"], hu))
-    return _skull_base(rng, s, coords, hu, bone, d > skull, intracranial), {k: v[0] for k, v in lesions.items()}
+    hu = _skull_base(rng, s, coords, hu, bone, d > skull, intracranial)
+    _siphons(vessels, t, s, coords, hu)
+    return hu, {k: v[0] for k, v in lesions.items()}
 
 
 @dataclass(frozen=True)
@@ -424,6 +430,45 @@ def _falx_and_calcifications(t: Template, s: Subject, coords: np.ndarray, hu: np
             centre = t.voxel(mni)
             near = np.sum((coords - centre[:, None]) ** 2, axis=0) < radius**2
             hu[near] = h["calcification"]
+
+
+# Arteries in the basal cisterns and fissures (MNI mm, approximate): basilar, internal carotid termini
+# to the middle cerebral arteries in the sylvian fissures, anterior cerebral arteries, posterior
+# cerebral arteries around the midbrain. Drawn only where CSF lies, as arteries run through it.
+ARTERIES = [((0.0, -18.0, -40.0), (0.0, -12.0, -12.0))] + [
+    segment for sx in (-1.0, 1.0) for segment in (
+        ((sx * 14, 0.0, -14.0), (sx * 42, 4.0, -6.0)),
+        ((sx * 12, 2.0, -12.0), (0.0, 14.0, -8.0)),
+        ((0.0, -12.0, -12.0), (sx * 24, -38.0, -4.0)))] + [((0.0, 14.0, -8.0), (0.0, 38.0, 12.0))]
+
+
+def _vessels(rng: np.random.Generator, t: Template, s: Subject, coords: np.ndarray, moved: np.ndarray,
+             hu: np.ndarray, csf: np.ndarray, depth: np.ndarray, intracranial: np.ndarray) -> None:
+    """Normal blood that is not a bleed: arteries in the cisterns and the dural venous sinuses (superior
+    sagittal and transverse), which read 40-65 HU on a plain CT and are classic mimics of a bleed."""
+    x, y, z = t.mni(moved)
+    radius = rng.uniform(1.0, 1.8)
+    near = np.min([_segment(x, y, z, a, b) for a, b in ARTERIES], axis=0) < radius
+    hu[near & (csf > 0.3) & intracranial] = rng.uniform(40, 55)
+    x, y, z = t.mni(coords)  # the sinuses lie in the dura against the skull: they do not move with the brain
+    sagittal = (np.abs(x) < rng.uniform(2.5, 4.0)) & (z > -5) & (y > -100) & (depth < rng.uniform(3, 5))
+    transverse = (y < -70) & (np.abs(x) > 12) & (np.abs(z - tentorium_height(x, y)) < 3.5) & (depth < 5)
+    hu[(sagittal | transverse) & intracranial & (depth >= 0)] = rng.uniform(45, 65)
+
+
+def _siphons(rng: np.random.Generator, t: Template, s: Subject, coords: np.ndarray, hu: np.ndarray) -> None:
+    """Calcified walls of the carotid siphons beside the sella, commoner with age (atrophy stands for it)."""
+    if rng.random() > 0.15 + 0.6 * s.atrophy:
+        return
+    z_of = t.mni_z(coords[0])
+    (index,) = np.nonzero((z_of > -40) & (z_of < -10))
+    x, y, z = t.mni(coords[:, index])
+    value, wall = rng.uniform(150, 600), rng.uniform(1.5, 2.5)
+    for sx in (-1.0, 1.0):
+        if rng.random() < 0.8:
+            d = _segment(x, y, z, (sx * 16, -2.0, -32.0), (sx * 15, 6.0, -20.0))
+            patchy = np.sin(z * rng.uniform(0.6, 1.2) + rng.uniform(0, 6)) > 0.2  # plaques, not a full ring
+            hu[index[(d < wall) & (d > wall - 0.9) & patchy]] = value
 
 
 def _surroundings(rng: np.random.Generator, hu: np.ndarray, s: Subject, size: int, spacing: float) -> None:

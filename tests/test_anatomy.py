@@ -168,6 +168,25 @@ def test_the_tentorium_shows_where_csf_lies_against_it_and_leaves_the_incisura_o
     assert tentorium_height(np.float64(40), np.float64(-60)) < tentorium_height(np.float64(0), np.float64(-60))
 
 
+def test_arteries_sinuses_and_calcified_siphons_are_dense_but_not_labelled_blood(monkeypatch):
+    subject = replace(draw_subject(np.random.default_rng(1021)), noise_hu=0.5, angles=np.zeros(3), atrophy=0.8)
+    with_vessels = anatomy_phantom(np.random.default_rng(21), 24, SIZE, ("subarachnoid",), subject=subject)
+    monkeypatch.setattr(anatomy, "_vessels", lambda *args: None)
+    monkeypatch.setattr(anatomy, "_siphons", lambda *args: None)
+    without = anatomy_phantom(np.random.default_rng(21), 24, SIZE, ("subarachnoid",), subject=subject)
+    assert np.array_equal(with_vessels.masks["subarachnoid"], without.masks["subarachnoid"])
+    changed = with_vessels.hu != without.hu
+    base, top = changed[:12], changed[12:]
+    # arteries in the basal cisterns: CSF before, blood-dense after
+    arteries = base & (without.hu[:12] < 25) & (with_vessels.hu[:12] > 35) & (with_vessels.hu[:12] < 70)
+    assert arteries.sum() > 5
+    assert (with_vessels.hu[:12][base] > 150).sum() > 3  # calcified siphon walls
+    # the superior sagittal sinus: near the midline of the upper slices
+    rows, cols = np.nonzero(top.any(axis=0))
+    assert top.sum() > 20 and np.median(np.abs(cols - (SIZE - 1) / 2)) < 10
+    assert not (changed & with_vessels.masks["subarachnoid"]).any()  # never where the truth says blood
+
+
 def test_a_share_of_subjects_is_scanned_with_the_gantry_tilted_and_other_draws_stay_the_same(monkeypatch):
     def pitches() -> np.ndarray:
         return np.degrees([abs(draw_subject(np.random.default_rng(seed)).angles[0]) for seed in range(400)])
