@@ -25,12 +25,13 @@ the falx and pineal).
 The falx and the tentorium (a tent from the incisura to the torcula, sloping to the transverse sinuses)
 show where CSF lies around them. Normal blood that is not a bleed: arteries in the basal cisterns and
 sylvian fissures, the superior sagittal and transverse sinuses (40-65 HU), and calcified carotid
-siphons (commoner with atrophy). A quarter of subjects are scanned with the gantry tilted 10-25
+siphons (commoner with atrophy). In 8% of subjects, metal (dental work low in the face, or a clip
+near the skull base) with its bright and dark streaks. A quarter of subjects are scanned with the gantry tilted 10-25
 degrees, so their slices cut the head obliquely.
 
 Not modelled (yet): mass effect of extra-axial bleeds (there blood replaces what was there), the inner
 ear and fine skull-base foramina (the skull-base shapes are smooth ellipsoids and tubes, the air-cell
-septa a regular grid), the lens, extra-ocular muscles, teeth, cortical veins, metal streaks, bone-kernel
+septa a regular grid), the lens, extra-ocular muscles, teeth, cortical veins, bone-kernel
 reconstructions; a tilted gantry is modelled by what the slices show, not by the sheared slice
 positions a tilted scanner writes.
 """
@@ -169,6 +170,7 @@ def anatomy_phantom(rng: np.random.Generator, n_slices: int = 24, size: int = 25
     # A slice shows a bleed where at least half of its thickness holds blood (partial volume).
     masks = {kind: m.reshape(n_slices, sub_planes, size, size).mean(axis=1) >= 0.5 for kind, m in lesions.items()}
     _surroundings(rng, hu, s, size, spacing)
+    _metal(rng.spawn(1)[0], hu, spacing)  # a stream of its own: every other draw of a seed stays as it was
     hu = _noise(rng, hu, s)
     _motion(rng, hu)
     return Phantom(hu=hu.astype(np.float32), masks={k: m for k, m in masks.items() if m.any()}, spacing_mm=spacing,
@@ -491,6 +493,40 @@ def _surroundings(rng: np.random.Generator, hu: np.ndarray, s: Subject, size: in
         sl = hu[k]
         sl[cradle & air[k]] = s.hu["headrest"]
         sl[couch] = s.hu["couch"]
+
+
+METAL_SHARE = 0.08  # of subjects with metal in the head: dental fillings or an aneurysm clip
+
+
+def _metal(rng: np.random.Generator, hu: np.ndarray, spacing: float) -> None:
+    """Metal and its streaks: bright and dark lines through the metal that fade with distance, as
+    filtered back-projection draws them. Dental work low in the face (our lowest slices reach the maxilla,
+    not the teeth), or a clip near the skull base."""
+    if rng.random() >= METAL_SHARE:
+        return
+    n, size = hu.shape[0], hu.shape[1]
+    dental = rng.random() < 0.5
+    levels = [0, 1] if dental else [int(rng.integers(n // 5, n // 2))]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    for k in levels:
+        rows, cols = np.nonzero(hu[k] > -500)
+        if not len(rows):
+            continue
+        top, height, mid = rows.min(), np.ptp(rows), cols.mean()
+        place = (0.12, 0.2) if dental else (0.3, 0.5)  # rows grow towards posterior: dental work in front
+        for _ in range(int(rng.integers(1, 4)) if dental else 1):
+            r0 = top + rng.uniform(*place) * height
+            c0 = mid + rng.uniform(-0.25, 0.25) * height
+            d = np.hypot(yy - r0, xx - c0)
+            angle = np.arctan2(yy - r0, xx - c0)
+            streaks = np.zeros_like(d)
+            for theta in rng.uniform(0, np.pi, int(rng.integers(6, 14))):
+                off = np.abs((angle - theta + np.pi / 2) % np.pi - np.pi / 2) * d  # distance from the line, px
+                sign = rng.choice([-1.0, 1.0], p=[0.6, 0.4])
+                streaks += sign * rng.uniform(150, 600) * np.exp(-((off / rng.uniform(0.7, 1.6)) ** 2))
+            fade = np.exp(-d * spacing / rng.uniform(40, 100))
+            hu[k] += streaks * fade * (d * spacing > 2)
+            hu[k][d * spacing <= rng.uniform(1.5, 3.0)] = 3000.0
 
 
 def _noise(rng: np.random.Generator, hu: np.ndarray, s: Subject) -> np.ndarray:

@@ -187,6 +187,22 @@ def test_arteries_sinuses_and_calcified_siphons_are_dense_but_not_labelled_blood
     assert not (changed & with_vessels.masks["subarachnoid"]).any()  # never where the truth says blood
 
 
+@pytest.mark.parametrize("seed", [1, 2])
+def test_metal_draws_bright_and_dark_streaks_on_its_own_slices_only(seed, monkeypatch):
+    monkeypatch.setattr(anatomy, "METAL_SHARE", 1.0)
+    metal = anatomy_phantom(np.random.default_rng(seed), SLICES, SIZE)
+    monkeypatch.setattr(anatomy, "METAL_SHARE", 0.0)
+    plain = anatomy_phantom(np.random.default_rng(seed), SLICES, SIZE)
+    touched = np.nonzero((metal.hu != plain.hu).any(axis=(1, 2)))[0]
+    assert 1 <= len(touched) <= 2 and touched.max() < SLICES // 2  # low in the head; the rest is unchanged
+    k = touched[0]
+    diff = metal.hu[k] - plain.hu[k]
+    spot = diff >= 0.5 * diff.max()
+    assert diff.max() > 800  # the metal itself (3000 HU, blurred by the kernel at this pixel size)
+    away = ndimage.binary_dilation(spot, iterations=3) == 0
+    assert (diff[away] > 100).sum() > 20 and (diff[away] < -100).sum() > 20  # bright and dark streaks
+
+
 def test_a_share_of_subjects_is_scanned_with_the_gantry_tilted_and_other_draws_stay_the_same(monkeypatch):
     def pitches() -> np.ndarray:
         return np.degrees([abs(draw_subject(np.random.default_rng(seed)).angles[0]) for seed in range(400)])
