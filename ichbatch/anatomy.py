@@ -26,14 +26,14 @@ The falx and the tentorium (a tent from the incisura to the torcula, sloping to 
 show where CSF lies around them. Normal blood that is not a bleed: arteries in the basal cisterns and
 sylvian fissures, the superior sagittal and transverse sinuses (40-65 HU), and calcified carotid
 siphons (commoner with atrophy). In 8% of subjects, metal (dental work low in the face, or a clip
-near the skull base) with its bright and dark streaks. A quarter of subjects are scanned with the gantry tilted 10-25
-degrees, so their slices cut the head obliquely.
+near the skull base) with its bright and dark streaks. One study in ten is a bone-kernel
+reconstruction (sharper edges, finer and stronger noise; its Convolution Kernel says BONE). A quarter
+of subjects are scanned with the gantry tilted 10-25 degrees, so their slices cut the head obliquely.
 
 Not modelled (yet): mass effect of extra-axial bleeds (there blood replaces what was there), the inner
 ear and fine skull-base foramina (the skull-base shapes are smooth ellipsoids and tubes, the air-cell
-septa a regular grid), the lens, extra-ocular muscles, teeth, cortical veins, bone-kernel
-reconstructions; a tilted gantry is modelled by what the slices show, not by the sheared slice
-positions a tilted scanner writes.
+septa a regular grid), the lens, extra-ocular muscles, teeth, cortical veins; a tilted gantry is
+modelled by what the slices show, not by the sheared slice positions a tilted scanner writes.
 """
 
 from __future__ import annotations
@@ -171,10 +171,12 @@ def anatomy_phantom(rng: np.random.Generator, n_slices: int = 24, size: int = 25
     masks = {kind: m.reshape(n_slices, sub_planes, size, size).mean(axis=1) >= 0.5 for kind, m in lesions.items()}
     _surroundings(rng, hu, s, size, spacing)
     _metal(rng.spawn(1)[0], hu, spacing)  # a stream of its own: every other draw of a seed stays as it was
-    hu = _noise(rng, hu, s)
+    bone_kernel = rng.spawn(1)[0]  # a stream of its own: every other draw of a seed stays as it was
+    sharpen = bone_kernel.uniform(0.6, 1.2) if bone_kernel.random() < BONE_KERNEL_SHARE else 0.0
+    hu = _noise(rng, hu, s, sharpen, bone_kernel.uniform(3.0, 5.0))
     _motion(rng, hu)
     return Phantom(hu=hu.astype(np.float32), masks={k: m for k, m in masks.items() if m.any()}, spacing_mm=spacing,
-                   thickness_mm=thickness)
+                   thickness_mm=thickness, kernel="BONE" if sharpen else "STANDARD")
 
 
 def _rotation(angles: np.ndarray) -> np.ndarray:
@@ -529,14 +531,22 @@ def _metal(rng: np.random.Generator, hu: np.ndarray, spacing: float) -> None:
             hu[k][d * spacing <= rng.uniform(1.5, 3.0)] = 3000.0
 
 
-def _noise(rng: np.random.Generator, hu: np.ndarray, s: Subject) -> np.ndarray:
-    """Noise with the texture of a soft reconstruction kernel: white noise smoothed, then scaled."""
+BONE_KERNEL_SHARE = 0.1  # of studies whose only series is a bone-kernel reconstruction
+
+
+def _noise(rng: np.random.Generator, hu: np.ndarray, s: Subject, sharpen: float = 0.0,
+           louder: float = 1.0) -> np.ndarray:
+    """Noise with the texture of a soft reconstruction kernel: white noise smoothed, then scaled. A bone
+    kernel (sharpen > 0) enhances edges and gives finer, `louder` times stronger noise."""
     from scipy import ndimage
 
     white = rng.normal(0, 1, hu.shape).astype(np.float32)
-    textured = ndimage.gaussian_filter(white, sigma=(0, s.kernel_px, s.kernel_px))
-    textured *= s.noise_hu / max(float(textured.std()), 1e-6)
+    grain = s.kernel_px * (0.5 if sharpen else 1.0)
+    textured = ndimage.gaussian_filter(white, sigma=(0, grain, grain))
+    textured *= s.noise_hu * (louder if sharpen else 1.0) / max(float(textured.std()), 1e-6)
     smooth = ndimage.gaussian_filter(hu, sigma=(0, 0.5, 0.5))  # the kernel also blurs edges a little
+    if sharpen:  # unsharp masking: what a bone kernel does to edges
+        smooth = smooth + sharpen * (smooth - ndimage.gaussian_filter(hu, sigma=(0, 1.5, 1.5)))
     return smooth + textured
 
 

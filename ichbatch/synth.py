@@ -48,6 +48,7 @@ class Phantom:
     masks: dict[str, np.ndarray] = field(default_factory=dict)  # subtype -> (n, rows, cols) bool
     spacing_mm: float = 0.9
     thickness_mm: float = 5.0
+    kernel: str = "STANDARD"  # the reconstruction kernel, written as Convolution Kernel
 
     def labels(self) -> dict[str, int]:
         present = {s: int(self.masks.get(s, np.zeros(1, bool)).any()) for s in SUBTYPES}
@@ -329,6 +330,7 @@ def write_series(
             patient_name=patient_name,
             accession=accession,
             intercept=encoding.intercept,
+            kernel=phantom.kernel,
         )
         _encode(ds, encoding.transfer_syntax)
         path = sub / f"{rng.integers(1 << 62):016x}.dcm"

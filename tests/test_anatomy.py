@@ -9,13 +9,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pydicom
 import pytest
 from scipy import ndimage
 
 from ichbatch import anatomy
 from ichbatch.anatomy import (GANTRY_TILT_DEG, GANTRY_TILT_SHARE, TEMPLATE, anatomy_phantom, draw_subject, load_template,
                               tentorium_height)
-from ichbatch.synth import synth_studies
+from ichbatch.synth import synth_studies, write_series
 
 SIZE, SLICES = 128, 16
 
@@ -201,6 +202,23 @@ def test_metal_draws_bright_and_dark_streaks_on_its_own_slices_only(seed, monkey
     assert diff.max() > 800  # the metal itself (3000 HU, blurred by the kernel at this pixel size)
     away = ndimage.binary_dilation(spot, iterations=3) == 0
     assert (diff[away] > 100).sum() > 20 and (diff[away] < -100).sum() > 20  # bright and dark streaks
+
+
+def test_a_bone_kernel_study_has_sharper_edges_and_stronger_noise_and_says_so(monkeypatch, tmp_path):
+    subject = draw_subject(np.random.default_rng(1004))
+    monkeypatch.setattr(anatomy, "BONE_KERNEL_SHARE", 1.0)
+    bone = anatomy_phantom(np.random.default_rng(4), SLICES, SIZE, subject=subject)
+    monkeypatch.setattr(anatomy, "BONE_KERNEL_SHARE", 0.0)
+    soft = anatomy_phantom(np.random.default_rng(4), SLICES, SIZE, subject=subject)
+    assert (bone.kernel, soft.kernel) == ("BONE", "STANDARD")
+    k = SLICES // 2
+    brain = ndimage.binary_erosion((soft.hu[k] > 10) & (soft.hu[k] < 50), iterations=2)
+    assert np.std(bone.hu[k][brain]) > 2 * np.std(soft.hu[k][brain])  # noise
+    edges = [np.abs(np.diff(p.hu[k], axis=1)).max() for p in (bone, soft)]
+    assert edges[0] > edges[1]  # the skull's edge overshoots
+    (path, *_) = write_series(bone, tmp_path, study_uid="1.2.3", series_uid="1.2.3.4", patient_id="P", patient_name="N",
+                              accession="A", rng=np.random.default_rng(0))
+    assert pydicom.dcmread(path, stop_before_pixels=True).ConvolutionKernel == "BONE"
 
 
 def test_a_share_of_subjects_is_scanned_with_the_gantry_tilted_and_other_draws_stay_the_same(monkeypatch):
