@@ -552,8 +552,9 @@ def _delivery_status(db: Path, retry: bool, uids: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--phantom-studies", type=click.IntRange(2, 100000), default=200, show_default=True)
 @click.option("--phantom-slices", type=click.IntRange(8, 400), default=24, show_default=True)
-@click.option("--phantoms", type=click.Choice(["ellipse", "anatomy"]), default="ellipse", show_default=True,
-              help="--source phantoms: which generator (README: Phantoms).")
+@click.option("--phantoms", type=click.Choice(["ellipse", "anatomy"]), default="anatomy", show_default=True,
+              help="--source phantoms: which generator (README: Phantoms); anatomy is what the demo model is "
+                   "trained on, ellipse is quick and for tests.")
 @click.option("--screenshots", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="--source phantoms: this share of slices is seen as screenshots (unknown window, 8 bit, JPEG, "
                    "text, crops, borders); a model trained so accepts plain images (its card says so).")

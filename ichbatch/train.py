@@ -70,7 +70,7 @@ class TrainSettings:
     workers: int = 0  # decoder or generator processes; 0: one per core, at most 8
     cache: Path | None = None  # decoded slices kept here after the first epoch (file sources)
     checkpoints: Path | None = None  # state after every epoch, to resume a long training [default: beside --out]
-    phantoms: str = "ellipse"  # or "anatomy" (ichbatch.anatomy)
+    phantoms: str = "anatomy"  # or "ellipse" (ichbatch.synth: quick, for tests)
     screenshots: float = 0.0  # share of phantom slices seen as 8-bit screenshots (ichbatch.screenshots)
     vertical_flip: bool = False  # off in the recipe: real heads are never upside down
     init_schedule: str = "transfer"  # with init: "transfer" (the two-stage recipe) or "continue" (all layers)

@@ -44,7 +44,7 @@ def test_train_on_phantoms(tmp_path):
     assert result.exit_code == 0, result.output
     _check_bundle(out, ("any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"))
     card = json.loads((out / "model.json").read_text())
-    assert "synthetic phantoms" in card["trained_on"]
+    assert "synthetic phantoms" in card["trained_on"] and "anatomy" in card["trained_on"]  # the default generator
     # Fitted at training time on the validation studies: the calibration and the domain check.
     assert "validation split" in card["calibration"]["fitted_on"] and set(card["calibration"]["params"]) == set(card["outputs"])
     assert "validation split" in card["domain"]["fitted_on"] and card["domain"]["held_out_studies"] >= 2
@@ -175,7 +175,7 @@ def _conv1_kernel(folder):
 
 
 def test_init_schedules_choose_which_layers_train(tmp_path):
-    phantoms = ["--source", "phantoms", "--phantom-studies", "3", "--phantom-slices", "8", *COMMON]
+    phantoms = ["--source", "phantoms", "--phantoms", "ellipse", "--phantom-studies", "3", "--phantom-slices", "8", *COMMON]
     first = tmp_path / "first"
     assert CliRunner().invoke(main, ["train", "--out", str(first), *phantoms]).exit_code == 0
     init = ["--init", str(first / "weights.npz")]
