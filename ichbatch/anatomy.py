@@ -146,10 +146,16 @@ def draw_subject(rng: np.random.Generator) -> Subject:
     )
 
 
+def _own_stream(rng: np.random.Generator) -> np.random.Generator:
+    """A child stream for a feature added later: spawning draws nothing from rng, so every other draw
+    of a seed stays as it was before the feature existed."""
+    return rng.spawn(1)[0]
+
+
 def _gantry_tilt(rng: np.random.Generator) -> np.ndarray:
     """Extra pitch (radians) for the subjects scanned with a tilted gantry: slices cut the head obliquely,
-    from the orbits to the occiput. Drawn from a child stream, so every other draw of a seed is unchanged."""
-    child = rng.spawn(1)[0]
+    from the orbits to the occiput."""
+    child = _own_stream(rng)
     if child.random() >= GANTRY_TILT_SHARE:
         return np.zeros(3)
     return np.radians([child.choice([-1, 1]) * child.uniform(*GANTRY_TILT_DEG), 0.0, 0.0])
@@ -170,8 +176,8 @@ def anatomy_phantom(rng: np.random.Generator, n_slices: int = 24, size: int = 25
     # A slice shows a bleed where at least half of its thickness holds blood (partial volume).
     masks = {kind: m.reshape(n_slices, sub_planes, size, size).mean(axis=1) >= 0.5 for kind, m in lesions.items()}
     _surroundings(rng, hu, s, size, spacing)
-    _metal(rng.spawn(1)[0], hu, spacing)  # a stream of its own: every other draw of a seed stays as it was
-    bone_kernel = rng.spawn(1)[0]  # a stream of its own: every other draw of a seed stays as it was
+    _metal(_own_stream(rng), hu, spacing)
+    bone_kernel = _own_stream(rng)
     sharpen = bone_kernel.uniform(0.6, 1.2) if bone_kernel.random() < BONE_KERNEL_SHARE else 0.0
     hu = _noise(rng, hu, s, sharpen, bone_kernel.uniform(3.0, 5.0))
     _motion(rng, hu)
@@ -234,7 +240,7 @@ def _ct_numbers(rng: np.random.Generator, t: Template, s: Subject, coords: np.nd
     hu -= np.where(intracranial, s.beam_hardening_hu * np.exp(-(inside + s.extra_axial_mm - outside) / 6.0), 0.0)
     _falx_and_calcifications(t, s, moved, hu, csf)  # moved: a midline shift takes the falx and pineal along
     depth = inside + s.extra_axial_mm - outside  # mm in from the inner table of the skull
-    vessels = rng.spawn(1)[0]  # a stream of their own: every other draw of a seed stays as it was
+    vessels = _own_stream(rng)
     _vessels(vessels, t, s, coords, moved, hu, csf, depth, intracranial)
     region = Region(coords, gm, wm, csf, inside, depth, intracranial, mass)
     lesions = {kind: LESIONS[kind](rng, t, region) for kind in subtypes}
@@ -450,10 +456,13 @@ def _vessels(rng: np.random.Generator, t: Template, s: Subject, coords: np.ndarr
              hu: np.ndarray, csf: np.ndarray, depth: np.ndarray, intracranial: np.ndarray) -> None:
     """Normal blood that is not a bleed: arteries in the cisterns and the dural venous sinuses (superior
     sagittal and transverse), which read 40-65 HU on a plain CT and are classic mimics of a bleed."""
-    x, y, z = t.mni(moved)
     radius = rng.uniform(1.0, 1.8)
+    # Distances only for the CSF at the arteries' levels: over every sample they took 2 s a study.
+    z_of = t.mni_z(moved[0])
+    (index,) = np.nonzero((csf > 0.3) & intracranial & (z_of > -45) & (z_of < 15))
+    x, y, z = t.mni(moved[:, index])
     near = np.min([_segment(x, y, z, a, b) for a, b in ARTERIES], axis=0) < radius
-    hu[near & (csf > 0.3) & intracranial] = rng.uniform(40, 55)
+    hu[index[near]] = rng.uniform(40, 55)
     x, y, z = t.mni(coords)  # the sinuses lie in the dura against the skull: they do not move with the brain
     sagittal = (np.abs(x) < rng.uniform(2.5, 4.0)) & (z > -5) & (y > -100) & (depth < rng.uniform(3, 5))
     transverse = (y < -70) & (np.abs(x) > 12) & (np.abs(z - tentorium_height(x, y)) < 3.5) & (depth < 5)

@@ -1,7 +1,7 @@
 """Stage 3a: decode one slice and convert it to Hounsfield units.
 
-pydicom with the pylibjpeg plugins (CharLS for JPEG-LS) decodes first; SimpleITK (GDCM inside) is the fallback for what they
-cannot decode. Every decode is checked for plausibility, because a decoder that silently returns
+pydicom with the pylibjpeg plugins (CharLS for JPEG-LS) decodes first; SimpleITK (GDCM inside) is the
+fallback for what they cannot decode. Every decode is checked for plausibility, because a decoder that silently returns
 nonsense (all zeros, wrong signedness) is worse than one that fails.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -150,14 +151,20 @@ def _hu_from_pydicom(ds: Dataset, ref: SliceRef) -> HUSlice:
 
 # The fastest well-kept decoder for a codec where pydicom's default order takes a slower one. JPEG-LS:
 # CharLS (pyjpegls) decodes a 512 x 512 16-bit slice in 5 ms, libjpeg (pylibjpeg) in 17 ms.
-PREFERRED_PLUGINS = {JPEGLSLossless: "pyjpegls", JPEGLSNearLossless: "pyjpegls"}
+PREFERRED_PLUGINS: dict[str, str] = {JPEGLSLossless: "pyjpegls", JPEGLSNearLossless: "pyjpegls"}
 
 
 def _preferred_plugin(ds: Dataset) -> str:
     """The plugin to decode ds with, or '' for pydicom's own order."""
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    plugin = PREFERRED_PLUGINS.get(ts, "") if ts else ""
-    return plugin if plugin and plugin in get_decoder(str(ts)).available_plugins else ""
+    return _installed_preference(str(ts)) if ts in PREFERRED_PLUGINS else ""
+
+
+@lru_cache(maxsize=None)
+def _installed_preference(ts: str) -> str:
+    """PREFERRED_PLUGINS' choice when it is installed; looked up once per transfer syntax, not per slice."""
+    plugin = PREFERRED_PLUGINS[ts]
+    return plugin if plugin in get_decoder(ts).available_plugins else ""
 
 
 def stored_to_hu(
