@@ -1,8 +1,8 @@
 """Stage 3a: decode one slice and convert it to Hounsfield units.
 
 pydicom with the pylibjpeg plugins (CharLS for JPEG-LS) decodes first; SimpleITK (GDCM inside) is the
-fallback for what they cannot decode. Every decode is checked for plausibility, because a decoder that silently returns
-nonsense (all zeros, wrong signedness) is worse than one that fails.
+fallback for what they cannot decode. Every decode is checked for plausibility, because a decoder that
+silently returns nonsense (all zeros, wrong signedness) is worse than one that fails.
 """
 
 from __future__ import annotations
