@@ -81,13 +81,17 @@ def phantom_hu() -> np.ndarray:
     return make_phantom(np.random.default_rng(7), n_slices=12, size=96).hu
 
 
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory) -> Path:
-    """A real ResNet50 bundle at 64 px with seeded random weights, written and sha256-checked like any bundle."""
+def random_bundle(folder: Path, size: int, seed: int) -> Path:
+    """A real six-label ResNet50 bundle with seeded random weights, written and sha256-checked like any bundle."""
     from ichbatch.model.bundle import ModelCard, write_bundle
     from ichbatch.model.resnet import build_resnet50
 
-    model = build_resnet50(TINY_SIZE, 6, seed=3)
-    card = ModelCard(name="tiny", version="0.1", input_size=TINY_SIZE, trained=True,
+    card = ModelCard(name=folder.name, version="0.1", input_size=size, trained=True,
                      trained_on="nothing (test fixture)")
-    return write_bundle(tmp_path_factory.mktemp("bundles") / "tiny", card, model)
+    return write_bundle(folder, card, build_resnet50(size, 6, seed=seed))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """A bundle at 64 px for the pipeline's tests."""
+    return random_bundle(tmp_path_factory.mktemp("bundles") / "tiny", TINY_SIZE, seed=3)

@@ -20,6 +20,8 @@ from ichbatch.model.bundle import load_bundle
 from ichbatch.train import group_split
 from ichbatch.synth import ct_slice_dataset, make_phantom
 
+from .conftest import random_bundle
+
 COMMON = ["--input-size", "32", "--epochs", "1", "--batch-size", "4"]
 
 
@@ -175,13 +177,9 @@ def _conv1_kernel(folder):
 
 
 def test_init_schedules_choose_which_layers_train(tmp_path):
-    from ichbatch.model.bundle import ModelCard, write_bundle
-    from ichbatch.model.resnet import build_resnet50
-
     phantoms = ["--source", "phantoms", "--phantoms", "ellipse", "--phantom-studies", "3", "--phantom-slices", "8", *COMMON]
     # A written bundle is a starting point like a trained one (and costs no training run in CI).
-    card = ModelCard(name="first", version="0.1", input_size=32, trained=True, trained_on="nothing (test fixture)")
-    first = write_bundle(tmp_path / "first", card, build_resnet50(32, 6, seed=5))
+    first = random_bundle(tmp_path / "first", 32, seed=5)
     init = ["--init", str(first / "weights.npz")]
     runs = {"transfer": [], "continue": ["--init-schedule", "continue", "--vertical-flip", "--lr", "1e-3"]}
     for name, extra in runs.items():
