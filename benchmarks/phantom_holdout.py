@@ -3,7 +3,7 @@
     python benchmarks/phantom_holdout.py [--model ich-resnet50-demo] [--studies 80] [--seed 777]
                                          [--cam-layers conv2_block3_out,conv3_block4_out]
                                          [--cam-augment hflip,vflip,hvflip] [--cam-method hirescam]
-                                         [--phantoms ellipse|anatomy] [--record]
+                                         [--phantoms ellipse|anatomy|anatomy-v2] [--record]
 
 Generates phantom studies with a seed the demo model never saw, runs the pipeline on them, and
 reports study-level ROC AUC per label and, for true-positive slices (label 'any' present and slice
@@ -11,8 +11,8 @@ probability at the card's threshold), how often the Grad-CAM peak falls inside t
 card's cam_layer and any --cam-layers to compare, each with the card's cam_method (or --cam-method) and
 cam_augment flips (or --cam-augment; "none" for none) and, for comparison, without them. Choose layer,
 method and flips on a tuning seed, not on the held-out one.
---record writes the figures into the bundle's card under metrics.holdout (holdout_anatomy for
---phantoms anatomy; the weights are unchanged).
+--record writes the figures into the bundle's card under metrics.holdout (holdout_anatomy or holdout_anatomy_v2 for
+--phantoms anatomy or anatomy-v2; the weights are unchanged).
 These are figures on synthetic phantoms only: they say nothing about accuracy on real patients.
 """
 
@@ -26,6 +26,8 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from ichbatch.config import PHANTOM_KINDS  # noqa: E402  (light: no TensorFlow)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,7 +38,7 @@ def main() -> None:
     parser.add_argument("--cam-layers", default="", help="comma-separated extra layers to compare, each layer[:method]")
     parser.add_argument("--cam-augment", default=None, help="comma-separated flips instead of the card's, or none")
     parser.add_argument("--cam-method", default=None, help="gradcam or hirescam instead of the card's")
-    parser.add_argument("--phantoms", choices=["ellipse", "anatomy"], default="ellipse",
+    parser.add_argument("--phantoms", choices=PHANTOM_KINDS, default="ellipse",
                         help="which generator makes the held-out studies (ichbatch.synth, ichbatch.anatomy)")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
@@ -110,7 +112,7 @@ def main() -> None:
     if args.record:
         folder = resolve(args.model)
         data = json.loads((folder / CARD).read_text())
-        key = "holdout" if args.phantoms == "ellipse" else f"holdout_{args.phantoms}"
+        key = "holdout" if args.phantoms == "ellipse" else f"holdout_{args.phantoms.replace('-', '_')}"
         data.setdefault("metrics", {})[key] = report
         (folder / CARD).write_text(json.dumps(data, indent=2) + "\n")
         print(f"recorded in {folder / CARD}")

@@ -23,6 +23,8 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from ichbatch.config import PHANTOM_KINDS  # noqa: E402  (light: no TensorFlow)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,7 +37,7 @@ def main() -> None:
     parser.add_argument("--uncompressed", action="store_true",
                         help="store every study explicit VR little endian (default: study i in the generator's "
                              "i-th transfer syntax, cycling through all six)")
-    parser.add_argument("--phantoms", default="anatomy", choices=["anatomy", "ellipse"])
+    parser.add_argument("--phantoms", default="anatomy", choices=PHANTOM_KINDS)
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     args = parser.parse_args()
 

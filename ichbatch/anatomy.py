@@ -161,9 +161,18 @@ def _gantry_tilt(rng: np.random.Generator) -> np.ndarray:
     return np.radians([child.choice([-1, 1]) * child.uniform(*GANTRY_TILT_DEG), 0.0, 0.0])
 
 
+# Revision 2 adds what models trained on revision 1 read as blood on the real GE head in realdata: the
+# scanner's wide blur tail and bone glare beside the skull, and the deep veins. A seed draws the same head
+# in both (the new terms draw from child streams), so the revisions differ by those terms alone.
+REVISIONS = (1, 2)
+
+
 def anatomy_phantom(rng: np.random.Generator, n_slices: int = 24, size: int = 256, subtypes: tuple[str, ...] = (),
-                    fov_mm: float | None = None, subject: Subject | None = None, sub_planes: int = 3) -> Phantom:
+                    fov_mm: float | None = None, subject: Subject | None = None, sub_planes: int = 3,
+                    revision: int = 1) -> Phantom:
     """One head, skull base to vertex, as HU slices (slice 0 inferior), with the given kinds of bleed."""
+    if revision not in REVISIONS:
+        raise ValueError(f"revision must be one of {REVISIONS}. Received: {revision!r}")
     t = load_template()
     s = subject or draw_subject(rng)
     fov = fov_mm or float(rng.uniform(210, 250))
@@ -171,7 +180,7 @@ def anatomy_phantom(rng: np.random.Generator, n_slices: int = 24, size: int = 25
     z_lo, z_hi = -0.42 * t.gm.shape[0] + PAD_MM * 0.5, 0.5 * t.gm.shape[0] - PAD_MM * 0.6  # base .. vertex, mm
     thickness = (z_hi - z_lo) / n_slices
     coords = _template_coords(rng, t, s, n_slices, size, spacing, z_lo, thickness, sub_planes)
-    samples, lesions = _ct_numbers(rng, t, s, coords, subtypes)
+    samples, lesions = _ct_numbers(rng, t, s, coords, subtypes, deep_veins=revision >= 2)
     hu = samples.reshape(n_slices, sub_planes, size, size).mean(axis=1)
     # A slice shows a bleed where at least half of its thickness holds blood (partial volume).
     masks = {kind: m.reshape(n_slices, sub_planes, size, size).mean(axis=1) >= 0.5 for kind, m in lesions.items()}
@@ -179,6 +188,9 @@ def anatomy_phantom(rng: np.random.Generator, n_slices: int = 24, size: int = 25
     _metal(_own_stream(rng), hu, spacing)
     bone_kernel = _own_stream(rng)
     sharpen = bone_kernel.uniform(0.6, 1.2) if bone_kernel.random() < BONE_KERNEL_SHARE else 0.0
+    if revision >= 2:
+        scanner = _own_stream(bone_kernel)  # a child of the last stream: revision 1's draws stay as they were
+        hu = _bone_glare(scanner, _psf_tail(scanner, hu, spacing), spacing, thickness)
     hu = _noise(rng, hu, s, sharpen, bone_kernel.uniform(3.0, 5.0))
     _motion(rng, hu)
     return Phantom(hu=hu.astype(np.float32), masks={k: m for k, m in masks.items() if m.any()}, spacing_mm=spacing,
@@ -215,7 +227,7 @@ def _template_coords(rng: np.random.Generator, t: Template, s: Subject, n: int, 
 
 
 def _ct_numbers(rng: np.random.Generator, t: Template, s: Subject, coords: np.ndarray,
-                subtypes: tuple[str, ...]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                subtypes: tuple[str, ...], deep_veins: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     from scipy import ndimage
 
     def sample(volume: np.ndarray, fill: float, at: np.ndarray = coords) -> np.ndarray:
@@ -242,6 +254,8 @@ def _ct_numbers(rng: np.random.Generator, t: Template, s: Subject, coords: np.nd
     depth = inside + s.extra_axial_mm - outside  # mm in from the inner table of the skull
     vessels = _own_stream(rng)
     _vessels(vessels, t, s, coords, moved, hu, csf, depth, intracranial)
+    if deep_veins:
+        _deep_veins(_own_stream(vessels), t, coords, moved, hu, intracranial)
     region = Region(coords, gm, wm, csf, inside, depth, intracranial, mass)
     lesions = {kind: LESIONS[kind](rng, t, region) for kind in subtypes}
     for kind in subtypes:  # densities drawn per lesion; blood replaces what was there
@@ -469,6 +483,33 @@ def _vessels(rng: np.random.Generator, t: Template, s: Subject, coords: np.ndarr
     hu[(sagittal | transverse) & intracranial & (depth >= 0)] = rng.uniform(45, 65)
 
 
+# Deep veins (MNI mm, approximate; radius range): the paired internal cerebral veins over the third
+# ventricle and the vein of Galen under the splenium move with the brain; the straight sinus runs in the
+# tentorium's ridge from the incisura to the torcula (tentorium_height at x = 0) and does not.
+DEEP_VEINS = [((sx * 2.5, -6.0, 12.0), (sx * 2.0, -36.0, 10.0), (1.0, 1.5)) for sx in (-1.0, 1.0)] + [
+    ((0.0, -36.0, 9.0), (0.0, -47.0, 8.0), (2.5, 3.5))]
+STRAIGHT_SINUS = ((0.0, -47.0, 7.5), (0.0, -95.0, -17.0), (2.0, 3.0))
+
+
+def _deep_veins(rng: np.random.Generator, t: Template, coords: np.ndarray, moved: np.ndarray, hu: np.ndarray,
+                intracranial: np.ndarray) -> None:
+    """Dense (42-62 HU) normal veins on the posterior midline, where a model that never saw them reads
+    intraventricular blood (the GE head in realdata: the vein of Galen)."""
+    value = rng.uniform(42, 62)
+    for at, segments in ((moved, DEEP_VEINS), (coords, [STRAIGHT_SINUS])):
+        # Distances only inside a box around the midline veins: over every sample they would cost seconds.
+        z_of = t.mni_z(at[0])
+        (index,) = np.nonzero((z_of > -22) & (z_of < 20) & intracranial)
+        x, y, z = t.mni(at[:, index])
+        box = (np.abs(x) < 8) & (y < 0) & (y > -100)
+        index, x, y, z = index[box], x[box], y[box], z[box]
+        near = np.zeros(len(index), bool)
+        for a, b, radius in segments:
+            near |= _segment(x, y, z, a, b) < rng.uniform(*radius)
+        near &= hu[index] < 100  # a calcified pineal beside them stays
+        hu[index[near]] = value
+
+
 def _siphons(rng: np.random.Generator, t: Template, s: Subject, coords: np.ndarray, hu: np.ndarray) -> None:
     """Calcified walls of the carotid siphons beside the sella, commoner with age (atrophy stands for it)."""
     if rng.random() > 0.15 + 0.6 * s.atrophy:
@@ -538,6 +579,39 @@ def _metal(rng: np.random.Generator, hu: np.ndarray, spacing: float) -> None:
             fade = np.exp(-d * spacing / rng.uniform(40, 100))
             hu[k] += streaks * fade * (d * spacing > 2)
             hu[k][d * spacing <= rng.uniform(1.5, 3.0)] = 3000.0
+
+
+# The scanner's point-spread has a faint wide tail beside its sharp core (weight, SD in mm): next to the
+# skull the brain reads brighter for a few mm. Measured on the GE head in realdata along the frontal
+# midline: 99, 72, 58, 49 HU within 2 mm of the inner table, 38 further in.
+PSF_TAIL_WEIGHT, PSF_TAIL_MM = (0.05, 0.25), (1.5, 3.0)
+# Glare: scatter spreads a share of the bone's excess over soft tissue far into the head, so brain
+# among much bone reads brighter (the GE head's deep brain: 25 HU at the ventricles, 44 HU just below
+# the vertex; revision 1's phantoms read 28-32 HU at both).
+BONE_GLARE_WEIGHT, BONE_GLARE_MM = (0.04, 0.14), (8.0, 14.0)
+
+
+def _psf_tail(rng: np.random.Generator, hu: np.ndarray, spacing: float) -> np.ndarray:
+    from scipy import ndimage
+
+    weight, sd = rng.uniform(*PSF_TAIL_WEIGHT), rng.uniform(*PSF_TAIL_MM) / spacing
+    return (1 - weight) * hu + weight * ndimage.gaussian_filter(hu, sigma=(0, sd, sd))
+
+
+def _bone_glare(rng: np.random.Generator, hu: np.ndarray, spacing: float, thickness: float) -> np.ndarray:
+    """A wide 3-D blur of the bone's excess over 100 HU, added. The blur is smooth, so it is made on a
+    grid 4 times coarser in plane and read back linearly (the full grid took 1 s a study)."""
+    import cv2
+    from scipy import ndimage
+
+    weight, mm = rng.uniform(*BONE_GLARE_WEIGHT), rng.uniform(*BONE_GLARE_MM)
+    size = hu.shape[1]
+    small = max(8, size // 4)
+    excess = np.stack([cv2.resize(np.clip(sl - 100.0, 0, None).astype(np.float32), (small, small),
+                                  interpolation=cv2.INTER_AREA) for sl in hu])
+    step = spacing * size / small
+    glare = ndimage.gaussian_filter(excess, sigma=(mm / thickness, mm / step, mm / step), mode="constant")
+    return hu + weight * np.stack([cv2.resize(g, (size, size), interpolation=cv2.INTER_LINEAR) for g in glare])
 
 
 BONE_KERNEL_SHARE = 0.1  # of studies whose only series is a bone-kernel reconstruction

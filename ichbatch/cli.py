@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import NOT_FOR_DIAGNOSIS, __version__
+from .config import PHANTOM_KINDS
 from .errors import BundleError, ClusterError, IchBatchError, OutputError, OutputLockedError
 
 if TYPE_CHECKING:
@@ -312,9 +313,10 @@ def _check_writable(folder: Path) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--slices", "n_slices", type=click.IntRange(8, 400), default=24, show_default=True)
 @click.option("--size", type=click.IntRange(64, 1024), default=256, show_default=True, help="Rows and columns.")
-@click.option("--phantoms", type=click.Choice(["ellipse", "anatomy"]), default="anatomy", show_default=True,
+@click.option("--phantoms", type=click.Choice(PHANTOM_KINDS), default="anatomy", show_default=True,
               help="anatomy: the MNI template brain with skull, skull base, face and lesions placed by anatomy (what "
-                   "the demo model is trained on; README: Phantoms); ellipse: quick geometric heads, for tests.")
+                   "the demo model is trained on; README: Phantoms); anatomy-v2: the same heads with the scanner's "
+                   "blur tail and bone glare and the deep veins; ellipse: quick geometric heads, for tests.")
 def synth(out: Path, studies: int, seed: int, n_slices: int, size: int, phantoms: str) -> None:
     """Write generated head-CT phantom studies (DICOM) and a manifest.json of their truth.
 
@@ -336,7 +338,7 @@ def synth(out: Path, studies: int, seed: int, n_slices: int, size: int, phantoms
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-output"), show_default=True)
 @click.option("--studies", type=click.IntRange(1, 100), default=4, show_default=True)
 @click.option("--model", default=None, help="Bundle name or folder [default: the shipped demo model].")
-@click.option("--phantoms", type=click.Choice(["ellipse", "anatomy"]), default="anatomy", show_default=True,
+@click.option("--phantoms", type=click.Choice(PHANTOM_KINDS), default="anatomy", show_default=True,
               help="Which generator makes the studies (see `ichbatch synth`).")
 def demo(out: Path, studies: int, model: str | None, phantoms: str) -> None:
     """Generate phantom studies in OUT/studies and run the pipeline on them with the shipped model.
@@ -552,7 +554,7 @@ def _delivery_status(db: Path, retry: bool, uids: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--phantom-studies", type=click.IntRange(2, 100000), default=200, show_default=True)
 @click.option("--phantom-slices", type=click.IntRange(8, 400), default=24, show_default=True)
-@click.option("--phantoms", type=click.Choice(["ellipse", "anatomy"]), default="anatomy", show_default=True,
+@click.option("--phantoms", type=click.Choice(PHANTOM_KINDS), default="anatomy", show_default=True,
               help="--source phantoms: which generator (README: Phantoms); anatomy is what the demo model is "
                    "trained on, ellipse is quick and for tests.")
 @click.option("--screenshots", type=click.FloatRange(0, 1), default=0.0, show_default=True,

@@ -14,6 +14,10 @@ LABELS: tuple[str, ...] = (
 )
 SUBTYPES: tuple[str, ...] = LABELS[1:]
 
+# Phantom generators: ellipse, ichbatch.synth's quick geometric heads (tests); anatomy, ichbatch.anatomy
+# revision 1 (what the shipped demo model is trained on); anatomy-v2, its revision 2 (README: Anatomy phantoms).
+PHANTOM_KINDS: tuple[str, ...] = ("ellipse", "anatomy", "anatomy-v2")
+
 
 @dataclass(frozen=True)
 class Window:

@@ -13,6 +13,7 @@ the training data for the shipped demo weights. Not a medical simulation.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from .config import CT_IMAGE_STORAGE, SUBTYPES
+from .config import CT_IMAGE_STORAGE, PHANTOM_KINDS, SUBTYPES
 
 BLOOD_HU = (60.0, 85.0)
 CSF_HU, SULCUS_HU, CISTERN_HU = 5.0, 8.0, 7.0  # exact values before noise: the planters find these spaces
@@ -440,7 +441,8 @@ def synth_studies(
 ) -> dict:
     """Write n studies under out and a manifest.json with each study's labels and lesion slices.
     Each study's storage is drawn at random unless `encoding` fixes one for all. `phantoms`: "ellipse"
-    (this module's geometric heads) or "anatomy" (ichbatch.anatomy: the MNI template brain)."""
+    (this module's geometric heads), "anatomy" or "anatomy-v2" (ichbatch.anatomy: the MNI template brain,
+    revision 1 or 2)."""
     make = _generator(phantoms)
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -476,11 +478,11 @@ def synth_studies(
 def _generator(phantoms: str) -> Callable[..., Phantom]:
     if phantoms == "ellipse":
         return make_phantom
-    if phantoms == "anatomy":
+    if phantoms in ("anatomy", "anatomy-v2"):
         from .anatomy import anatomy_phantom
 
-        return anatomy_phantom
-    raise ValueError(f"phantoms must be ellipse or anatomy. Received: {phantoms!r}")
+        return functools.partial(anatomy_phantom, revision=2) if phantoms == "anatomy-v2" else anatomy_phantom
+    raise ValueError(f"phantoms must be one of {', '.join(PHANTOM_KINDS)}. Received: {phantoms!r}")
 
 
 def load_masks(folder: Path) -> dict[str, np.ndarray]:

@@ -252,3 +252,54 @@ def test_synth_writes_anatomy_studies_with_their_truth(tmp_path):
     assert manifest["phantoms"] == "anatomy"
     assert all(study["labels"]["any"] == 1 for study in manifest["studies"])
     assert len(list(tmp_path.glob("study_*/**/*.dcm"))) + len(list(tmp_path.glob("study_*/**/[0-9a-f]*"))) >= 16
+
+
+def revisions(seed: int, **patch):
+    """The same head from one seed as revision 1 and 2, near-noiseless; patch: anatomy names to replace."""
+    subject = replace(draw_subject(np.random.default_rng(seed + 1000)), noise_hu=0.5, angles=np.zeros(3))
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in patch.items():
+            mp.setattr(anatomy, name, value)
+        return [anatomy_phantom(np.random.default_rng(seed), 24, SIZE, ("subdural",), subject=subject, revision=r)
+                for r in (1, 2)]
+
+
+def test_revision_2_lifts_the_brain_beside_the_skull_and_among_much_bone_and_keeps_the_head_and_truth():
+    one, two = revisions(5, _deep_veins=lambda *args: None)
+    assert one.masks.keys() == two.masks.keys() and all(np.array_equal(one.masks[k], two.masks[k]) for k in one.masks)
+
+    def lift(k: int) -> tuple[float, float]:
+        """Mean rise of the brain 1-2 px in from the inner table, and of the brain deeper than 12 px."""
+        bone = one.hu[k] > 700
+        inside = ndimage.binary_fill_holes(bone) & ~bone & (one.hu[k] > 0) & (one.hu[k] < 80)
+        depth = ndimage.distance_transform_edt(~bone)
+        rise = two.hu[k] - one.hu[k]
+        return float(rise[inside & (depth <= 2)].mean()), float(rise[inside & (depth > 12)].mean())
+
+    mid_edge, mid_deep = lift(12)
+    top_edge, top_deep = lift(20)
+    assert mid_edge > mid_deep + 5  # the blur's tail: a band along the inner table
+    assert top_deep > mid_deep + 2  # glare: more bone around the brain near the vertex
+    assert 0 < mid_deep < 12
+
+
+def test_revision_2_draws_the_deep_veins_dense_on_the_posterior_midline_only():
+    one, two = revisions(5, _psf_tail=lambda rng, hu, spacing: hu, _bone_glare=lambda rng, hu, spacing, thickness: hu)
+    rise = two.hu - one.hu
+    veins = rise > 8
+    _, rows, cols = np.nonzero(veins)
+    assert veins.sum() > 30 and np.abs(cols - (SIZE - 1) / 2).max() < 6  # midline
+    assert rows.min() > (SIZE - 1) / 2 - 6  # behind the foramina of Monro (rows grow towards posterior)
+    soft = veins & (one.hu < 60)  # away from bone: thin veins in thick slices, partial volume
+    assert rise.max() > 15 and 42 < two.hu[soft].max() < 70  # blood-dense at their core, not bone
+    assert not (veins & two.masks["subdural"]).any()  # never labelled blood
+    assert rise.min() > -60  # a calcified pineal beside them stays (only dura, 50-80 HU, may read lower)
+
+
+def test_an_unknown_revision_is_refused_and_synth_writes_revision_2_by_its_name(tmp_path):
+    with pytest.raises(ValueError, match="revision must be one of"):
+        anatomy_phantom(np.random.default_rng(0), 8, 64, revision=3)
+    manifest = synth_studies(tmp_path, 1, seed=4, n_slices=8, size=96, phantoms="anatomy-v2")
+    assert manifest["phantoms"] == "anatomy-v2"
+    with pytest.raises(ValueError, match="ellipse, anatomy, anatomy-v2"):
+        synth_studies(tmp_path / "x", 1, phantoms="anatomy-v3")
