@@ -478,11 +478,12 @@ def synth_studies(
 def _generator(phantoms: str) -> Callable[..., Phantom]:
     if phantoms == "ellipse":
         return make_phantom
-    if phantoms in ("anatomy", "anatomy-v2"):
-        from .anatomy import anatomy_phantom
+    revision = {"anatomy": 1, "anatomy-v2": 2}.get(phantoms)
+    if revision is None:
+        raise ValueError(f"phantoms must be one of {', '.join(PHANTOM_KINDS)}. Received: {phantoms!r}")
+    from .anatomy import anatomy_phantom
 
-        return functools.partial(anatomy_phantom, revision=2) if phantoms == "anatomy-v2" else anatomy_phantom
-    raise ValueError(f"phantoms must be one of {', '.join(PHANTOM_KINDS)}. Received: {phantoms!r}")
+    return functools.partial(anatomy_phantom, revision=revision)
 
 
 def load_masks(folder: Path) -> dict[str, np.ndarray]:
