@@ -3,7 +3,7 @@
     python benchmarks/phantom_holdout.py [--model ich-resnet50-demo] [--studies 80] [--seed 777]
                                          [--cam-layers conv2_block3_out,conv3_block4_out]
                                          [--cam-augment hflip,vflip,hvflip] [--cam-method hirescam]
-                                         [--phantoms ellipse|anatomy|anatomy-v2] [--record]
+                                         [--phantoms ellipse|anatomy|anatomy-v2|anatomy-v3] [--record]
 
 Generates phantom studies with a seed the demo model never saw, runs the pipeline on them, and
 reports study-level ROC AUC per label and, for true-positive slices (label 'any' present and slice
@@ -11,8 +11,8 @@ probability at the card's threshold), how often the Grad-CAM peak falls inside t
 card's cam_layer and any --cam-layers to compare, each with the card's cam_method (or --cam-method) and
 cam_augment flips (or --cam-augment; "none" for none) and, for comparison, without them. Choose layer,
 method and flips on a tuning seed, not on the held-out one.
---record writes the figures into the bundle's card under metrics.holdout (holdout_anatomy or holdout_anatomy_v2 for
---phantoms anatomy or anatomy-v2; the weights are unchanged).
+--record writes the figures into the bundle's card under metrics.holdout (holdout_anatomy, holdout_anatomy_v2 or
+holdout_anatomy_v3 for the anatomy kinds; the weights are unchanged).
 These are figures on synthetic phantoms only: they say nothing about accuracy on real patients.
 """
 

@@ -11,8 +11,10 @@ the headrest and the table. Below the brain's floor the head is filled with the 
 face and neck and the skull base is built from landmarks: petrous bones, clivus, mastoid and ethmoid
 air cells, sphenoid, maxillary and frontal sinuses, nasal cavity and pharynx, orbits (fat, globes,
 bony walls), zygomatic arches, mandibular rami and the atlas. Slices average sub-planes across their
-thickness (partial volume); noise is correlated as after a soft reconstruction kernel; the brain is
-darkened next to the skull (beam hardening); some slices are motion-blurred.
+thickness (partial volume; from revision 3 the skull's layers are soft steps across each sub-plane's
+own profile, so the partial volume of bone is a continuum, as where the vault runs along the slice);
+noise is correlated as after a soft reconstruction kernel; the brain is darkened next to the skull
+(beam hardening); some slices are motion-blurred.
 
 Lesions are placed by anatomy, with a mask each: epidural (a lens under the inner table, limited in
 extent as sutures limit it), subdural (a crescent along the convexity, or a band beside the falx or on
@@ -162,9 +164,10 @@ def _gantry_tilt(rng: np.random.Generator) -> np.ndarray:
 
 
 # Revision 2 adds what models trained on revision 1 read as blood on the real GE head in realdata: the
-# scanner's wide blur tail and bone glare beside the skull, and the deep veins. A seed draws the same head
-# in both (the new terms draw from child streams), so the revisions differ by those terms alone.
-REVISIONS = (1, 2)
+# scanner's wide blur tail and bone glare beside the skull, and the deep veins. Revision 3 adds the
+# slice's partial volume of the skull as a continuum (see _soft_layers). A seed draws the same head in
+# every revision (the new terms draw from child streams), so the revisions differ by those terms alone.
+REVISIONS = (1, 2, 3)
 
 
 def anatomy_phantom(rng: np.random.Generator, n_slices: int = 24, size: int = 256, subtypes: tuple[str, ...] = (),
@@ -180,7 +183,8 @@ def anatomy_phantom(rng: np.random.Generator, n_slices: int = 24, size: int = 25
     z_lo, z_hi = -0.42 * t.gm.shape[0] + PAD_MM * 0.5, 0.5 * t.gm.shape[0] - PAD_MM * 0.6  # base .. vertex, mm
     thickness = (z_hi - z_lo) / n_slices
     coords = _template_coords(rng, t, s, n_slices, size, spacing, z_lo, thickness, sub_planes)
-    samples, lesions = _ct_numbers(rng, t, s, coords, subtypes, deep_veins=revision >= 2)
+    planes = Planes((n_slices * sub_planes, size, size), thickness / sub_planes) if revision >= 3 else None
+    samples, lesions = _ct_numbers(rng, t, s, coords, subtypes, deep_veins=revision >= 2, planes=planes)
     hu = samples.reshape(n_slices, sub_planes, size, size).mean(axis=1)
     # A slice shows a bleed where at least half of its thickness holds blood (partial volume).
     masks = {kind: m.reshape(n_slices, sub_planes, size, size).mean(axis=1) >= 0.5 for kind, m in lesions.items()}
@@ -226,8 +230,17 @@ def _template_coords(rng: np.random.Generator, t: Template, s: Subject, n: int, 
     return coords
 
 
+@dataclass(frozen=True)
+class Planes:
+    """How the samples lie: (planes, rows, cols), the planes `step_mm` apart along the slice axis."""
+
+    shape: tuple[int, int, int]
+    step_mm: float
+
+
 def _ct_numbers(rng: np.random.Generator, t: Template, s: Subject, coords: np.ndarray,
-                subtypes: tuple[str, ...], deep_veins: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                subtypes: tuple[str, ...], deep_veins: bool = False,
+                planes: Planes | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     from scipy import ndimage
 
     def sample(volume: np.ndarray, fill: float, at: np.ndarray = coords) -> np.ndarray:
@@ -247,7 +260,8 @@ def _ct_numbers(rng: np.random.Generator, t: Template, s: Subject, coords: np.nd
     h = s.hu
     intracranial = outside <= s.extra_axial_mm
     csf = np.where(intracranial, 1 - gm - wm, 0.0)
-    hu = np.where(intracranial, gm * h["gm"] + wm * h["wm"] + csf * h["csf"], -1000.0)
+    # With soft layers the skull's edge mixes with what lies under it: CSF, not air.
+    hu = np.where(intracranial, gm * h["gm"] + wm * h["wm"] + csf * h["csf"], -1000.0 if planes is None else h["csf"])
     # Beam hardening: the brain next to the skull reads a little low.
     hu -= np.where(intracranial, s.beam_hardening_hu * np.exp(-(inside + s.extra_axial_mm - outside) / 6.0), 0.0)
     _falx_and_calcifications(t, s, moved, hu, csf)  # moved: a midline shift takes the falx and pineal along
@@ -256,6 +270,7 @@ def _ct_numbers(rng: np.random.Generator, t: Template, s: Subject, coords: np.nd
     _vessels(vessels, t, s, coords, moved, hu, csf, depth, intracranial)
     if deep_veins:
         _deep_veins(_own_stream(vessels), t, coords, moved, hu, intracranial)
+    profile = _own_stream(vessels)  # after the veins' stream: theirs stays as it was
     region = Region(coords, gm, wm, csf, inside, depth, intracranial, mass)
     lesions = {kind: LESIONS[kind](rng, t, region) for kind in subtypes}
     for kind in subtypes:  # densities drawn per lesion; blood replaces what was there
@@ -267,13 +282,51 @@ def _ct_numbers(rng: np.random.Generator, t: Template, s: Subject, coords: np.nd
     skull = s.skull_mm * (1 + 0.25 * np.sin(coords[0] / 23.0 + rng.uniform(0, 6)) * np.cos(coords[2] / 31.0))
     table = np.minimum(1.8, skull / 3)
     bone = (d > 0) & (d <= skull)
-    hu = np.where(bone, np.where((d <= table) | (d > skull - table), h["table"], h["diploe"]), hu)
-    scalp = (d > skull) & (d <= skull + s.scalp_mm)
-    fat = scalp & (np.abs(d - skull - 0.4 * s.scalp_mm) < 0.12 * s.scalp_mm)  # subcutaneous fat, thin
-    hu = np.where(fat, h["fat"], np.where(scalp, h["scalp"], hu))
+    if planes is None:
+        hu = np.where(bone, np.where((d <= table) | (d > skull - table), h["table"], h["diploe"]), hu)
+        scalp = (d > skull) & (d <= skull + s.scalp_mm)
+        fat = scalp & (np.abs(d - skull - 0.4 * s.scalp_mm) < 0.12 * s.scalp_mm)  # subcutaneous fat, thin
+        hu = np.where(fat, h["fat"], np.where(scalp, h["scalp"], hu))
+    else:
+        hu = _soft_layers(d, skull, table, s, hu, _profile_width(profile, d, planes))
     hu = _skull_base(rng, s, coords, hu, bone, d > skull, intracranial)
     _siphons(vessels, t, s, coords, hu)
     return hu, {k: v[0] for k, v in lesions.items()}
+
+
+# The slice sensitivity profile: each sub-plane stands for a Gaussian of this many times the sub-planes'
+# spacing along the slice axis, so together they make a slab with soft edges, as a real slice is.
+PROFILE_SD = (0.4, 0.9)
+
+
+def _profile_width(rng: np.random.Generator, d: np.ndarray, planes: Planes) -> np.ndarray:
+    """Per sample, the SD (mm of d) over which the slice's profile spreads a boundary of d: the profile's
+    SD times how fast d changes along the slice axis. Where the skull runs nearly parallel to the slice
+    (the vertex, the orbital roofs, the skull base under a tilted gantry) that is wide, and the brain there
+    holds a few per cent of bone, reading 50-100 HU as on the real GE head in realdata."""
+    along = np.gradient(d.reshape(planes.shape), planes.step_mm, axis=0).ravel()
+    return np.maximum(np.abs(along) * rng.uniform(*PROFILE_SD) * planes.step_mm, 0.05)
+
+
+def _soft_layers(d: np.ndarray, skull: np.ndarray, table: np.ndarray, s: Subject, hu: np.ndarray,
+                 width: np.ndarray) -> np.ndarray:
+    """Inner table, diploe, outer table and scalp outwards along d (mm out from the cranial cavity), each
+    boundary a soft step (normal CDF of SD `width`) instead of a cut; the scalp's fat layer and the air
+    beyond stay cut (soft tissue against soft tissue or air: no mimic of blood, and a soft step to air
+    where the distance map ends would leave a faint halo that moves the headrest)."""
+    from scipy.special import ndtr
+
+    h = s.hu
+    out = hu.copy()
+    below: np.ndarray | float = hu  # what lies under the next edge
+    for edge, value in ((0.0, h["table"]), (table, h["diploe"]), (skull - table, h["table"]), (skull, h["scalp"])):
+        out += (value - below) * ndtr((d - edge) / width)
+        below = value
+    scalp = d > skull
+    fat = scalp & (np.abs(d - skull - 0.4 * s.scalp_mm) < 0.12 * s.scalp_mm)
+    out[fat] = h["fat"]
+    out[d > skull + s.scalp_mm] = -1000.0
+    return out
 
 
 @dataclass(frozen=True)

@@ -316,7 +316,8 @@ def _check_writable(folder: Path) -> None:
 @click.option("--phantoms", type=click.Choice(PHANTOM_KINDS), default="anatomy", show_default=True,
               help="anatomy: the MNI template brain with skull, skull base, face and lesions placed by anatomy (what "
                    "the demo model is trained on; README: Phantoms); anatomy-v2: the same heads with the scanner's "
-                   "blur tail and bone glare and the deep veins; ellipse: quick geometric heads, for tests.")
+                   "blur tail and bone glare and the deep veins; anatomy-v3: those with the skull's partial volume across the "
+                   "slice as a continuum; ellipse: quick geometric heads, for tests.")
 def synth(out: Path, studies: int, seed: int, n_slices: int, size: int, phantoms: str) -> None:
     """Write generated head-CT phantom studies (DICOM) and a manifest.json of their truth.
 

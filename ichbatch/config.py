@@ -15,8 +15,9 @@ LABELS: tuple[str, ...] = (
 SUBTYPES: tuple[str, ...] = LABELS[1:]
 
 # Phantom generators: ellipse, ichbatch.synth's quick geometric heads (tests); anatomy, ichbatch.anatomy
-# revision 1 (what the shipped demo model is trained on); anatomy-v2, its revision 2 (README: Anatomy phantoms).
-PHANTOM_KINDS: tuple[str, ...] = ("ellipse", "anatomy", "anatomy-v2")
+# revision 1 (what the shipped demo model is trained on); anatomy-v2 and -v3, its revisions 2 and 3 (README:
+# Anatomy phantoms).
+PHANTOM_KINDS: tuple[str, ...] = ("ellipse", "anatomy", "anatomy-v2", "anatomy-v3")
 
 
 @dataclass(frozen=True)

@@ -441,8 +441,8 @@ def synth_studies(
 ) -> dict:
     """Write n studies under out and a manifest.json with each study's labels and lesion slices.
     Each study's storage is drawn at random unless `encoding` fixes one for all. `phantoms`: "ellipse"
-    (this module's geometric heads), "anatomy" or "anatomy-v2" (ichbatch.anatomy: the MNI template brain,
-    revision 1 or 2)."""
+    (this module's geometric heads), "anatomy", "anatomy-v2" or "anatomy-v3" (ichbatch.anatomy: the MNI
+    template brain, revision 1, 2 or 3)."""
     make = _generator(phantoms)
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -478,7 +478,7 @@ def synth_studies(
 def _generator(phantoms: str) -> Callable[..., Phantom]:
     if phantoms == "ellipse":
         return make_phantom
-    revision = {"anatomy": 1, "anatomy-v2": 2}.get(phantoms)
+    revision = {"anatomy": 1, "anatomy-v2": 2, "anatomy-v3": 3}.get(phantoms)
     if revision is None:
         raise ValueError(f"phantoms must be one of {', '.join(PHANTOM_KINDS)}. Received: {phantoms!r}")
     from .anatomy import anatomy_phantom

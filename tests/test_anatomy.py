@@ -254,14 +254,14 @@ def test_synth_writes_anatomy_studies_with_their_truth(tmp_path):
     assert len(list(tmp_path.glob("study_*/**/*.dcm"))) + len(list(tmp_path.glob("study_*/**/[0-9a-f]*"))) >= 16
 
 
-def revisions(seed: int, **patch):
-    """The same head from one seed as revision 1 and 2, near-noiseless; patch: anatomy names to replace."""
+def revisions(seed: int, pair: tuple[int, int] = (1, 2), **patch):
+    """The same head from one seed as two revisions, near-noiseless; patch: anatomy names to replace."""
     subject = replace(draw_subject(np.random.default_rng(seed + 1000)), noise_hu=0.5, angles=np.zeros(3))
     with pytest.MonkeyPatch.context() as mp:
         for name, value in patch.items():
             mp.setattr(anatomy, name, value)
         return [anatomy_phantom(np.random.default_rng(seed), 24, SIZE, ("subdural",), subject=subject, revision=r)
-                for r in (1, 2)]
+                for r in pair]
 
 
 def test_revision_2_lifts_the_brain_beside_the_skull_and_among_much_bone_and_keeps_the_head_and_truth():
@@ -296,10 +296,31 @@ def test_revision_2_draws_the_deep_veins_dense_on_the_posterior_midline_only():
     assert rise.min() > -60  # a calcified pineal beside them stays (only dura, 50-80 HU, may read lower)
 
 
-def test_an_unknown_revision_is_refused_and_synth_writes_revision_2_by_its_name(tmp_path):
+def test_revision_3_spreads_the_skull_over_the_slice_where_the_slice_runs_along_it():
+    two, three = revisions(5, (2, 3))
+    assert two.masks.keys() == three.masks.keys() and all(np.array_equal(two.masks[k], three.masks[k])
+                                                          for k in two.masks)
+
+    def brain(hu: np.ndarray) -> np.ndarray:
+        return (hu > 0) & (hu < 45)
+
+    mid = brain(two.hu[12])  # the skull crosses these slices steeply: the brain reads as it did
+    assert abs(float((three.hu[12] - two.hu[12])[mid].mean())) < 1
+    # The highest slice with brain: the vault runs along it, so its brain holds a few per cent of bone
+    # across the slice's thickness and reads brighter than blood, as the real GE head's vertex does
+    # (80-120 HU), yet far below bone.
+    top = max(k for k in range(24) if brain(two.hu[k]).sum() >= 20)
+    patch = brain(two.hu[top])
+    assert float((three.hu[top] - two.hu[top])[patch].mean()) > 40
+    assert 60 < float(np.median(three.hu[top][patch])) < 300
+    assert np.array_equal(two.hu[:, 0, :] < -900, three.hu[:, 0, :] < -900)  # the air in front stays air
+
+
+def test_an_unknown_revision_is_refused_and_synth_writes_revisions_by_their_names(tmp_path):
     with pytest.raises(ValueError, match="revision must be one of"):
-        anatomy_phantom(np.random.default_rng(0), 8, 64, revision=3)
-    manifest = synth_studies(tmp_path, 1, seed=4, n_slices=8, size=96, phantoms="anatomy-v2")
-    assert manifest["phantoms"] == "anatomy-v2"
-    with pytest.raises(ValueError, match="ellipse, anatomy, anatomy-v2"):
-        synth_studies(tmp_path / "x", 1, phantoms="anatomy-v3")
+        anatomy_phantom(np.random.default_rng(0), 8, 64, revision=4)
+    for kind in ("anatomy-v2", "anatomy-v3"):
+        manifest = synth_studies(tmp_path / kind, 1, seed=4, n_slices=8, size=96, phantoms=kind)
+        assert manifest["phantoms"] == kind
+    with pytest.raises(ValueError, match="ellipse, anatomy, anatomy-v2, anatomy-v3"):
+        synth_studies(tmp_path / "x", 1, phantoms="anatomy-v4")
