@@ -45,7 +45,7 @@ def in_loopback_namespace(scenarios: Path, tmp_path: Path, timeout: int = 1200) 
     probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(f"cannot make a loopback-only network namespace here ({probe.stderr.strip()})")
-    inner_cmd = (f"ip link set lo up && exec {sys.executable} -m pytest -q -p no:cacheprovider "
+    inner_cmd = (f"ip link set lo up && exec {sys.executable} -m pytest -q -n 0 -p no:cacheprovider "
                  f"--basetemp={tmp_path / 'inner'} {scenarios}")
     run = subprocess.run(["unshare", "-n", "sh", "-c", inner_cmd], capture_output=True, text=True, timeout=timeout,
                          env={**os.environ, LOOPBACK_ENV: "1"}, cwd=Path(__file__).resolve().parents[1])
