@@ -270,7 +270,6 @@ def _ct_numbers(rng: np.random.Generator, t: Template, s: Subject, coords: np.nd
     _vessels(vessels, t, s, coords, moved, hu, csf, depth, intracranial)
     if deep_veins:
         _deep_veins(_own_stream(vessels), t, coords, moved, hu, intracranial)
-    profile = _own_stream(vessels)  # after the veins' stream: theirs stays as it was
     region = Region(coords, gm, wm, csf, inside, depth, intracranial, mass)
     lesions = {kind: LESIONS[kind](rng, t, region) for kind in subtypes}
     for kind in subtypes:  # densities drawn per lesion; blood replaces what was there
@@ -282,13 +281,15 @@ def _ct_numbers(rng: np.random.Generator, t: Template, s: Subject, coords: np.nd
     skull = s.skull_mm * (1 + 0.25 * np.sin(coords[0] / 23.0 + rng.uniform(0, 6)) * np.cos(coords[2] / 31.0))
     table = np.minimum(1.8, skull / 3)
     bone = (d > 0) & (d <= skull)
+    scalp = (d > skull) & (d <= skull + s.scalp_mm)
     if planes is None:
         hu = np.where(bone, np.where((d <= table) | (d > skull - table), h["table"], h["diploe"]), hu)
-        scalp = (d > skull) & (d <= skull + s.scalp_mm)
-        fat = scalp & (np.abs(d - skull - 0.4 * s.scalp_mm) < 0.12 * s.scalp_mm)  # subcutaneous fat, thin
-        hu = np.where(fat, h["fat"], np.where(scalp, h["scalp"], hu))
-    else:
-        hu = _soft_layers(d, skull, table, s, hu, _profile_width(profile, d, planes))
+        hu = np.where(scalp, h["scalp"], hu)
+    else:  # the profile's stream comes after the veins' one, so theirs stays as it was
+        hu = _soft_layers(d, skull, table, s, hu, _profile_width(_own_stream(vessels), d, planes))
+        hu[d > skull + s.scalp_mm] = -1000.0  # the soft step to scalp reached out here too
+    fat = scalp & (np.abs(d - skull - 0.4 * s.scalp_mm) < 0.12 * s.scalp_mm)  # subcutaneous fat, thin
+    hu = np.where(fat, h["fat"], hu)
     hu = _skull_base(rng, s, coords, hu, bone, d > skull, intracranial)
     _siphons(vessels, t, s, coords, hu)
     return hu, {k: v[0] for k, v in lesions.items()}
@@ -311,9 +312,9 @@ def _profile_width(rng: np.random.Generator, d: np.ndarray, planes: Planes) -> n
 def _soft_layers(d: np.ndarray, skull: np.ndarray, table: np.ndarray, s: Subject, hu: np.ndarray,
                  width: np.ndarray) -> np.ndarray:
     """Inner table, diploe, outer table and scalp outwards along d (mm out from the cranial cavity), each
-    boundary a soft step (normal CDF of SD `width`) instead of a cut; the scalp's fat layer and the air
-    beyond stay cut (soft tissue against soft tissue or air: no mimic of blood, and a soft step to air
-    where the distance map ends would leave a faint halo that moves the headrest)."""
+    boundary a soft step (normal CDF of SD `width`) instead of a cut. The scalp's fat layer and the air
+    beyond stay cut, by the caller (soft tissue against soft tissue or air: no mimic of blood, and a soft
+    step to air where the distance map ends would leave a faint halo that moves the headrest)."""
     from scipy.special import ndtr
 
     h = s.hu
@@ -322,10 +323,6 @@ def _soft_layers(d: np.ndarray, skull: np.ndarray, table: np.ndarray, s: Subject
     for edge, value in ((0.0, h["table"]), (table, h["diploe"]), (skull - table, h["table"]), (skull, h["scalp"])):
         out += (value - below) * ndtr((d - edge) / width)
         below = value
-    scalp = d > skull
-    fat = scalp & (np.abs(d - skull - 0.4 * s.scalp_mm) < 0.12 * s.scalp_mm)
-    out[fat] = h["fat"]
-    out[d > skull + s.scalp_mm] = -1000.0
     return out
 
 
