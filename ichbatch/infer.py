@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .model.backend import forward
 from .model.bundle import Bundle
 from .model.inputs import channel_ops, to_layout, to_probabilities
 from .preprocess import MAX_TTA, tta_views
@@ -106,7 +107,7 @@ class Predictor:
 
 def keras_runner(serving, features: bool):  # type: ignore[no-untyped-def]
     """(B, D, S, S) HU -> (raw outputs of every view, pooled features of every view or None)."""
-    call = _jax_call(serving) or serving.predict_on_batch
+    call = forward(serving)
 
     def run(hu: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         out = call(hu)
@@ -130,29 +131,6 @@ def onnx_runner(bundle: Bundle, tta: int, features: bool):  # type: ignore[no-un
         return raw, None if maps is None else network.pooled(maps)
 
     return run
-
-
-def _jax_call(serving):  # type: ignore[no-untyped-def]
-    """Under JAX: one jit-compiled stateless call with the variables kept on the device.
-
-    predict_on_batch re-enters Keras' training-loop machinery on every call; on a GPU that overhead
-    is several times the ResNet50 forward pass itself.
-    """
-    import keras
-
-    if keras.backend.backend() != "jax":
-        return None
-    import jax
-
-    trainable = [v.value for v in serving.trainable_variables]
-    non_trainable = [v.value for v in serving.non_trainable_variables]
-
-    @jax.jit
-    def call(tv, ntv, x):  # type: ignore[no-untyped-def]
-        out, _ = serving.stateless_call(tv, ntv, x, training=False)
-        return out
-
-    return lambda x: call(trainable, non_trainable, x)
 
 
 def feature_model(model):  # type: ignore[no-untyped-def]

@@ -113,7 +113,11 @@ def resolve_runtime(runtime: str, device: str, bundle: Bundle) -> str:
         return runtime
     import importlib.util
 
-    return "onnx" if device == "cpu" and importlib.util.find_spec("tf2onnx") is not None else "keras"
+    import keras
+
+    # The export goes through tf2onnx, which needs the TensorFlow backend: under JAX, Keras runs.
+    exportable = keras.backend.backend() == "tensorflow" and importlib.util.find_spec("tf2onnx") is not None
+    return "onnx" if device == "cpu" and exportable else "keras"
 
 
 def resolve_precision(precision: str, device: str) -> str:

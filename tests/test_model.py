@@ -214,7 +214,8 @@ def test_tensorflow_and_jax_backends_agree(tiny_bundle):
         "from ichbatch.model.gradcam import CamExplainer, cam_raw; b = load_bundle(sys.argv[1]);"
         "hu = np.load(sys.argv[2]); x = np.clip((hu[..., None].astype(np.float32) + 1024) / 1300, 0, 1).repeat(3, -1);"
         "e = CamExplainer(b.model, 'conv3_block4_out');"
-        "np.savez(sys.argv[3], probs=Predictor(b, 2, 4).predict(hu), raw=cam_raw(e.lower, e.upper, x, 1),"
+        "p = Predictor(b, 2, 4); probs = p.predict(hu); CamExplainer(b.model).maps(x, 1);"  # the CAM shortcut's forward
+        "np.savez(sys.argv[3], probs=probs, after_maps=p.predict(hu), raw=cam_raw(e.lower, e.upper, x, 1),"
         "         hires=cam_raw(e.lower, e.upper, x, 1, 'hirescam'))"
     )
     np.save(tiny_bundle.parent / "hu.npy", hu)
@@ -229,6 +230,10 @@ def test_tensorflow_and_jax_backends_agree(tiny_bundle):
     tf_out, jax_out = results["tensorflow"], results["jax"]
     assert tf_out["probs"].shape == (3, 6) and tf_out["raw"].shape == (3, TINY_SIZE // 8, TINY_SIZE // 8)
     assert np.allclose(tf_out["probs"], jax_out["probs"], atol=2e-3)
+    # The heat maps' model shares the predictor's layers: running it must leave the predictor working
+    # (under JAX, Keras' predict_on_batch donated the shared weights' buffers and broke it).
+    for out in (tf_out, jax_out):
+        assert np.allclose(out["after_maps"], out["probs"], atol=1e-6)
     for key in ("raw", "hires"):
         scale = np.abs(tf_out[key]).max()
         assert scale > 0 and np.allclose(tf_out[key], jax_out[key], atol=0.02 * scale), key

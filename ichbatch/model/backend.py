@@ -21,3 +21,25 @@ def import_backend() -> str:
             import jax  # noqa: F401
     _imported = True
     return name
+
+
+def forward(model):  # type: ignore[no-untyped-def]
+    """x -> model(x) for inference. Under JAX one jit-compiled stateless call: predict_on_batch re-enters
+    Keras' training-loop machinery on every call (on a GPU that overhead is several times a ResNet50
+    forward pass), and it donates the variables' buffers to its step and stores new ones, which breaks
+    any other model sharing those layers, such as the heat maps' while the predictor runs. Elsewhere
+    predict_on_batch."""
+    import keras
+
+    if keras.backend.backend() != "jax":
+        return model.predict_on_batch
+    import jax
+
+    @jax.jit
+    def call(tv, ntv, x):  # type: ignore[no-untyped-def]
+        out, _ = model.stateless_call(tv, ntv, x, training=False)
+        return out
+
+    # The values are read at every call, not captured once: training or loading weights replaces them.
+    return lambda x: call([v.value for v in model.trainable_variables],
+                          [v.value for v in model.non_trainable_variables], x)

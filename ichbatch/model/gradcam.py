@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .backend import forward
+
 # View name -> the image axes it flips ((B, H, W, C) arrays: 1 is vertical, 2 is horizontal).
 FLIPS: dict[str, tuple[int, ...]] = {"hflip": (2,), "vflip": (1,), "hvflip": (1, 2)}
 METHODS = ("gradcam", "hirescam")
@@ -58,6 +60,7 @@ class CamExplainer:
         self.lower = keras.Model(model.inputs[0], target)  # input -> the layer's features
         self.upper = keras.Model(target, model.outputs[0])  # the layer's features -> outputs
         self._grad_fns: dict[int, object] = {}  # output index -> compiled gradient of the upper part
+        self._lower_forward = forward(self.lower)
         # Keras' ResNets pad explicitly ("conv1_pad") and then use 'valid' strided convolutions.
         self.corner_aligned = any(layer.name == "conv1_pad" for layer in model.layers)
 
@@ -80,7 +83,7 @@ class CamExplainer:
 
     def _maps(self, images: np.ndarray, output_index: int) -> np.ndarray:
         if self.mode == "cam":
-            feats = np.asarray(self.lower.predict_on_batch(images), np.float32)
+            feats = np.asarray(self._lower_forward(images), np.float32)
             raw = feats @ self.kernel[:, output_index]
         else:
             raw = cam_raw(self.lower, self.upper, images, output_index, self.method, self._grad_fns)

@@ -19,7 +19,10 @@ def packaged_models_dir() -> Path:
     """The bundles installed with ichbatch (the repository's models/ folder, as package data)."""
     from importlib.resources import files
 
-    return Path(str(files("ichbatch.bundled")))
+    try:
+        return Path(str(files("ichbatch.bundled")))
+    except ModuleNotFoundError:  # a source checkout on PYTHONPATH, not installed: ./models is the one place
+        return Path.cwd() / "models"
 
 
 def models_dirs() -> list[Path]:
