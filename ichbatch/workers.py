@@ -3,8 +3,10 @@
 A decoder handed a crafted file can allocate without bound, crash in C, or never return. In a worker
 process each of those is one item's failure: the memory cap (RLIMIT_AS) turns a huge allocation into a
 MemoryError, a worker that runs past the time limit is killed, and a worker that dies is replaced.
-Each worker holds one item at a time, so the item that killed it is known exactly and no other item
-is lost. (concurrent.futures' process pool breaks as a whole when one worker dies, and on Python 3.11
+A worker decodes its items one after the other, in the order given, and holds at most two: the one it
+is on and the next, already sent, so that it never waits for the parent between items. The item that
+killed a worker is the oldest it held, known exactly; the one queued behind it is handed to another
+worker, not lost. (concurrent.futures' process pool breaks as a whole when one worker dies, and on Python 3.11
 can hang on shutdown after that.)
 """
 
@@ -15,6 +17,7 @@ import os
 import queue
 import resource
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -25,6 +28,8 @@ from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+IN_FLIGHT = 2  # items per worker: the one it decodes and the next, so no round trip is waited for
 
 
 def _env_int(name: str, default: int) -> int:
@@ -58,6 +63,9 @@ class WorkerLimits:
 def _worker_main(conn: Connection, fn: Callable[[Any], Any], memory_mb: int) -> None:
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[name] = "1"  # one thread per process; the pool is the parallelism
+    cv2 = sys.modules.get("cv2")  # imported with fn, before this ran: OpenCV's own pool has a thread per core,
+    if cv2 is not None:  # in every worker, which oversubscribes a many-core machine (16 workers x 16 threads)
+        cv2.setNumThreads(1)
     if memory_mb:  # before any library allocates
         _, hard = resource.getrlimit(resource.RLIMIT_AS)
         cap = memory_mb << 20
@@ -87,13 +95,33 @@ class _Worker:
                                    name="ichbatch-decode")
         self.process.start()
         child.close()
-        self.job: tuple[int, Any] | None = None
-        self.deadline = float("inf")
+        self.jobs: deque[tuple[int, Any]] = deque()  # sent and not answered; the first is being decoded
+        self.seconds = 0
+        self.deadline = float("inf")  # for the first job
+
+    @property
+    def job(self) -> tuple[int, Any] | None:
+        """The job it is decoding now, if any."""
+        return self.jobs[0] if self.jobs else None
 
     def give(self, seq: int, item: Any, seconds: int) -> None:
-        self.job = (seq, item)
-        self.deadline = time.monotonic() + seconds if seconds else float("inf")
-        self.conn.send(self.job)
+        self.seconds = seconds
+        if not self.jobs:
+            self._start_clock()
+        self.jobs.append((seq, item))
+        try:
+            self.conn.send((seq, item))
+        except OSError:  # it died on the job before: its death is seen next, and this one handed out again
+            pass
+
+    def answered(self) -> None:
+        """The first job's reply came: the next one, already there, is being decoded from now."""
+        self.jobs.popleft()
+        if self.jobs:
+            self._start_clock()
+
+    def _start_clock(self) -> None:
+        self.deadline = time.monotonic() + self.seconds if self.seconds else float("inf")
 
     def stop(self, timeout: float = 5.0) -> None:
         try:
@@ -164,8 +192,10 @@ class IsolatedPool(Generic[T, R]):
             self._driver.stop()
             self._driver = None
 
-    def _collect(self, ready: list[Any], first: int, put: Callable[[tuple[int, bool, Any]], None]) -> None:
-        """Results of the busy workers that answered, died or ran out of time."""
+    def _collect(self, ready: list[Any], first: int, put: Callable[[tuple[int, bool, Any]], None],
+                 requeue: Callable[[tuple[int, Any]], None]) -> None:
+        """Results of the busy workers that answered, died or ran out of time. The jobs queued behind
+        one that killed its worker go back to be handed out again."""
         for index, worker in enumerate(self._workers):
             if worker.job is None:
                 continue
@@ -177,7 +207,7 @@ class IsolatedPool(Generic[T, R]):
                 except (EOFError, OSError):
                     reason = self._death(worker)
                 else:
-                    worker.job = None
+                    worker.answered()
                     if got >= first:
                         put((got, ok, value))
                     continue
@@ -191,6 +221,9 @@ class IsolatedPool(Generic[T, R]):
                 self._workers[index] = _Worker(self.fn, self.limits.memory_mb)
                 if seq >= first:
                     put((seq, True, self.on_crash(item, reason)))
+                for behind in reversed(list(worker.jobs)[1:]):  # to the front, in their order
+                    if behind[0] >= first:
+                        requeue(behind)
 
     def _death(self, worker: _Worker) -> str:
         worker.process.join(1)
@@ -254,13 +287,14 @@ class _Driver:
         while not self._stopping.is_set():
             while not self._items.empty():
                 waiting.append(self._items.get())
-            for worker in pool._workers:
-                if worker.job is None and waiting:
-                    worker.give(*waiting.popleft(), pool.limits.seconds)
+            for load in range(IN_FLIGHT):  # idle workers first, then a second item to each
+                for worker in pool._workers:
+                    if len(worker.jobs) == load and waiting:
+                        worker.give(*waiting.popleft(), pool.limits.seconds)
             busy = [w for w in pool._workers if w.job is not None]
             deadline = min((w.deadline for w in busy), default=float("inf"))
             timeout = None if deadline == float("inf") else max(0.0, deadline - time.monotonic())
             ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy] + [self._wake_r], timeout)
             if self._wake_r in ready:
                 os.read(self._wake_r, 4096)
-            pool._collect(ready, self.first, self.results.put)
+            pool._collect(ready, self.first, self.results.put, waiting.appendleft)

@@ -37,6 +37,11 @@ def test_a_worker_that_dies_fails_only_its_own_item_and_order_is_kept():
         assert out[2].startswith("crashed: the decoder process exited (139)") and out[6] == out[2]
         assert pool.crashes == 2
         assert list(pool.map([7, 8], depth=4)) == [49, 64]  # the pool carries on after crashes
+    with IsolatedPool(pool_tasks.square_or_die, pool_tasks.crashed, workers=1, limits=WorkerLimits(0, 0)) as pool:
+        # One worker holds two items: the one queued behind the item that kills it is decoded by its successor.
+        out = list(pool.map([-1, 5, -1, 6], depth=4))
+        assert out[1] == 25 and out[3] == 36 and out[0].startswith("crashed:") and out[2] == out[0]
+        assert pool.crashes == 2
 
 
 @pytest.mark.timeout(300)
