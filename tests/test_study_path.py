@@ -211,3 +211,52 @@ def test_a_slice_that_fails_to_decode_shifts_no_other_slice(tmp_path, tiny_bundl
     assert whole.slices[0].instance_number == 12 and whole.slices[0].z_mm == 0.0  # write_series numbers top down
     for s, probs in zip(partial.slices, partial.slice_probs):  # scores follow their slice
         np.testing.assert_allclose(probs, whole.slice_probs[s.index - 1], atol=1e-5)
+
+
+def test_a_study_is_finished_on_its_own_thread_while_the_next_is_scored_and_results_keep_their_order(
+        tmp_path, tiny_bundle):
+    """The model does not wait for a study's heat maps and key images; outputs still come in input order,
+    and a study whose finishing fails is one failed row."""
+    import threading
+
+    from ichbatch.pipeline import Engine, RunSettings, process_studies, select
+
+    synth_studies(tmp_path / "in", 4, seed=5, n_slices=12, size=96, encoding=Encoding())
+    engine = Engine(RunSettings(model=str(tiny_bundle), tta=1, batch_size=4, workers=1))
+    events: list[tuple[str, float]] = []
+    run, maps_calls = engine.predictor._run, []
+
+    def scored(hu):  # type: ignore[no-untyped-def]
+        events.append(("model", time.perf_counter()))
+        return run(hu)
+
+    class SlowMaps:  # a heat map that takes a while, on whatever thread it runs
+        def describe(self) -> str:
+            return "slow"
+
+        def maps(self, inputs, output_index):  # type: ignore[no-untyped-def]
+            maps_calls.append(threading.current_thread().name)
+            if len(maps_calls) == 1:
+                raise RuntimeError("planted heat-map failure")
+            events.append(("maps start", time.perf_counter()))
+            time.sleep(0.4)
+            events.append(("maps end", time.perf_counter()))
+            return np.zeros(inputs.shape[:3], np.float32)
+
+    engine.predictor._run = scored
+    engine.explainer = SlowMaps()
+    # Every label flagged, so that every study gets heat maps.
+    engine.bundle.card.thresholds.update({label: 0.0 for label in engine.bundle.card.thresholds})
+    choices = select(discover([tmp_path / "in"]), engine.settings.rules)
+    results = []
+    try:
+        process_studies(choices, engine, on_result=results.append)
+    finally:
+        engine.close()
+    assert [r.study.study_uid for r in results] == [c.study.study_uid for c in choices]
+    assert [r.status.value for r in results] == ["failed", "ok", "ok", "ok"]
+    assert "planted heat-map failure" in results[0].message
+    assert maps_calls and all(name.startswith("ichbatch-finish") for name in maps_calls)
+    spans = [(t, next(u for e, u in events if e == "maps end" and u > t)) for e, t in events if e == "maps start"]
+    model_times = [t for e, t in events if e == "model"]
+    assert any(start < t < end for start, end in spans for t in model_times), events  # scored meanwhile
