@@ -570,10 +570,14 @@ def _delivery_status(db: Path, retry: bool, uids: bool) -> None:
 @click.option("--checkpoints", type=click.Path(file_okay=False, path_type=Path),
               help="Training state after every epoch; the same command run again resumes there [default: "
                    "OUT.checkpoints beside the bundle; removed once the bundle is written].")
+@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True),
+              help="Stop fitting at the end of the last epoch that fits in this many minutes (generating or "
+                   "loading the data not counted); the best epoch's weights are kept and the bundle is written.")
 def train(source: str, data: Path | None, labels_csv: Path | None, out: Path, name: str | None, version: str, input_size: int,
           epochs: int, batch_size: int, lr: float, init: Path | None, init_schedule: str, vertical_flip: bool,
           val_fraction: float, seed: int, phantom_studies: int, phantom_slices: int, phantoms: str,
-          screenshots: float, workers: int, cache: Path | None, checkpoints: Path | None) -> None:
+          screenshots: float, workers: int, cache: Path | None, checkpoints: Path | None,
+          max_minutes: float | None) -> None:
     """Train the ResNet50 bundle and write it with its card, training curves and validation metrics.
 
     \b
@@ -591,7 +595,8 @@ def train(source: str, data: Path | None, labels_csv: Path | None, out: Path, na
                              val_fraction=val_fraction, seed=seed, phantom_studies=phantom_studies,
                              phantom_slices=phantom_slices, init_schedule=init_schedule, vertical_flip=vertical_flip,
                              workers=workers, cache=cache, checkpoints=checkpoints, phantoms=phantoms,
-                             screenshots=screenshots, command=_command_line(), started=time.time())
+                             screenshots=screenshots, command=_command_line(), started=time.time(),
+                             max_minutes=max_minutes)
     from .progress import TerminalProgress
 
     stage = {"phantoms": "generating phantoms", "rsna": "reading the index (headers)"}.get(source, "reading images")

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,7 @@ class TrainSettings:
     init_schedule: str = "transfer"  # with init: "transfer" (the two-stage recipe) or "continue" (all layers)
     command: str = ""  # the command line, for the card's record of how the bundle was made
     started: float = 0.0  # time.time() when the command started (data generation or loading included)
+    max_minutes: float | None = None  # fitting stops at the last epoch that ends within this budget
 
     @property
     def transfer(self) -> bool:
@@ -372,6 +374,7 @@ def _fit(settings: TrainSettings, base, model, checkpoints: Path,  # type: ignor
 
     train_batches, train_steps, val_batches, val_steps = data
     history: dict[str, list[float]] = {}
+    budget = _time_budget(settings.max_minutes, echo) if settings.max_minutes else None
     checkpoints.mkdir(parents=True, exist_ok=True)
     for i, (epochs, lr, trainable) in enumerate(_stages(settings)):
         done, log_file = checkpoints / f"stage{i}.weights.h5", checkpoints / f"stage{i}.history.json"
@@ -386,14 +389,42 @@ def _fit(settings: TrainSettings, base, model, checkpoints: Path,  # type: ignor
             backup = keras.callbacks.BackupAndRestore(str(checkpoints / f"stage{i}"), delete_checkpoint=False)
             h = model.fit(train_batches, steps_per_epoch=train_steps, validation_data=val_batches,
                           validation_steps=val_steps, epochs=epochs, verbose=2, shuffle=False,  # batches() shuffles
-                          callbacks=[backup, *_callbacks(checkpoints / f"best{i}.weights.h5")])
+                          callbacks=[backup, *_callbacks(checkpoints / f"best{i}.weights.h5"),
+                                     *([budget] if budget else [])])
             stage_history = {key: [float(v) for v in values] for key, values in h.history.items()}
             base.save_weights(checkpoints / f"stage{i}.tmp.weights.h5")
             os.replace(checkpoints / f"stage{i}.tmp.weights.h5", done)
             atomic_write_bytes(log_file, json.dumps(stage_history).encode())
         for key, values in stage_history.items():
             history.setdefault(key, []).extend(values)
+        if budget and budget.spent:
+            break
     return history
+
+
+def _time_budget(minutes: float, echo: Callable[[str], None]):  # type: ignore[no-untyped-def]
+    """A Keras callback that ends fitting at an epoch's end when one more epoch would overrun the budget
+    (a lent GPU or a queue slot has a fixed time); the best epoch's weights are kept as always."""
+    import keras
+
+    class Budget(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.deadline = time.monotonic() + 60 * minutes
+            self.spent = False
+            self.epoch_started = time.monotonic()
+
+        def on_epoch_begin(self, epoch, logs=None):  # type: ignore[no-untyped-def]
+            self.epoch_started = time.monotonic()
+
+        def on_epoch_end(self, epoch, logs=None):  # type: ignore[no-untyped-def]
+            now = time.monotonic()
+            if now + (now - self.epoch_started) > self.deadline:
+                self.spent = self.model.stop_training = True
+                echo(f"stopping after epoch {epoch + 1}: another epoch would pass the {minutes:g}-minute budget "
+                     "(--max-minutes)")
+
+    return Budget()
 
 
 def _validate(base, reader: SliceReader, va_idx: np.ndarray, data: TrainData,  # type: ignore[no-untyped-def]

@@ -42,8 +42,10 @@ def test_group_split_keeps_groups_whole():
 def test_train_on_phantoms(tmp_path):
     out = tmp_path / "phantom-model"
     result = CliRunner().invoke(main, ["train", "--source", "phantoms", "--out", str(out), "--phantom-studies", "16",
-                                       "--phantom-slices", "8", "--val-fraction", "0.25", *COMMON])
+                                       "--phantom-slices", "8", "--val-fraction", "0.25", "--max-minutes", "60",
+                                       *COMMON])
     assert result.exit_code == 0, result.output
+    assert "stopping after" not in result.output  # a budget that is not reached changes nothing
     _check_bundle(out, ("any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"))
     card = json.loads((out / "model.json").read_text())
     assert "synthetic phantoms" in card["trained_on"] and "anatomy" in card["trained_on"]  # the default generator
@@ -55,6 +57,18 @@ def test_train_on_phantoms(tmp_path):
     assert record["command"].startswith("ichbatch ") and "--phantom-studies 16" in record["command"]
     assert record["starting_point"] == "random initialisation" and "cores" in record["machine"]
     assert float(record["wall_minutes"]) >= 0
+
+
+def test_a_time_budget_ends_fitting_at_an_epoch_boundary_and_still_writes_the_bundle(tmp_path):
+    out = tmp_path / "budget-model"
+    args = ["train", "--source", "phantoms", "--phantoms", "ellipse", "--out", str(out), "--phantom-studies", "8",
+            "--phantom-slices", "8", "--val-fraction", "0.25", "--input-size", "32", "--batch-size", "4"]
+    result = CliRunner().invoke(main, [*args, "--epochs", "2", "--max-minutes", "0.0001"])
+    assert result.exit_code == 0, result.output
+    assert "stopping after epoch 1: another epoch would pass the 0.0001-minute budget" in result.output
+    card = json.loads((out / "model.json").read_text())
+    assert card["metrics"]["epochs_run"] == 1 and "--max-minutes 0.0001" in card["metrics"]["training"]["command"]
+    assert load_bundle(str(out)).card.trained
 
 
 def _rsna_folder(tmp_path, n=6, patients=3):
