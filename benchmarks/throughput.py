@@ -15,15 +15,25 @@ no heat maps, which would flatter the ratio).
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import platform
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from ichbatch.config import PHANTOM_KINDS  # noqa: E402  (light: no TensorFlow)
+
+
+def _generate(job: tuple) -> None:  # type: ignore[type-arg]
+    from ichbatch.synth import synth_studies
+
+    folder, seed, n_slices, encoding, phantoms = job
+    synth_studies(folder, 1, seed=seed, n_slices=n_slices, size=512, encoding=encoding, phantoms=phantoms)
 
 
 def main() -> None:
@@ -39,6 +49,8 @@ def main() -> None:
                              "i-th transfer syntax, cycling through all six)")
     parser.add_argument("--phantoms", default="anatomy", choices=PHANTOM_KINDS)
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--workers", type=int, default=0,
+                        help="decoder processes (default: the run's own default, one per core up to 8)")
     args = parser.parse_args()
 
     import keras
@@ -47,8 +59,9 @@ def main() -> None:
     from ichbatch.model.locate import default_model
     from ichbatch.infer import default_device
     from ichbatch.pipeline import Engine, RunSettings, process_studies, select
+    from ichbatch.study import StudyPath
     from ichbatch.discover import discover
-    from ichbatch.synth import TRANSFER_SYNTAXES, Encoding, can_encode, synth_studies
+    from ichbatch.synth import TRANSFER_SYNTAXES, Encoding, can_encode
 
     class TimedMaps:  # the explainer, timed: heat maps are the one cost that depends on what is flagged
         def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
@@ -65,19 +78,61 @@ def main() -> None:
                 self.seconds += time.perf_counter() - t
                 self.calls += 1
 
+    class Clock:  # where the end-to-end time goes: the scoring thread, and the thread that finishes studies
+        def __init__(self) -> None:
+            self.decode = self.model = self.finish = 0.0
+
+        def waited(self, iterator):  # type: ignore[no-untyped-def]
+            while True:
+                t = time.perf_counter()
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    return
+                finally:
+                    self.decode += time.perf_counter() - t
+                yield item
+
+    clock = Clock()
+
     settings = RunSettings(model=args.model or default_model(), tta=args.tta, batch_size=args.batch_size,
                            precision=args.precision)
+    if args.workers:
+        settings = replace(settings, workers=args.workers)
     engine = Engine(settings)
     engine.explainer = timed = TimedMaps(engine.explainer)
+    pool_map, model_run = engine.decoders.map, engine.predictor._run
+
+    def timed_run(hu):  # type: ignore[no-untyped-def]
+        t = time.perf_counter()
+        try:
+            return model_run(hu)
+        finally:
+            clock.model += time.perf_counter() - t
+
+    engine.decoders.map = lambda jobs, depth: clock.waited(pool_map(jobs, depth))  # type: ignore[method-assign,assignment]
+    finish_study = StudyPath._finish_safely
+
+    def timed_finish(self, *args):  # type: ignore[no-untyped-def]
+        t = time.perf_counter()
+        try:
+            return finish_study(self, *args)
+        finally:
+            clock.finish += time.perf_counter() - t
+
+    StudyPath._finish_safely = timed_finish  # type: ignore[method-assign]
     size = engine.bundle.card.input_size
     with tempfile.TemporaryDirectory() as tmp:
         stored = []
+        jobs = []
         for i in range(args.studies):  # every codec equally often: a random draw of a few studies is not a mix
             ts = TRANSFER_SYNTAXES[i % len(TRANSFER_SYNTAXES)]
             encoding = Encoding() if args.uncompressed or not can_encode(ts) else Encoding(transfer_syntax=ts)
             stored.append(encoding.transfer_syntax.name)
-            synth_studies(Path(tmp) / f"s{i}", 1, seed=99 + i, n_slices=args.slices, size=512, encoding=encoding,
-                          phantoms=args.phantoms)
+            jobs.append((Path(tmp) / f"s{i}", 99 + i, args.slices, encoding, args.phantoms))
+        # Generating is not what is measured; spawned, since the model's backend already runs threads.
+        with ProcessPoolExecutor(os.cpu_count() or 1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_generate, jobs))
         choices = select(discover([tmp]), settings.rules)
         batch = np.random.default_rng(0).integers(-1000, 100, (args.batch_size, size, size)).astype(np.int16)
         engine.predictor.predict(batch)  # compile once before timing either path
@@ -85,17 +140,21 @@ def main() -> None:
         first = process_studies(choices, engine)
         first_rate = first.n_slices / (time.perf_counter() - t)
         timed.seconds, timed.calls = 0.0, 0
-        bare, e2e, e2e_seconds = [], [], 0.0
+        engine.predictor._run = timed_run  # the bare passes below call it too: counted apart
+        bare, e2e, e2e_seconds, e2e_model = [], [], 0.0, 0.0
+        clock.decode = clock.finish = 0.0
         n_batches = max(1, args.studies * args.slices // args.batch_size)
         for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
             t = time.perf_counter()
             for _ in range(n_batches):
                 engine.predictor.predict(batch)
             bare.append(n_batches * args.batch_size / (time.perf_counter() - t))
+            model_before = clock.model
             t = time.perf_counter()
             flagged: list[bool] = []
             summary = process_studies(choices, engine, on_result=lambda r: flagged.append(any(r.flags.values())))
             e2e_seconds += time.perf_counter() - t
+            e2e_model += clock.model - model_before
             e2e.append(summary.n_slices / (time.perf_counter() - t))
     b, e = float(np.median(bare)), float(np.median(e2e))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
@@ -110,6 +169,13 @@ def main() -> None:
     if timed.calls:
         print(f"heat maps: {timed.seconds / timed.calls:.2f} s per flagged study, "
               f"{100 * timed.seconds / e2e_seconds:.0f}% of the end-to-end time")
+    def share(seconds: float) -> str:
+        return f"{100 * seconds / e2e_seconds:.0f}%"
+
+    print(f"end-to-end time, scoring thread: model {share(e2e_model)}, waiting for decoded slices "
+          f"{share(clock.decode)}, the rest (assembly, waiting for finished studies) "
+          f"{share(e2e_seconds - e2e_model - clock.decode)}; finishing thread busy {share(clock.finish)} "
+          f"(heat maps {share(timed.seconds)}, aggregation, domain check, key images)")
     print(f"ratio end-to-end / bare: {e / b:.2f}")
 
 

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU measurements (and a GPU training) as one script for a lent machine that has JAX but no
+# TensorFlow and no package index: Keras, pydicom and the decoders travel as wheels in .whl/
+# (README: Performance, "GPU figures", says how they were fetched).
+#
+#   bash benchmarks/gpu_session.sh bench            # network rate, then bare vs end to end at TTA 4
+#   bash benchmarks/gpu_session.sh train MINUTES N  # N anatomy-v3 studies, fitting for at most MINUTES
+#
+# Output goes to $OUT (the lent machine's return folder) or ./gpu-out.
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+fi
+export KERAS_BACKEND=jax XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>&1 | tee "$OUT/gpu.txt"
+python3 -c "import jax, keras, numpy; print('jax', jax.__version__, jax.devices(), 'keras', keras.__version__, 'numpy', numpy.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
+
+case "${1:-bench}" in
+bench)
+    python3 benchmarks/network_rate.py --model ich-resnet50-untrained --batch-size 1024 \
+        --precision float16 bfloat16 --seconds 4 2>&1 | tee "$OUT/network.log"
+    python3 benchmarks/network_rate.py --model ich-resnet50-demo --batch-size 1024 --precision bfloat16 \
+        --seconds 4 2>&1 | tee -a "$OUT/network.log"
+    workers=$(( $(nproc) - 1 ))
+    python3 benchmarks/throughput.py --model ich-resnet50-untrained --batch-size 256 --precision float16 --tta 4 \
+        --studies 48 --slices 32 --uncompressed --workers "$workers" --repeats 3 2>&1 | tee "$OUT/untrained.log"
+    python3 benchmarks/throughput.py --model ich-resnet50-demo --batch-size 256 --tta 4 \
+        --studies 48 --slices 32 --workers "$workers" --repeats 3 2>&1 | tee "$OUT/demo.log"
+    ;;
+train)
+    minutes=${2:-3}
+    studies=${3:-320}
+    python3 -m ichbatch.cli train --source phantoms --phantoms anatomy-v3 --input-size 128 --batch-size 64 \
+        --screenshots 0.3 --init models/ich-resnet50-demo/weights.npz --init-schedule continue --lr 2e-4 \
+        --epochs 60 --phantom-studies "$studies" --seed 23 --workers "$(nproc)" --max-minutes "$minutes" \
+        --version 0.6.0-gpu --out /tmp/gpu-model 2>&1 | tee "$OUT/train.log"
+    if [ -f /tmp/gpu-model/model.json ]; then  # the return folder takes files of at most 16 MiB
+        cp /tmp/gpu-model/model.json /tmp/gpu-model/domain.npz /tmp/gpu-model/training_curves.png "$OUT/"
+        split -b 15m -d /tmp/gpu-model/weights.npz "$OUT/weights.npz.part"
+    fi
+    ;;
+esac
