@@ -2,7 +2,8 @@
 
     python benchmarks/throughput.py [--model NAME] [--studies 6] [--batch-size 16] [--tta 1] [--phantoms anatomy]
     KERAS_BACKEND=jax python benchmarks/throughput.py --model ich-resnet50-untrained --batch-size 256 \
-        --precision bfloat16 --studies 40 --slices 32        # the GPU figure the README asks for
+        --precision float16 --tta 4 --studies 32 --slices 32 --uncompressed --workers 15
+                                                  # the README's GPU rows (benchmarks/gpu_session.sh bench)
 
 Bare: the serving model (windowing + TTA views + network) on int16 batches already in memory.
 End to end: the study path over generated phantom studies (discovery, decode, resize, inference,
