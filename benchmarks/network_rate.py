@@ -5,8 +5,9 @@
 
 This is the figure the project's GPU anchor is stated in (ResNet50, 224 px, fp16 on one H100: about
 25,000 images/s); benchmarks/throughput.py's "bare model" adds windowing, the TTA views and the copy of
-int16 slices to the device. Under JAX the call is one jit-compiled stateless_call, timed after a
-warm-up with block_until_ready; on other backends predict_on_batch (timed the same way).
+int16 slices to the device. The call is the pipeline's own (ichbatch.model.backend.forward: under JAX
+one jit-compiled stateless call, waited for with block_until_ready; elsewhere predict_on_batch),
+timed after two warm-up calls.
 """
 
 from __future__ import annotations
@@ -23,20 +24,21 @@ def rate(model, batch_size: int, seconds: float) -> tuple[float, int]:  # type: 
     import keras
     import numpy as np
 
+    from ichbatch.model.backend import forward
+
     size = model.inputs[0].shape[1]
     x = np.random.default_rng(0).random((batch_size, size, size, 3), dtype=np.float32)  # never zeros
+    run = forward(model)  # the inference call the pipeline itself makes
     if keras.backend.backend() == "jax":
         import jax
 
-        variables = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
-        step = jax.jit(lambda tv, ntv, x: model.stateless_call(tv, ntv, x, training=False)[0])
-        x_dev = jax.device_put(x)
+        x = jax.device_put(x)  # on the device once, as the docstring says
 
         def call():  # type: ignore[no-untyped-def]
-            return step(*variables, x_dev).block_until_ready()
+            return jax.block_until_ready(run(x))  # JAX returns before the GPU has finished
     else:
         def call():  # type: ignore[no-untyped-def]
-            return model.predict_on_batch(x)
+            return run(x)
     for _ in range(2):
         call()
     n, t = 0, time.perf_counter()

@@ -87,16 +87,16 @@ def _worker_main(conn: Connection, fn: Callable[[Any], Any], memory_mb: int) -> 
 
 
 class _Worker:
-    def __init__(self, fn: Callable[[Any], Any], memory_mb: int) -> None:
+    def __init__(self, fn: Callable[[Any], Any], limits: WorkerLimits) -> None:
         # spawn: the parent may hold TensorFlow's threads, which fork would copy in an unknown state.
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_worker_main, args=(child, fn, memory_mb), daemon=True,
+        self.process = ctx.Process(target=_worker_main, args=(child, fn, limits.memory_mb), daemon=True,
                                    name="ichbatch-decode")
         self.process.start()
         child.close()
         self.jobs: deque[tuple[int, Any]] = deque()  # sent and not answered; the first is being decoded
-        self.seconds = 0
+        self.seconds = limits.seconds
         self.deadline = float("inf")  # for the first job
 
     @property
@@ -104,8 +104,7 @@ class _Worker:
         """The job it is decoding now, if any."""
         return self.jobs[0] if self.jobs else None
 
-    def give(self, seq: int, item: Any, seconds: int) -> None:
-        self.seconds = seconds
+    def give(self, seq: int, item: Any) -> None:
         if not self.jobs:
             self._start_clock()
         self.jobs.append((seq, item))
@@ -158,7 +157,7 @@ class IsolatedPool(Generic[T, R]):
     def map(self, items: Iterable[T], depth: int) -> Iterator[R]:
         self._halt()  # an earlier map left unfinished stops handing out its items
         if not self._workers:
-            self._workers = [_Worker(self.fn, self.limits.memory_mb) for _ in range(self.size)]
+            self._workers = [_Worker(self.fn, self.limits) for _ in range(self.size)]
         source = iter(items)
         first = self._seq
         driver = self._driver = _Driver(self, first)
@@ -218,7 +217,7 @@ class IsolatedPool(Generic[T, R]):
             if reason:
                 self.crashes += 1
                 worker.stop()
-                self._workers[index] = _Worker(self.fn, self.limits.memory_mb)
+                self._workers[index] = _Worker(self.fn, self.limits)
                 if seq >= first:
                     put((seq, True, self.on_crash(item, reason)))
                 for behind in reversed(list(worker.jobs)[1:]):  # to the front, in their order
@@ -290,7 +289,7 @@ class _Driver:
             for load in range(IN_FLIGHT):  # idle workers first, then a second item to each
                 for worker in pool._workers:
                     if len(worker.jobs) == load and waiting:
-                        worker.give(*waiting.popleft(), pool.limits.seconds)
+                        worker.give(*waiting.popleft())
             busy = [w for w in pool._workers if w.job is not None]
             deadline = min((w.deadline for w in busy), default=float("inf"))
             timeout = None if deadline == float("inf") else max(0.0, deadline - time.monotonic())
