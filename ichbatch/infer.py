@@ -16,8 +16,8 @@ import numpy as np
 
 from .model.backend import forward
 from .model.bundle import Bundle
-from .model.inputs import channel_ops, to_layout, to_probabilities
-from .preprocess import MAX_TTA, tta_views
+from .model.inputs import prepare_layer, preparer, to_probabilities
+from .preprocess import MAX_TTA
 
 
 def default_device() -> str:
@@ -119,15 +119,12 @@ def keras_runner(serving, features: bool):  # type: ignore[no-untyped-def]
 
 
 def onnx_runner(bundle: Bundle, tta: int, features: bool):  # type: ignore[no-untyped-def]
-    """The same input preparation, eagerly, in front of onnxruntime."""
-    from keras import ops
-
-    spec = bundle.card.input_spec
+    """The same input preparation, compiled on its own, in front of onnxruntime."""
     network = bundle.model
+    prepare = preparer(bundle.card.input_spec, tta)
 
     def run(hu: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        x = np.asarray(ops.convert_to_numpy(to_layout(tta_views(channel_ops(hu, spec), tta), spec)), np.float32)
-        raw, maps = network.run(x, features)
+        raw, maps = network.run(prepare(hu), features)
         return raw, None if maps is None else network.pooled(maps)
 
     return run
@@ -149,18 +146,8 @@ def build_serving_model(bundle: Bundle, tta: int, features: bool = False):  # ty
     import keras
 
     spec = bundle.card.input_spec
-    shape = spec.shape()
-
-    class PrepareViews(keras.layers.Layer):
-        def call(self, hu):  # type: ignore[no-untyped-def]
-            return to_layout(tta_views(channel_ops(hu, spec), tta), spec)
-
-        def compute_output_shape(self, in_shape):  # type: ignore[no-untyped-def]
-            batch = None if in_shape[0] is None else in_shape[0] * tta
-            return (batch, *shape)
-
     hu = keras.Input((spec.depth, spec.size, spec.size), dtype="int16", name="hu")
-    views = PrepareViews(name="prepare_views")(hu)
+    views = prepare_layer(spec, tta)(hu)
     if not features:
         return keras.Model(hu, bundle.model(views), name="ich_serving")
     return keras.Model(hu, feature_model(bundle.model)(views), name="ich_serving")
