@@ -1,7 +1,9 @@
-"""Stage 3, as run for the study path: one slice decoded, checked and reduced to the model's input.
+"""Stage 3, as run for the study path: one slice decoded, checked and reduced to the model's input;
+and, once a study is scored, its few key slices decoded again and rendered for the reports.
 
-This runs in worker processes (ichbatch.workers), so it imports nothing heavy and returns small arrays:
-the model input (int16 at the card's size) and a thumbnail, never the full-size slice.
+This runs in worker processes (ichbatch.workers), so it imports nothing heavy. A scored slice comes back
+small (the model input, int16 at the card's size, and a thumbnail), never at full size; only the key
+slices come back at full size, as the uint8 images the reports show.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import BRAIN
+from .config import BONE, BRAIN, SUBDURAL
 from .domain import SliceId, SliceRef
 from .errors import DecodeError
 from .pixels import load_hu
@@ -64,3 +66,39 @@ def failed(job: DecodeJob, reason: str) -> Decoded:
 def crashed(job: DecodeJob, reason: str) -> Decoded:
     """What the worker pool reports for a slice whose decoder process died."""
     return failed(job, f"{job.ref.path}: {reason}")
+
+
+@dataclass(frozen=True)
+class RenderJob:
+    ref: SliceRef
+    heat: np.ndarray | None  # the heat map to overlay, [0, 1] at any size; None: nothing flagged
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A key slice at full resolution: brain window, the overlay on it, subdural and bone windows."""
+
+    brain: np.ndarray | None
+    overlay: np.ndarray | None
+    subdural: np.ndarray | None
+    bone: np.ndarray | None
+    error: str = ""
+
+
+def render_key_slice(job: RenderJob) -> Rendered:
+    """Decoded again at full resolution: keeping every slice's full-size HU would make memory grow with
+    the study, and only these few are shown. In a worker process, so the study path's threads, which
+    share one interpreter lock with the model's, do not parse DICOM. Never raises."""
+    from .model.gradcam import overlay  # light: OpenCV and numpy
+
+    try:
+        hu = load_hu(job.ref).hu
+    except Exception as exc:  # it decoded for the model a moment ago: the file changed or went away
+        return render_failed(job, f"{type(exc).__name__}: {exc}")
+    brain = to_uint8(hu, BRAIN)
+    shown = None if job.heat is None else overlay(brain, job.heat)
+    return Rendered(brain, shown, to_uint8(hu, SUBDURAL), to_uint8(hu, BONE))
+
+
+def render_failed(job: RenderJob, reason: str) -> Rendered:
+    return Rendered(None, None, None, None, f"{job.ref.path}: key image could not be made: {reason}")

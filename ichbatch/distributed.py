@@ -67,7 +67,7 @@ class StudyScorer:
 
     def score(self, choice: SeriesChoice, decoded: list[Any]) -> tuple[StudyResult, StudyImages, list[FileIssue]]:
         """Called with num_returns=3: the images go straight from here to the task that writes the files."""
-        from .study import StudyPath
+        from .study import StudyPath, render_here
 
         kept = _Kept()
 
@@ -76,7 +76,7 @@ class StudyScorer:
             for _ in jobs:  # the same jobs, in the same order, that the decode task ran
                 yield next(slices)
 
-        StudyPath(self.engine, kept, decode=given).process(choice)
+        StudyPath(self.engine, kept, decode=given, render=render_here).process(choice)
         assert kept.result is not None
         return kept.result, kept.images, kept.issues
 

@@ -21,17 +21,16 @@ import numpy as np
 
 from . import context
 from .aggregate import aggregate
-from .config import BONE, BRAIN, DEFAULT_RULES, SUBDURAL, SelectionRules
+from .config import DEFAULT_RULES, SelectionRules
+from .errors import DecodeError
 from .domain import FileIssue, KeyImage, SeriesChoice, SliceId, SliceRef, Status, StudyImages, StudyResult
-from .decode import DecodeJob, Decoded, crashed, decode_slice
+from .decode import DecodeJob, Decoded, Rendered, RenderJob, crashed, decode_slice, render_failed, render_key_slice
 from .infer import Predictor, default_device, default_tta, default_workers
 from .model.backend import import_backend
 from .model import calibration
 from .model.bundle import Bundle, ModelCard, load_bundle
-from .model.gradcam import CamExplainer, overlay
+from .model.gradcam import CamExplainer
 from .model.inputs import model_input
-from .pixels import load_hu
-from .preprocess import to_uint8
 from .workers import IsolatedPool, WorkerLimits
 
 log = logging.getLogger(__name__)
@@ -80,9 +79,13 @@ class Engine:
         # Started on first use and kept for every later study (watch reuses the engine).
         self.decoders: IsolatedPool[DecodeJob, Decoded] = IsolatedPool(
             decode_slice, crashed, settings.workers, settings.decode_limits)
+        # Key slices, a few per study, are rendered apart from the decoders, which the next studies keep busy.
+        self.renderers: IsolatedPool[RenderJob, Rendered] = IsolatedPool(
+            render_key_slice, render_failed, max(1, settings.workers // 8), settings.decode_limits)
 
     def close(self) -> None:
         self.decoders.close()
+        self.renderers.close()
 
     @property
     def model_key(self) -> str:
@@ -133,6 +136,12 @@ def resolve_precision(precision: str, device: str) -> str:
 
 
 Decoder = Callable[[Iterable[DecodeJob], int], Iterator[Decoded]]  # (jobs, how many ahead) -> results in order
+Renderer = Callable[[Iterable[RenderJob], int], Iterator[Rendered]]
+
+
+def render_here(jobs: Iterable[RenderJob], _ahead: int) -> Iterator[Rendered]:
+    """Key slices rendered on the calling thread (where the caller is itself a worker, as a Ray actor is)."""
+    return map(render_key_slice, jobs)
 
 
 class StudySink(Protocol):
@@ -147,12 +156,14 @@ class StudyPath:
     """Selected series to written outputs. `process` takes one study; `process_many` a stream of them."""
 
     def __init__(self, engine: Engine, sink: StudySink | None = None,
-                 on_slices: Callable[[int], None] | None = None, decode: Decoder | None = None) -> None:
+                 on_slices: Callable[[int], None] | None = None, decode: Decoder | None = None,
+                 render: Renderer | None = None) -> None:
         self.engine = engine
         self.sink = sink
         self.on_slices = on_slices  # called with the number of slices scored, for progress
         # Who decodes: the engine's isolated worker processes, or (the Ray engine) slices decoded elsewhere.
         self.decode: Decoder = decode or engine.decoders.map
+        self.render: Renderer = render or engine.renderers.map
         self.n_slices = 0
 
     def process(self, choice: SeriesChoice) -> StudyResult:
@@ -326,13 +337,10 @@ class StudyPath:
             for k, (d, shape) in enumerate(zip(slices, shapes)):
                 heats[k] = shape * float(result.smoothed_probs[result.slices.index(d.ident), column])
         images = []
-        for d, heat in zip(slices, heats):
-            # Decoded again at full resolution: keeping every slice's full-size HU would make memory grow
-            # with the study, and only these few are shown.
-            hu = load_hu(d.ref).hu
-            brain = to_uint8(hu, BRAIN)
-            shown = None if heat is None else overlay(brain, heat)
-            images.append(KeyImage(d.ident, brain, shown, to_uint8(hu, SUBDURAL), to_uint8(hu, BONE), label))
+        for d, shown in zip(slices, self.render((RenderJob(d.ref, heat) for d, heat in zip(slices, heats)), len(slices))):
+            if shown.error or shown.brain is None or shown.subdural is None or shown.bone is None:
+                raise DecodeError(shown.error)
+            images.append(KeyImage(d.ident, shown.brain, shown.overlay, shown.subdural, shown.bone, label))
         return tuple(images)
 
     def _base(self, choice: SeriesChoice, status: Status, message: str) -> StudyResult:

@@ -260,3 +260,54 @@ def test_a_study_is_finished_on_its_own_thread_while_the_next_is_scored_and_resu
     spans = [(t, next(u for e, u in events if e == "maps end" and u > t)) for e, t in events if e == "maps start"]
     model_times = [t for e, t in events if e == "model"]
     assert any(start < t < end for start, end in spans for t in model_times), events  # scored meanwhile
+
+
+def test_key_slices_are_rendered_in_a_worker_process_and_a_vanished_key_slice_fails_only_its_study(
+        tmp_path, tiny_bundle):
+    """Key images at full resolution come from a worker process (no DICOM parsing on the threads that
+    share the model's interpreter lock); a key slice whose file is gone by then is one failed study."""
+    from ichbatch.pipeline import Engine, RunSettings, select
+    from ichbatch.study import StudyPath
+
+    synth_studies(tmp_path / "in", 3, seed=8, n_slices=10, size=96, encoding=Encoding())
+    engine = Engine(RunSettings(model=str(tiny_bundle), tta=1, batch_size=4, workers=1))
+    engine.bundle.card.thresholds.update({label: 0.0 for label in engine.bundle.card.thresholds})
+    choices = select(discover([tmp_path / "in"]), engine.settings.rules)
+    rendered_by: list[int] = []
+
+    def render(jobs, ahead):  # type: ignore[no-untyped-def]
+        jobs = list(jobs)
+        if len(rendered_by) == 1:  # the second study's key slices vanish after scoring
+            for job in jobs:
+                Path(job.ref.path).unlink()
+        results = list(engine.renderers.map(jobs, ahead))
+        rendered_by.extend(w.process.pid for w in engine.renderers._workers)
+        return iter(results)
+
+    class Kept:  # the sink: what a report writer would get
+        def __init__(self) -> None:
+            self.images: dict[str, object] = {}
+
+        def write(self, result, images):  # type: ignore[no-untyped-def]
+            self.images[result.study.study_uid] = images
+            return result
+
+        def record_file_issue(self, issue) -> None:  # type: ignore[no-untyped-def]
+            pass
+
+    kept = Kept()
+    try:
+        results = list(StudyPath(engine, kept, render=render).process_many(choices))
+    finally:
+        engine.close()
+    by_study = {r.study.study_uid: r for r in results}
+    assert [by_study[c.study.study_uid].status.value for c in choices] == ["ok", "failed", "ok"]
+    failed = by_study[choices[1].study.study_uid]
+    assert "key image could not be made" in failed.message and "DecodeError" in failed.message
+    assert rendered_by and os.getpid() not in rendered_by
+    for choice in (choices[0], choices[2]):
+        keys = kept.images[choice.study.study_uid].key_images  # type: ignore[attr-defined]
+        assert len(keys) == len(by_study[choice.study.study_uid].key_slices) > 0
+        for key in keys:  # at full size, with the heat map overlaid
+            assert key.brain.shape == (96, 96) and key.bone.shape == (96, 96)
+            assert key.gradcam is not None and key.gradcam.shape == (96, 96, 3)
