@@ -82,16 +82,25 @@ def main() -> None:
     class Clock:  # where the end-to-end time goes: the scoring thread, and the thread that finishes studies
         def __init__(self) -> None:
             self.decode = self.model = self.finish = 0.0
+            # CPU seconds of each thread itself (time.thread_time): what a faster model or more cores
+            # cannot hide, since the scoring and finishing threads share one interpreter lock.
+            self.model_cpu = self.finish_cpu = self.pool_cpu = 0.0
+            self.studies = 0
 
-        def waited(self, iterator):  # type: ignore[no-untyped-def]
+        def waited(self, iterator, pool):  # type: ignore[no-untyped-def]
+            pool_clock, pool_cpu = None, 0.0  # the decoder pool's driver thread, read after each slice
             while True:
                 t = time.perf_counter()
                 try:
                     item = next(iterator)
                 except StopIteration:
+                    self.pool_cpu += pool_cpu
                     return
                 finally:
                     self.decode += time.perf_counter() - t
+                if pool_clock is None:
+                    pool_clock = time.pthread_getcpuclockid(pool._driver._thread.ident)
+                pool_cpu = time.clock_gettime(pool_clock)
                 yield item
 
     clock = Clock()
@@ -105,21 +114,24 @@ def main() -> None:
     pool_map, model_run = engine.decoders.map, engine.predictor._run
 
     def timed_run(hu):  # type: ignore[no-untyped-def]
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         try:
             return model_run(hu)
         finally:
             clock.model += time.perf_counter() - t
+            clock.model_cpu += time.thread_time() - c
 
-    engine.decoders.map = lambda jobs, depth: clock.waited(pool_map(jobs, depth))  # type: ignore[method-assign,assignment]
+    engine.decoders.map = lambda jobs, depth: clock.waited(pool_map(jobs, depth), engine.decoders)  # type: ignore[method-assign,assignment]
     finish_study = StudyPath._finish_safely
 
     def timed_finish(self, *args):  # type: ignore[no-untyped-def]
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         try:
             return finish_study(self, *args)
         finally:
             clock.finish += time.perf_counter() - t
+            clock.finish_cpu += time.thread_time() - c
+            clock.studies += 1
 
     StudyPath._finish_safely = timed_finish  # type: ignore[method-assign]
     size = engine.bundle.card.input_size
@@ -143,19 +155,22 @@ def main() -> None:
         timed.seconds, timed.calls = 0.0, 0
         engine.predictor._run = timed_run  # the bare passes below call it too: counted apart
         bare, e2e, e2e_seconds, e2e_model = [], [], 0.0, 0.0
-        clock.decode = clock.finish = 0.0
+        clock.decode = clock.finish = clock.finish_cpu = clock.pool_cpu = 0.0
+        clock.studies = 0
+        scoring_cpu = 0.0
         n_batches = max(1, args.studies * args.slices // args.batch_size)
         for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
             t = time.perf_counter()
             for _ in range(n_batches):
                 engine.predictor.predict(batch)
             bare.append(n_batches * args.batch_size / (time.perf_counter() - t))
-            model_before = clock.model
-            t = time.perf_counter()
+            model_before, model_cpu_before = clock.model, clock.model_cpu
+            t, c = time.perf_counter(), time.thread_time()
             flagged: list[bool] = []
             summary = process_studies(choices, engine, on_result=lambda r: flagged.append(any(r.flags.values())))
             e2e_seconds += time.perf_counter() - t
             e2e_model += clock.model - model_before
+            scoring_cpu += time.thread_time() - c - (clock.model_cpu - model_cpu_before)
             e2e.append(summary.n_slices / (time.perf_counter() - t))
     b, e = float(np.median(bare)), float(np.median(e2e))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
@@ -177,6 +192,11 @@ def main() -> None:
           f"{share(clock.decode)}, the rest (assembly, waiting for finished studies) "
           f"{share(e2e_seconds - e2e_model - clock.decode)}; finishing thread busy {share(clock.finish)} "
           f"(heat maps {share(timed.seconds)}, aggregation, domain check, key images)")
+    n_scored = args.repeats * summary.n_slices
+    print(f"host CPU time, on the threads that share the interpreter lock: scoring thread outside the model "
+          f"{1000 * scoring_cpu / n_scored:.2f} ms per slice; decoder pool's driver thread "
+          f"{1000 * clock.pool_cpu / n_scored:.2f} ms per slice; finishing thread {1000 * clock.finish_cpu / clock.studies:.1f} "
+          f"ms per study ({1000 * clock.finish_cpu / n_scored:.2f} ms per slice)")
     print(f"ratio end-to-end / bare: {e / b:.2f}")
 
 
