@@ -41,5 +41,9 @@ def forward(model):  # type: ignore[no-untyped-def]
         return out
 
     # The values are read at every call, not captured once: training or loading weights replaces them.
-    return lambda x: call([v.value for v in model.trainable_variables],
-                          [v.value for v in model.non_trainable_variables], x)
+    return lambda x: call(*variable_values(model), x)
+
+
+def variable_values(model):  # type: ignore[no-untyped-def]
+    """(trainable, non-trainable) variable values, the arguments a stateless call takes."""
+    return [v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables]

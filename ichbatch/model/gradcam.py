@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import forward
+from .backend import forward, variable_values
 
 # View name -> the image axes it flips ((B, H, W, C) arrays: 1 is vertical, 2 is horizontal).
 FLIPS: dict[str, tuple[int, ...]] = {"hflip": (2,), "vflip": (1,), "hvflip": (1, 2)}
@@ -174,10 +174,7 @@ def _compile_feats_and_grads(lower, upper):  # type: ignore[no-untyped-def]
 
             return feats, jax.grad(score)(feats)
 
-        def values(model):  # type: ignore[no-untyped-def]
-            return ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
-
-        return lambda x, w: both_jax(values(lower), values(upper), x, w)
+        return lambda x, w: both_jax(variable_values(lower), variable_values(upper), x, w)
     raise NotImplementedError(f"gradient Grad-CAM is not implemented for the {backend} backend")
 
 

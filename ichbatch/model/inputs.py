@@ -173,7 +173,7 @@ def to_layout(x, spec: InputSpec):  # type: ignore[no-untyped-def]
     return ops.transpose(x, (0, 3, 1, 2)) if spec.layout == "nchw" else x
 
 
-def prepare_layer(spec: InputSpec, tta: int, name: str = "prepare_views"):  # type: ignore[no-untyped-def]
+def prepare_layer(spec: InputSpec, tta: int):  # type: ignore[no-untyped-def]
     """A Keras layer: (B, D, S, S) HU -> channels -> TTA views -> layout (view v of image b at v * B + b)."""
     import keras
 
@@ -189,7 +189,7 @@ def prepare_layer(spec: InputSpec, tta: int, name: str = "prepare_views"):  # ty
             batch = None if in_shape[0] is None else in_shape[0] * tta
             return (batch, *shape)
 
-    return PrepareViews(name=name)
+    return PrepareViews(name="prepare_views")
 
 
 @functools.lru_cache(maxsize=8)
