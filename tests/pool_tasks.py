@@ -28,3 +28,14 @@ def sleep_for(seconds: float) -> str:
 
 def crashed(item: object, reason: str) -> str:
     return f"crashed: {reason}"
+
+
+def decode_and_count_faults(job: object) -> tuple[str, int]:
+    """Decode one slice as a run does: its error ('' when it decoded) and the minor page faults it took."""
+    import resource
+
+    from ichbatch.decode import decode_slice
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    decoded = decode_slice(job)  # type: ignore[arg-type]
+    return decoded.error, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before

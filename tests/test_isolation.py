@@ -74,6 +74,33 @@ def test_memory_cap_and_time_limit_hold_inside_the_workers():
         assert time.monotonic() - start < 30
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt and minor-fault counts as glibc has them")
+@pytest.mark.timeout(300)
+def test_a_decoder_process_serves_the_next_slice_from_the_memory_the_last_one_freed(tmp_path, monkeypatch):
+    """Each 512 x 512 slice makes 1 MB float arrays. Unmapped when freed, as glibc does by default for
+    blocks over 128 kB, every slice faults its pages in afresh; kept (the default), none after the first."""
+    from ichbatch.discover import discover
+    from ichbatch.pipeline import select
+    from ichbatch.series import DEFAULT_RULES
+    from ichbatch.study import decode_jobs
+    from ichbatch.synth import make_phantom
+
+    hu = make_phantom(np.random.default_rng(3), n_slices=8, size=512).hu
+    write_series(tmp_path / "s", hu, study_uid=generate_uid(), series_uid=generate_uid())
+    (choice,) = select(discover([str(tmp_path)]), DEFAULT_RULES)
+    jobs = list(decode_jobs(0, choice, 128))
+    monkeypatch.setenv("ICHBATCH_DECODE_KEEP_FREED_MB", "0")
+    faults = []
+    for limits in (WorkerLimits(), WorkerLimits.from_env()):
+        with IsolatedPool(pool_tasks.decode_and_count_faults, pool_tasks.crashed, 1, limits) as pool:
+            out = list(pool.map(jobs, depth=2))
+        assert [error for error, _ in out] == [""] * len(jobs)
+        faults.append([count for _, count in out[2:]])  # the first two grow the heap to its size
+    kept, unmapped = faults
+    assert max(kept) <= 16, kept  # 4 kB pages: nothing of a slice's arrays is faulted in again
+    assert min(unmapped) >= 256, unmapped  # at least one 1 MB array's pages, every slice
+
+
 def _rle_bomb(path: Path, like: Path, frames: int) -> None:
     """A valid RLE file of `frames` 4096 x 4096 frames: each frame is 0.5 MB compressed, 32 MB decoded.
     Compressed data gives no size to check before decoding; only the decoder's memory cap stops it."""
