@@ -18,7 +18,7 @@ from .errors import DecodeError
 from .pixels import load_hu
 from .preprocess import resize_hu, to_uint8
 
-THUMB = 96
+THUMB = 96  # made from the model input when that is at least as large: from 512 px it cost 0.3 ms more a slice
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,9 @@ def decode_slice(job: DecodeJob) -> Decoded:
         return failed(job, f"{job.ref.path}: decoding needs more memory than a decoder process may use")
     except Exception as exc:  # a decoder bug is one bad file
         return failed(job, f"{job.ref.path}: {type(exc).__name__}: {exc}")
-    thumb = to_uint8(resize_hu(hs.hu, THUMB), BRAIN)
-    return Decoded(job.study, job.ident, job.ref, resize_hu(hs.hu, job.size), thumb, hs.warnings)
+    model_input = resize_hu(hs.hu, job.size)
+    thumb = to_uint8(resize_hu(model_input if job.size >= THUMB else hs.hu, THUMB), BRAIN)
+    return Decoded(job.study, job.ident, job.ref, model_input, thumb, hs.warnings)
 
 
 def failed(job: DecodeJob, reason: str) -> Decoded:
