@@ -4,13 +4,15 @@
                                          [--cam-layers conv2_block3_out,conv3_block4_out]
                                          [--cam-augment hflip,vflip,hvflip] [--cam-method hirescam]
                                          [--phantoms ellipse|anatomy|anatomy-v2|anatomy-v3] [--record]
+                                         [--cam-precision bfloat16]
 
 Generates phantom studies with a seed the demo model never saw, runs the pipeline on them, and
 reports study-level ROC AUC per label and, for true-positive slices (label 'any' present and slice
 probability at the card's threshold), how often the Grad-CAM peak falls inside the lesion mask, for the
 card's cam_layer and any --cam-layers to compare, each with the card's cam_method (or --cam-method) and
 cam_augment flips (or --cam-augment; "none" for none) and, for comparison, without them. Choose layer,
-method and flips on a tuning seed, not on the held-out one.
+method and flips on a tuning seed, not on the held-out one. --cam-precision adds the card's maps computed
+by the model loaded in that precision (named "...@bfloat16"), and how often its peak is the same pixel.
 --record writes the figures into the bundle's card under metrics.holdout (holdout_anatomy, holdout_anatomy_v2 or
 holdout_anatomy_v3 for the anatomy kinds; the weights are unchanged).
 These are figures on synthetic phantoms only: they say nothing about accuracy on real patients.
@@ -41,6 +43,7 @@ def main() -> None:
     parser.add_argument("--phantoms", choices=PHANTOM_KINDS, default="ellipse",
                         help="which generator makes the held-out studies (ichbatch.synth, ichbatch.anatomy)")
     parser.add_argument("--record", action="store_true")
+    parser.add_argument("--cam-precision", default="", choices=["", "float32", "bfloat16", "float16"])
     args = parser.parse_args()
 
     import numpy as np
@@ -48,7 +51,7 @@ def main() -> None:
     from ichbatch.discover import discover
     from ichbatch.evaluate import roc_auc
     from ichbatch.model.gradcam import CamExplainer
-    from ichbatch.model.bundle import CARD, resolve
+    from ichbatch.model.bundle import CARD, load_bundle, resolve
     from ichbatch.pipeline import Engine, RunSettings, process_studies, select
     from ichbatch.pixels import load_hu
     from ichbatch.preprocess import resize_hu, windows_np
@@ -77,7 +80,13 @@ def main() -> None:
             for augment in (flips, ()) if flips else ((),):
                 name = f"{layer}:{how or method}" + ("+" + "+".join(augment) if augment else "")
                 explainers[name] = CamExplainer(engine.bundle.model, None if layer == "last" else layer, augment, how or method)
+        if args.cam_precision:
+            other = load_bundle(args.model, args.cam_precision).model
+            main = next(iter(explainers))
+            explainers[f"{main}@{args.cam_precision}"] = CamExplainer(
+                other, card.cam_layer or None, flips, method)
         layers = list(explainers)
+        same_peak: list[bool] = []
         hits: dict[str, list[tuple[str, bool]]] = {name: [] for name in layers}
         any_col = card.outputs.index("any")
         for r in results:
@@ -93,10 +102,14 @@ def main() -> None:
             refs = [choices[r.study.study_uid].slices[k] for k in tp]
             inputs = np.stack([windows_np(resize_hu(load_hu(ref).hu, card.input_size), card.windows) for ref in refs])
             scale = mask.shape[1] / card.input_size
+            peaks: dict[str, list[tuple[int, int]]] = {}
             for name, explainer in explainers.items():
                 for k, heat in zip(tp, explainer.maps(inputs, any_col)):
                     row, col = np.unravel_index(np.argmax(heat), heat.shape)
+                    peaks.setdefault(name, []).append((int(row), int(col)))
                     hits[name].append((kinds[k], bool(mask[k][int(row * scale), int(col * scale)])))
+            if args.cam_precision:
+                same_peak += [a == b for a, b in zip(peaks[layers[0]], peaks[layers[-1]])]
     main_rows = hits[layers[0]]
     report = {
         "phantom_seed": args.seed, "phantoms": args.phantoms, "studies": args.studies, "tta": args.tta,
@@ -106,6 +119,8 @@ def main() -> None:
         "gradcam_by_lesion": {kind: rate([x for x in main_rows if x[0] == kind])
                               for kind in sorted({kind for kind, _ in main_rows})},
         "gradcam_by_layer": {name: rate(rows) for name, rows in hits.items()},
+        **({f"same_peak_at_{args.cam_precision}": round(float(np.mean(same_peak)), 4) if same_peak else None}
+           if args.cam_precision else {}),
         "note": "synthetic phantoms only; not a measure of clinical accuracy",
     }
     print(json.dumps(report, indent=1))

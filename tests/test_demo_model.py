@@ -67,3 +67,33 @@ def test_demo_report_maps_peak_inside_the_lesion():
             hits.append(bool(ph.masks[subtype][k][row * scale, col * scale]))
     assert len(hits) >= 8, hits  # the model flags bleeds at all
     assert np.mean(hits) >= 0.5, hits
+
+
+def test_heat_maps_use_bfloat16_only_where_the_cpu_has_it_and_keep_their_peaks(monkeypatch):
+    """Scores stay float32 on a CPU; the maps that explain them run in bfloat16 where the CPU computes it
+    natively (study.heatmap_precision), and peak where the float32 maps do."""
+    from ichbatch import study
+    from ichbatch.model.gradcam import CamExplainer
+    from ichbatch.pipeline import Engine, RunSettings
+    from ichbatch.preprocess import resize_hu, windows_np
+
+    for native in (True, False):
+        monkeypatch.setattr(study, "cpu_has_bfloat16", lambda native=native: native)
+        assert study.heatmap_precision("auto", "cpu") == ("bfloat16" if native else "float32")
+        assert study.heatmap_precision("float32", "cpu") == "float32"  # asked for: kept
+        assert study.heatmap_precision("auto", "gpu") == "bfloat16"  # the run's own
+    monkeypatch.setattr(study, "cpu_has_bfloat16", lambda: True)
+    engine = Engine(RunSettings(model=str(DEMO), tta=1, device="cpu", runtime="keras"))
+    assert engine.precision == "float32" and engine.predictor.bundle.model.layers[2].compute_dtype == "float32"
+    half = engine.explainer
+    assert half.model.layers[2].compute_dtype == "bfloat16"
+    exact = CamExplainer(engine.bundle.model, half.layer, half.augment, half.method)
+    card = engine.bundle.card
+    ph = anatomy_phantom(np.random.default_rng(11), 20, 256, ("intraparenchymal", "subdural"))
+    lesion = [k for k in range(20) if any(m[k].any() for m in ph.masks.values())]
+    x = np.stack([windows_np(resize_hu(ph.hu[k], card.input_size), card.windows) for k in lesion])
+    a, b = half.maps(x, 0), exact.maps(x, 0)
+    assert len(lesion) >= 4 and np.abs(a - b).max() < 0.15
+    peaks = [np.unravel_index(np.argmax(m), m.shape) for m in (*a, *b)]
+    moved = [np.hypot(p[0] - q[0], p[1] - q[1]) for p, q in zip(peaks[:len(a)], peaks[len(a):])]
+    assert np.mean(np.array(moved) <= 2) >= 0.8, moved  # pixels at the card's input size
