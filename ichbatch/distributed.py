@@ -37,7 +37,7 @@ from .study import RunSettings, StudySink, base_result
 log = logging.getLogger(__name__)
 # Passed to every worker, so a remote cluster runs with the driver's backend, runtime and limits.
 FORWARDED_ENV = ("KERAS_BACKEND", "ICHBATCH_RUNTIME", "ICHBATCH_CACHE", "ICHBATCH_DECODE_MEMORY_MB",
-                 "ICHBATCH_DECODE_TIMEOUT_S", "TF_CPP_MIN_LOG_LEVEL")
+                 "ICHBATCH_DECODE_TIMEOUT_S", "ICHBATCH_DECODE_KEEP_FREED_MB", "TF_CPP_MIN_LOG_LEVEL")
 LOG_EVERY_S = 30.0
 
 
@@ -101,7 +101,9 @@ def decode_study(choice: SeriesChoice, size: int) -> list[Any]:
     """A Ray task: every slice of one study decoded and reduced to the model's input size."""
     from .decode import decode_slice
     from .study import decode_jobs
+    from .workers import WorkerLimits, keep_freed_memory
 
+    keep_freed_memory(WorkerLimits.from_env().keep_freed_mb)  # as in a local run's decoder processes
     return [decode_slice(job) for job in decode_jobs(0, choice, size)]
 
 
