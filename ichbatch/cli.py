@@ -152,7 +152,7 @@ STUDY_OPTIONS = (
     click.option("--tta", type=click.IntRange(1, 8), default=None, help="Test-time augmentation views per slice [default: 2 on CPU, 8 on GPU]."),
     click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True, help="Slices per model call."),
     click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True),
-    click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True, help="Compute dtype; auto is bfloat16 on a GPU, float32 on a CPU."),
+    click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True, help="Compute dtype; auto is bfloat16 on a GPU, float32 on a CPU (there heat maps in bfloat16 where the CPU computes it natively)."),
     click.option("--runtime", type=click.Choice(["auto", "keras", "onnx"]), default=None,
                  help="Who runs a Keras bundle's network: onnx is onnxruntime, from an export made once and cached "
                       "(1.3x faster on a CPU; needs ichbatch[onnx]). [default: $ICHBATCH_RUNTIME, else auto: onnx on "
