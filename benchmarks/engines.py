@@ -61,12 +61,11 @@ class StageCosts:
 
 
 def _stage_costs(studies: Path, args: argparse.Namespace) -> StageCosts:
-    from ichbatch.decode import decode_slice
     from ichbatch.discover import discover
-    from ichbatch.distributed import StudyScorer
+    from ichbatch.distributed import StudyScorer, decode_study
     from ichbatch.pipeline import select
     from ichbatch.report.outputs import OutputSettings, OutputWriter, write_study_files
-    from ichbatch.study import RunSettings, decode_jobs
+    from ichbatch.study import RunSettings
 
     settings = RunSettings(model=args.model, tta=args.tta)
     t = time.perf_counter()
@@ -81,7 +80,7 @@ def _stage_costs(studies: Path, args: argparse.Namespace) -> StageCosts:
         with OutputWriter(outputs) as writer:
             for choice in choices:
                 t = time.perf_counter()
-                decoded = [decode_slice(job) for job in decode_jobs(0, choice, size)]
+                decoded = decode_study(choice, size)  # what a Ray decoding task runs
                 costs.decode_s += time.perf_counter() - t
                 t = time.perf_counter()
                 result, images, _ = scorer.score(choice, decoded)
