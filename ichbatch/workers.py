@@ -33,6 +33,7 @@ R = TypeVar("R")
 
 IN_FLIGHT = 2  # items per worker: the one it decodes and the next, so no round trip is waited for
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit systems
 
 
 def _env_int(name: str, default: int) -> int:
@@ -68,16 +69,17 @@ class WorkerLimits:
 def keep_freed_memory(megabytes: int) -> bool:
     """Serve a slice's large arrays (a 512 x 512 float32 image is 1 MB) from memory the previous slice
     freed. glibc's defaults map each block of 128 kB or more afresh and unmap it when freed, so every array
-    of every slice faults its pages in again: that doubled a slice's decode (2.7 ms against 1.3 ms, on a
-    VM where a page fault is dear). glibc adapts its threshold on its own, but not reliably across the
-    imports a worker does. What is kept is bounded: at most `megabytes` of free heap (arrays of up to half
-    that come from the heap), within the worker's memory cap. False where the C library has no mallopt
-    (macOS); musl's does nothing."""
+    of every slice faults its pages in again: one decoder process took 3.4 ms an uncompressed slice
+    instead of 2.2 (benchmarks/decode_rate.py, on a VM where a page fault is dear). glibc adapts its
+    threshold on its own, but not reliably across the imports a worker does. What is kept is bounded: at
+    most `megabytes` of free heap (arrays of up to half that, 32 MB at most, come from the heap), within
+    the worker's memory cap. False where the C library has no mallopt (macOS); musl's does nothing."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is None or megabytes <= 0:
         return False
     keep = megabytes << 20
-    return bool(mallopt(M_MMAP_THRESHOLD, keep // 2) and mallopt(M_TRIM_THRESHOLD, keep))
+    largest = min(keep // 2, MMAP_THRESHOLD_MAX)  # glibc refuses a larger one
+    return bool(mallopt(M_MMAP_THRESHOLD, largest) and mallopt(M_TRIM_THRESHOLD, keep))
 
 
 def _worker_main(conn: Connection, fn: Callable[[Any], Any], limits: WorkerLimits) -> None:
