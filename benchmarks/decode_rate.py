@@ -24,7 +24,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 
-
 def _generate(job: tuple) -> None:  # type: ignore[type-arg]
     from ichbatch.synth import synth_studies
 

@@ -25,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from multiprocessing.connection import Connection
 from typing import Any, Generic, TypeVar
 
@@ -66,6 +67,7 @@ class WorkerLimits:
         return f"{memory}, {limit}"
 
 
+@lru_cache(maxsize=None)  # once per process and value: a Ray task calls it for every study it decodes
 def keep_freed_memory(megabytes: int) -> bool:
     """Serve a slice's large arrays (a 512 x 512 float32 image is 1 MB) from memory the previous slice
     freed. glibc's defaults map each block of 128 kB or more afresh and unmap it when freed, so every array
