@@ -1,6 +1,6 @@
 """What one decoder process does per slice, by transfer syntax: the figure that sizes the decoder pool.
 
-    python benchmarks/decode_rate.py [--slices 24] [--size 128] [--repeats 3]
+    python benchmarks/decode_rate.py [--slices 24] [--size 128] [--repeats 3] [--workers 2]
 
 Each of the generator's transfer syntaxes gets one anatomy study of 512x512 slices. Each study goes
 through a pool of one decoder process (ichbatch.workers, the run's own decode function: read, HU,
@@ -10,6 +10,11 @@ for the parent. Two pools side by side in one run, repeats interleaved:
   own:    the same with ICHBATCH_DECODE_KEEP_FREED_MB=0: the C library's own way, as before 2026-11-27
 Slices per second per process, with one process, is what a machine with N spare cores decodes N times
 over while the model runs, as long as the pool's driver thread keeps up.
+
+Then that driver thread: the uncompressed study, repeated to 256 slices, through a pool of --workers
+processes fed 64 slices ahead (a CPU run's depth), one slice per message against LARGEST_CHUNK per
+message, interleaved. Its CPU time per slice is the figure: beside a GPU it shares the interpreter
+lock with the scoring and finishing threads.
 """
 
 from __future__ import annotations
@@ -36,9 +41,11 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=24)
     parser.add_argument("--size", type=int, default=128, help="the model input size (the demo card's: 128)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2, help="decoder processes for the driver-thread figures")
     args = parser.parse_args()
 
     import numpy as np
+    from pydicom.uid import ExplicitVRLittleEndian
 
     from ichbatch.decode import DecodeJob, crashed, decode_slice
     from ichbatch.discover import discover
@@ -74,12 +81,48 @@ def main() -> None:
         finally:
             for pool in pools.values():
                 pool.close()
+        plain = studies[syntaxes.index(ExplicitVRLittleEndian)]
+        driver = _driver_cost((plain * (256 // len(plain) + 1))[:256], args.workers, args.repeats)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; one decoder process, "
           f"{args.slices} slices of 512x512 per codec, model input {args.size} px, median of {args.repeats}")
     print(f"{'transfer syntax':44s} {'kept: slices/s':>14s} {'ms':>6s} {'own: slices/s':>14s} {'ms':>6s} {'ratio':>6s}")
     for ts in syntaxes:
         fast, slow = (float(np.median(rates[(ts.name, m)])) for m in modes)
         print(f"{ts.name:44s} {fast:14.0f} {1e3 / fast:6.2f} {slow:14.0f} {1e3 / slow:6.2f} {fast / slow:6.2f}")
+    print(f"the pool's driver thread, {args.workers} decoder processes, 256 uncompressed slices 64 ahead, "
+          f"median of {args.repeats}:")
+    for chunk, (cpu, rate) in driver.items():
+        print(f"  {chunk} slice(s) a message: driver CPU {cpu:.3f} ms a slice, {rate:.0f} slices/s through the pool")
+
+
+def _driver_cost(jobs: list, workers: int, repeats: int) -> dict[int, tuple[float, float]]:  # type: ignore[type-arg]
+    """Per chunk size: the driver thread's CPU ms per slice and the pool's slices/s (medians)."""
+    import numpy as np
+
+    from ichbatch.decode import crashed, decode_slice
+    from ichbatch.workers import LARGEST_CHUNK, IsolatedPool
+
+    pools = {chunk: IsolatedPool(decode_slice, crashed, workers, chunk=chunk) for chunk in (1, LARGEST_CHUNK)}
+    seen: dict[int, list[tuple[float, float]]] = {chunk: [] for chunk in pools}
+    try:
+        for pool in pools.values():
+            list(pool.map(jobs[:32], 64))  # start the processes, untimed
+        for _ in range(repeats):
+            for chunk, pool in pools.items():
+                results = pool.map(jobs, 64)
+                t = time.perf_counter()
+                next(results)  # the driver thread of this map exists from here
+                assert pool._driver is not None
+                clock = time.pthread_getcpuclockid(pool._driver._thread.ident)
+                cpu = time.clock_gettime(clock)
+                for _ in results:
+                    used = time.clock_gettime(clock) - cpu  # read while the thread lives
+                seen[chunk].append((1e3 * used / len(jobs), len(jobs) / (time.perf_counter() - t)))
+    finally:
+        for pool in pools.values():
+            pool.close()
+    return {chunk: (float(np.median([c for c, _ in got])), float(np.median([r for _, r in got])))
+            for chunk, got in seen.items()}
 
 
 if __name__ == "__main__":

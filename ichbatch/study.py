@@ -31,11 +31,12 @@ from .model import calibration
 from .model.bundle import Bundle, ModelCard, load_bundle
 from .model.gradcam import CamExplainer
 from .model.inputs import model_input
-from .workers import IsolatedPool, WorkerLimits
+from .workers import IsolatedPool, WorkerLimits, chunk_for
 
 log = logging.getLogger(__name__)
 MIN_DECODED_FRACTION = 0.5
 FINISH_AHEAD = 2  # studies scored and waiting to be finished: their slices' thumbnails are held meanwhile
+DECODE_AHEAD = 4  # batches of slices decoded ahead of the model
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,8 @@ class Engine:
         self.explainer = make_explainer(explained)
         # Started on first use and kept for every later study (watch reuses the engine).
         self.decoders: IsolatedPool[DecodeJob, Decoded] = IsolatedPool(
-            decode_slice, crashed, settings.workers, settings.decode_limits)
+            decode_slice, crashed, settings.workers, settings.decode_limits,
+            chunk_for(DECODE_AHEAD * settings.batch_size, settings.workers))
         # Key slices, a few per study, are rendered apart from the decoders, which the next studies keep busy.
         self.renderers: IsolatedPool[RenderJob, Rendered] = IsolatedPool(
             render_key_slice, render_failed, max(1, settings.workers // 8), settings.decode_limits)
@@ -242,7 +244,7 @@ class StudyPath:
                 if not rule:  # else not run: _finish says why
                     yield from decode_jobs(i, choice, size)
 
-        decoded = self.decode(jobs(), 4 * self.engine.settings.batch_size)
+        decoded = self.decode(jobs(), DECODE_AHEAD * self.engine.settings.batch_size)
         per_study: dict[int, list[Decoded]] = {}
         probs: dict[int, list[np.ndarray]] = {}
         features: dict[int, list[np.ndarray]] = {}

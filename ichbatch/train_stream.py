@@ -21,8 +21,9 @@ import numpy as np
 from .config import DEFAULT_WINDOWS
 from .domain import SliceRef
 from .preprocess import resize_hu, windows_np
-from .workers import IsolatedPool
+from .workers import IsolatedPool, chunk_for
 
+DEPTH = 64  # slices decoded ahead of training
 
 def hu_to_channels(hu: np.ndarray, size: int) -> np.ndarray:
     """The same windows the inference path builds on the device, here in numpy as uint8."""
@@ -105,11 +106,11 @@ class SliceReader:
         self.cache = cache
         self.pool: IsolatedPool[SliceJob, SliceImage] | None = None
         if paths is not None:
-            self.pool = IsolatedPool(decode_training_slice, _crashed, workers)
+            self.pool = IsolatedPool(decode_training_slice, _crashed, workers, chunk=chunk_for(DEPTH, workers))
         self.errors = 0
         self.first_error = ""
 
-    def read(self, indices: np.ndarray, depth: int = 64) -> Iterator[np.ndarray]:
+    def read(self, indices: np.ndarray, depth: int = DEPTH) -> Iterator[np.ndarray]:
         """One image per index, in order; a slice that cannot be decoded comes back black (and counted)."""
         if self.images is not None:
             for i in indices:

@@ -3,10 +3,14 @@
 A decoder handed a crafted file can allocate without bound, crash in C, or never return. In a worker
 process each of those is one item's failure: the memory cap (RLIMIT_AS) turns a huge allocation into a
 MemoryError, a worker that runs past the time limit is killed, and a worker that dies is replaced.
-A worker decodes its items one after the other, in the order given, and holds at most two: the one it
-is on and the next, already sent, so that it never waits for the parent between items. The item that
-killed a worker is the oldest it held, known exactly; the one queued behind it is handed to another
-worker, not lost. (concurrent.futures' process pool breaks as a whole when one worker dies, and on Python 3.11
+A worker decodes its items one after the other, in the order given, and holds at most two messages: the
+one it is on and the next, already sent, so that it never waits for the parent between items. A message
+carries up to `chunk` items and its reply all their results: each message costs the parent's driver
+thread a wake-up and a few system calls, which at one slice per message was most of its time. The item
+that killed a worker is in the oldest message it held; alone in it, it is known exactly, and the failure
+is its own. A message of several items that killed its worker or ran out of time is handed out again
+item by item, so that only the guilty item fails; what was queued behind it goes to another worker, not
+lost. (concurrent.futures' process pool breaks as a whole when one worker dies, and on Python 3.11
 can hang on shutdown after that.)
 """
 
@@ -32,9 +36,12 @@ from typing import Any, Generic, TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
-IN_FLIGHT = 2  # items per worker: the one it decodes and the next, so no round trip is waited for
+IN_FLIGHT = 2  # messages per worker: the one it decodes and the next, so no round trip is waited for
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit systems
+# Items per message: at 1 the driver thread took 0.31 ms a 512 x 512 slice, at 8 0.15 ms (2 decoder
+# processes on 2 cores; benchmarks/decode_rate.py --driver). More gains little: the bytes then dominate.
+LARGEST_CHUNK = 8
 
 
 def _env_int(name: str, default: int) -> int:
@@ -65,6 +72,12 @@ class WorkerLimits:
         memory = f"{self.memory_mb} MB (ICHBATCH_DECODE_MEMORY_MB)" if self.memory_mb else "no memory limit"
         limit = f"{self.seconds} s (ICHBATCH_DECODE_TIMEOUT_S)" if self.seconds else "no time limit"
         return f"{memory}, {limit}"
+
+
+def chunk_for(depth: int, workers: int) -> int:
+    """Items per message for a pool of `workers` fed `depth` items ahead: up to LARGEST_CHUNK, fewer where
+    that many ahead would not give every worker its IN_FLIGHT full messages."""
+    return max(1, min(LARGEST_CHUNK, depth // (IN_FLIGHT * max(1, workers))))
 
 
 @lru_cache(maxsize=None)  # once per process and value: a Ray task calls it for every study it decodes
@@ -103,12 +116,14 @@ def _worker_main(conn: Connection, fn: Callable[[Any], Any], limits: WorkerLimit
             return
         if job is None:
             return
-        seq, item = job
-        try:
-            reply: tuple[int, bool, Any] = (seq, True, fn(item))
-        except BaseException as exc:  # sent back and raised in the parent: fn's own bug, not the input's
-            reply = (seq, False, exc)
-        conn.send(reply)
+        conn.send([_call(fn, seq, item) for seq, item in job])
+
+
+def _call(fn: Callable[[Any], Any], seq: int, item: Any) -> tuple[int, bool, Any]:
+    try:
+        return seq, True, fn(item)
+    except BaseException as exc:  # sent back and raised in the parent: fn's own bug, not the input's
+        return seq, False, exc
 
 
 class _Worker:
@@ -120,31 +135,33 @@ class _Worker:
                                    name="ichbatch-decode")
         self.process.start()
         child.close()
-        self.jobs: deque[tuple[int, Any]] = deque()  # sent and not answered; the first is being decoded
+        self.jobs: deque[list[tuple[int, Any]]] = deque()  # messages sent and not answered; the first is in work
         self.seconds = limits.seconds
-        self.deadline = float("inf")  # for the first job
+        self.deadline = float("inf")  # for the first message
 
     @property
-    def job(self) -> tuple[int, Any] | None:
-        """The job it is decoding now, if any."""
+    def job(self) -> list[tuple[int, Any]] | None:
+        """The message of (seq, item) it is decoding now, if any."""
         return self.jobs[0] if self.jobs else None
 
-    def give(self, seq: int, item: Any) -> None:
+    def give(self, job: list[tuple[int, Any]]) -> None:
         if not self.jobs:
             self._start_clock()
-        self.jobs.append((seq, item))
+        self.jobs.append(job)
         try:
-            self.conn.send((seq, item))
+            self.conn.send(job)
         except OSError:  # it died on the job before: its death is seen next, and this one handed out again
             pass
 
     def answered(self) -> None:
-        """The first job's reply came: the next one, already there, is being decoded from now."""
+        """The first message's reply came: the next one, already there, is being decoded from now."""
         self.jobs.popleft()
         if self.jobs:
             self._start_clock()
 
     def _start_clock(self) -> None:
+        # Per message: a whole message of slices decodes in well under the limit, and one that runs past it
+        # is handed out again item by item, each with the full limit.
         self.deadline = time.monotonic() + self.seconds if self.seconds else float("inf")
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -162,17 +179,19 @@ class _Worker:
 class IsolatedPool(Generic[T, R]):
     """map(fn, items) in worker processes, in order, with a bounded number of results held.
 
-    on_crash(item, reason) gives the result for an item whose worker died or ran out of time. A thread
-    hands out items and collects results, so the workers keep decoding while the caller's thread is busy
-    (running the model, which releases the GIL); items are still drawn from `items` on the caller's
-    thread, so what produces them (discovery, the results store) never runs on another thread.
+    on_crash(item, reason) gives the result for an item whose worker died or ran out of time. Items go
+    to the workers up to `chunk` per message, in order. A thread hands out items and collects results,
+    so the workers keep decoding while the caller's thread is busy (running the model, which releases
+    the GIL); items are still drawn from `items` on the caller's thread, so what produces them
+    (discovery, the results store) never runs on another thread.
     """
 
     def __init__(self, fn: Callable[[T], R], on_crash: Callable[[T, str], R], workers: int,
-                 limits: WorkerLimits | None = None) -> None:
+                 limits: WorkerLimits | None = None, chunk: int = 1) -> None:
         self.fn = fn
         self.on_crash = on_crash
         self.size = max(1, workers)
+        self.chunk = max(1, chunk)
         self.limits = limits or WorkerLimits.from_env()
         self._workers: list[_Worker] = []
         self._seq = 0  # across maps: a result from an abandoned map is recognised and dropped
@@ -190,21 +209,26 @@ class IsolatedPool(Generic[T, R]):
         exhausted = False
         try:
             while True:
-                while not exhausted and self._seq - first < max(depth, 1):
-                    try:
-                        item = next(source)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    driver.give(self._seq, item)
-                    self._seq += 1
+                # Drawn a message's worth at a time: one result taken, one item drawn would hand the workers
+                # messages of one item each.
+                if self._seq - first <= max(depth - self.chunk, 0):
+                    drawn = []
+                    while not exhausted and self._seq - first < max(depth, 1):
+                        try:
+                            drawn.append((self._seq, next(source)))
+                        except StopIteration:
+                            exhausted = True
+                            break
+                        self._seq += 1
+                    if drawn:
+                        driver.give(drawn)
                 if exhausted and first == self._seq:
                     return
                 while first not in done:
-                    seq, ok, value = driver.results.get()
-                    if not ok:
-                        raise value
-                    done[seq] = value
+                    for seq, ok, value in driver.results.get():
+                        if not ok:
+                            raise value
+                        done[seq] = value
                 yield done.pop(first)
                 first += 1
         finally:
@@ -216,24 +240,26 @@ class IsolatedPool(Generic[T, R]):
             self._driver.stop()
             self._driver = None
 
-    def _collect(self, ready: set[Any], first: int, put: Callable[[tuple[int, bool, Any]], None],
-                 requeue: Callable[[tuple[int, Any]], None]) -> None:
-        """Results of the busy workers that answered, died or ran out of time. The jobs queued behind
-        one that killed its worker go back to be handed out again."""
+    def _collect(self, ready: set[Any], first: int, put: Callable[[list[tuple[int, bool, Any]]], None],
+                 requeue: Callable[[list[tuple[int, Any]], bool], None]) -> None:
+        """Results of the busy workers that answered, died or ran out of time. A lone item that killed its
+        worker fails; a message of several is handed out again one item a message. The messages queued
+        behind go back to be handed out again."""
         for index, worker in enumerate(self._workers):
-            if worker.job is None:
+            job = worker.job
+            if job is None:
                 continue
-            seq, item = worker.job
             reason = ""
             if worker.conn.fileno() in ready:
                 try:
-                    got, ok, value = worker.conn.recv()
+                    replies = worker.conn.recv()
                 except (EOFError, OSError):
                     reason = self._death(worker)
                 else:
                     worker.answered()
-                    if got >= first:
-                        put((got, ok, value))
+                    fresh = [reply for reply in replies if reply[0] >= first]
+                    if fresh:
+                        put(fresh)
                     continue
             elif worker.process.sentinel in ready:
                 reason = self._death(worker)
@@ -243,11 +269,12 @@ class IsolatedPool(Generic[T, R]):
                 self.crashes += 1
                 worker.stop()
                 self._workers[index] = _Worker(self.fn, self.limits)
-                if seq >= first:
-                    put((seq, True, self.on_crash(item, reason)))
-                for behind in reversed(list(worker.jobs)[1:]):  # to the front, in their order
-                    if behind[0] >= first:
-                        requeue(behind)
+                requeue([(seq, item) for message in list(worker.jobs)[1:] for seq, item in message if seq >= first], False)
+                mine = [(seq, item) for seq, item in job if seq >= first]
+                if len(job) > 1:  # which of them did it is not known: each is tried alone
+                    requeue(mine, True)
+                elif mine:
+                    put([(seq, True, self.on_crash(item, reason)) for seq, item in mine])
 
     def _death(self, worker: _Worker) -> str:
         worker.process.join(1)
@@ -274,16 +301,16 @@ class _Driver:
     def __init__(self, pool: IsolatedPool[Any, Any], first: int) -> None:
         self.pool = pool
         self.first = first  # results of earlier maps are dropped
-        self.results: queue.SimpleQueue[tuple[int, bool, Any]] = queue.SimpleQueue()
-        self._items: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
+        self.results: queue.SimpleQueue[list[tuple[int, bool, Any]]] = queue.SimpleQueue()
+        self._items: queue.SimpleQueue[list[tuple[int, Any]]] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._wake_r, self._wake_w = os.pipe()  # wakes the thread from its wait on the workers
         os.set_blocking(self._wake_w, False)
         self._thread = threading.Thread(target=self._run, name="ichbatch-pool", daemon=True)
         self._thread.start()
 
-    def give(self, seq: int, item: Any) -> None:
-        self._items.put((seq, item))
+    def give(self, items: list[tuple[int, Any]]) -> None:
+        self._items.put(items)
         self._wake()
 
     def stop(self) -> None:
@@ -303,11 +330,18 @@ class _Driver:
         try:
             self._loop()
         except BaseException as exc:  # the caller waits on results: it must hear of this thread's death
-            self.results.put((-1, False, exc))
+            self.results.put([(-1, False, exc)])
 
     def _loop(self) -> None:
         pool = self.pool
         waiting: deque[tuple[int, Any]] = deque()
+        alone: set[int] = set()  # items handed out again after a message of several failed: one a message
+
+        def requeue(items: list[tuple[int, Any]], singly: bool) -> None:
+            waiting.extendleft(reversed(items))  # to the front, in their order
+            if singly:
+                alone.update(seq for seq, _ in items)
+
         # One selector kept open, changed only as the busy workers change: multiprocessing's wait() builds
         # a new one over every pipe on each call (36 us for 15 workers, against 1 us), once per slice or
         # more. Made again after a worker is replaced: its pipe's number may come back for the new one.
@@ -315,11 +349,12 @@ class _Driver:
         try:
             while not self._stopping.is_set():
                 while not self._items.empty():
-                    waiting.append(self._items.get())
-                for load in range(IN_FLIGHT):  # idle workers first, then a second item to each
+                    waiting.extend(self._items.get())
+                for load in range(IN_FLIGHT):  # idle workers first, then a second message to each
                     for worker in pool._workers:
-                        if len(worker.jobs) == load and waiting:
-                            worker.give(*waiting.popleft())
+                        # A busy worker waits for a full message; an idle one takes what there is.
+                        if len(worker.jobs) == load and waiting and (load == 0 or len(waiting) >= pool.chunk):
+                            worker.give(self._message(waiting, alone))
                 busy = [w for w in pool._workers if w.job is not None]
                 deadline = min((w.deadline for w in busy), default=float("inf"))
                 timeout = None if deadline == float("inf") else max(0.0, deadline - time.monotonic())
@@ -335,6 +370,16 @@ class _Driver:
                 ready = {key.fd for key, _ in selector.select(timeout)}
                 if self._wake_r in ready:
                     os.read(self._wake_r, 4096)
-                pool._collect(ready, self.first, self.results.put, waiting.appendleft)
+                pool._collect(ready, self.first, self.results.put, requeue)
         finally:
             selector.close()
+
+    def _message(self, waiting: deque[tuple[int, Any]], alone: set[int]) -> list[tuple[int, Any]]:
+        """The next message: the waiting items up to the chunk size, or one item to be tried alone."""
+        message = [waiting.popleft()]
+        if message[0][0] in alone:
+            alone.discard(message[0][0])
+            return message
+        while waiting and len(message) < self.pool.chunk and waiting[0][0] not in alone:
+            message.append(waiting.popleft())
+        return message

@@ -46,6 +46,24 @@ def test_a_worker_that_dies_fails_only_its_own_item_and_order_is_kept():
 
 
 @pytest.mark.timeout(300)
+def test_items_sent_several_a_message_still_fail_alone_when_one_kills_its_worker_or_hangs():
+    with IsolatedPool(pool_tasks.square_or_die, pool_tasks.crashed, workers=2, limits=WorkerLimits(0, 0),
+                      chunk=4) as pool:
+        out = list(pool.map([1, 2, -1, 3, 4, 5, -1, 6, 7, 8], depth=8))
+        assert out[:2] == [1, 4] and out[3:6] == [9, 16, 25] and out[7:] == [36, 49, 64]
+        assert out[2].startswith("crashed: the decoder process exited (139)") and out[6] == out[2]
+        # Each bad item killed a worker twice: in its message of several, then tried alone.
+        assert pool.crashes == 4
+    with IsolatedPool(pool_tasks.sleep_for, pool_tasks.crashed, 1, WorkerLimits(memory_mb=0, seconds=2),
+                      chunk=3) as pool:
+        start = time.monotonic()
+        out = list(pool.map([0.1, 60.0, 0.1, 0.1], depth=4))
+        assert out[0] == out[2] == out[3] == "woke"
+        assert "ran past the time limit of 2 s (ICHBATCH_DECODE_TIMEOUT_S)" in out[1]
+        assert pool.crashes == 2 and time.monotonic() - start < 40
+
+
+@pytest.mark.timeout(300)
 def test_workers_keep_working_while_the_caller_is_busy_and_an_abandoned_map_does_not_stop_the_next():
     with IsolatedPool(pool_tasks.sleep_for, pool_tasks.crashed, workers=2, limits=WorkerLimits(0, 0)) as pool:
         assert list(pool.map([0.0, 0.0], depth=2)) == ["woke", "woke"]  # the workers are started
