@@ -19,7 +19,7 @@ from pydicom.errors import InvalidDicomError
 from .domain import FileIssue, FrameGeometry, InstanceRef, Status, StudyMeta, Vec3
 from .errors import DicomReadError, NotDicomError
 from .images import image_instance, is_image_file
-from .limits import HEAD_BYTES, check_inflated_size
+from .limits import HEAD_BYTES, as_read, check_inflated_size
 
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 # Names that file managers and PACS viewers leave behind: recorded as skipped without reading.
@@ -174,10 +174,9 @@ def read_header(path: Path) -> Dataset:
     if path.name.lower() in KNOWN_JUNK:
         raise NotDicomError(f"{path}: {path.name} is not DICOM (ignored)")
     has_preamble = len(head) >= 132 and head[128:132] == b"DICM"
-    if has_preamble:
-        check_inflated_size(path, head)
+    inflated = check_inflated_size(path, head) if has_preamble else None
     try:
-        ds = pydicom.dcmread(path, defer_size=4096, force=not has_preamble)
+        ds = as_read(pydicom.dcmread(inflated or path, defer_size=4096, force=not has_preamble), inflated)
         ds.get("StudyInstanceUID")  # force parsing of the elements we rely on
         ds.get("SeriesInstanceUID")
     except InvalidDicomError as exc:

@@ -22,7 +22,7 @@ from .config import AIR_HU, HU_MAX, HU_MIN
 from .domain import SliceRef
 from .errors import DecodeError
 from .images import is_image_file, load_image_hu
-from .limits import MalformedPixelData, check_dimensions, check_inflated_size
+from .limits import MalformedPixelData, as_read, check_dimensions, check_inflated_size
 
 # Share of pixels allowed outside the plausible range before a decode is distrusted. Scanners write
 # out-of-field pixels at -2000 to -4000 HU (treated as air by the clip below), and metal can pass
@@ -42,8 +42,8 @@ def load_hu(ref: SliceRef) -> HUSlice:
     if is_image_file(Path(ref.path)):  # no HU to check: the histogram rules are for CT
         return HUSlice(np.clip(load_image_hu(ref.path), HU_MIN, HU_MAX).astype(np.float32))
     try:
-        check_inflated_size(Path(ref.path))
-        ds = pydicom.dcmread(ref.path)
+        inflated = check_inflated_size(Path(ref.path))
+        ds = as_read(pydicom.dcmread(inflated or ref.path), inflated)
     except Exception as exc:
         raise DecodeError(f"{ref.path}: cannot read file ({type(exc).__name__}: {exc})") from exc
     _check_size(ds, ref)  # malformed data is refused here, never handed to the fallback decoder

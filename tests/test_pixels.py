@@ -169,6 +169,31 @@ def test_real_ct_in_every_transfer_syntax_matches_reference(uid):
         assert any("SimpleITK" in w for w in result.warnings)
 
 
+def test_a_real_deflated_file_is_inflated_once_and_read_as_pydicom_reads_it(monkeypatch):
+    import zlib
+
+    from ichbatch.limits import as_read, check_inflated_size
+
+    path = _cornerstone("1.2.840.10008.1.2.1.99")
+    own = pydicom.dcmread(path)  # pydicom inflates the whole dataset itself (zlib.decompress)
+    inflated = check_inflated_size(path)
+    assert inflated is not None and check_inflated_size(_cornerstone("1.2.840.10008.1.2.1")) is None
+    ours = as_read(pydicom.dcmread(inflated), inflated)
+    assert ours.file_meta == own.file_meta and ours.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1.99"
+    assert [(e.tag, e.VR, e.value) for e in ours if e.tag != 0x7FE00010] == \
+        [(e.tag, e.VR, e.value) for e in own if e.tag != 0x7FE00010]
+    assert np.array_equal(ours.pixel_array, own.pixel_array)
+
+    def second_inflation(*args, **kwargs):
+        raise AssertionError("the deflated file was inflated a second time")
+
+    monkeypatch.setattr(zlib, "decompress", second_inflation)  # pydicom's way; the check streams
+    reference = load_hu(_ref(_cornerstone("1.2.840.10008.1.2.1"))).hu
+    assert np.array_equal(load_hu(_ref(path)).hu, reference)
+    (instance,) = discover([path]).instances
+    assert instance.sop_uid == own.SOPInstanceUID
+
+
 @pytest.mark.skipif(shutil.which("dcmcjpeg") is None, reason="dcmtk (dcmcjpeg) not installed")
 def test_dcmtk_jpeg_lossless_sv1_roundtrip(tmp_path):
     ds = ct_slice_dataset(_hu_grid(), z=0)
