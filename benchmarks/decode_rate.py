@@ -12,9 +12,10 @@ Slices per second per process, with one process, is what a machine with N spare 
 over while the model runs, as long as the pool's driver thread keeps up.
 
 Then that driver thread: the uncompressed study, repeated to 256 slices, through a pool of --workers
-processes fed 64 slices ahead (a CPU run's depth), one slice per message against LARGEST_CHUNK per
-message, interleaved. Its CPU time per slice is the figure: beside a GPU it shares the interpreter
-lock with the scoring and finishing threads.
+processes fed 64 slices ahead (a CPU run's depth), interleaved: one slice per message with the arrays
+through the pipe (as before 2026-11-27), LARGEST_CHUNK per message through the pipe, and
+LARGEST_CHUNK per message with the arrays in shared memory (the run's way). Its CPU time per slice is
+the figure: beside a GPU it shares the interpreter lock with the scoring and finishing threads.
 """
 
 from __future__ import annotations
@@ -91,24 +92,28 @@ def main() -> None:
         print(f"{ts.name:44s} {fast:14.0f} {1e3 / fast:6.2f} {slow:14.0f} {1e3 / slow:6.2f} {fast / slow:6.2f}")
     print(f"the pool's driver thread, {args.workers} decoder processes, 256 uncompressed slices 64 ahead, "
           f"median of {args.repeats}:")
-    for chunk, (cpu, rate) in driver.items():
-        print(f"  {chunk} slice(s) a message: driver CPU {cpu:.3f} ms a slice, {rate:.0f} slices/s through the pool")
+    for (chunk, shared), (cpu, rate) in driver.items():
+        how = "shared memory" if shared else "the pipe"
+        print(f"  {chunk} slice(s) a message, arrays through {how}: driver CPU {cpu:.3f} ms a slice, "
+              f"{rate:.0f} slices/s through the pool")
 
 
-def _driver_cost(jobs: list, workers: int, repeats: int) -> dict[int, tuple[float, float]]:  # type: ignore[type-arg]
-    """Per chunk size: the driver thread's CPU ms per slice and the pool's slices/s (medians)."""
+def _driver_cost(jobs: list, workers: int, repeats: int) -> dict[tuple[int, bool], tuple[float, float]]:  # type: ignore[type-arg]
+    """Per (chunk size, shared memory): the driver thread's CPU ms per slice and the pool's slices/s (medians)."""
     import numpy as np
 
     from ichbatch.decode import crashed, decode_slice
     from ichbatch.workers import LARGEST_CHUNK, IsolatedPool
 
-    pools = {chunk: IsolatedPool(decode_slice, crashed, workers, chunk=chunk) for chunk in (1, LARGEST_CHUNK)}
-    seen: dict[int, list[tuple[float, float]]] = {chunk: [] for chunk in pools}
+    modes = [(1, False), (LARGEST_CHUNK, False), (LARGEST_CHUNK, True)]
+    pools = {(chunk, shared): IsolatedPool(decode_slice, crashed, workers, chunk=chunk, shared_memory=shared)
+             for chunk, shared in modes}
+    seen: dict[tuple[int, bool], list[tuple[float, float]]] = {mode: [] for mode in pools}
     try:
         for pool in pools.values():
             list(pool.map(jobs[:32], 64))  # start the processes, untimed
         for _ in range(repeats):
-            for chunk, pool in pools.items():
+            for mode, pool in pools.items():
                 results = pool.map(jobs, 64)
                 t = time.perf_counter()
                 next(results)  # the driver thread of this map exists from here
@@ -117,12 +122,12 @@ def _driver_cost(jobs: list, workers: int, repeats: int) -> dict[int, tuple[floa
                 cpu = time.clock_gettime(clock)
                 for _ in results:
                     used = time.clock_gettime(clock) - cpu  # read while the thread lives
-                seen[chunk].append((1e3 * used / len(jobs), len(jobs) / (time.perf_counter() - t)))
+                seen[mode].append((1e3 * used / len(jobs), len(jobs) / (time.perf_counter() - t)))
     finally:
         for pool in pools.values():
             pool.close()
-    return {chunk: (float(np.median([c for c, _ in got])), float(np.median([r for _, r in got])))
-            for chunk, got in seen.items()}
+    return {mode: (float(np.median([c for c, _ in got])), float(np.median([r for _, r in got])))
+            for mode, got in seen.items()}
 
 
 if __name__ == "__main__":

@@ -39,3 +39,13 @@ def decode_and_count_faults(job: object) -> tuple[str, int]:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     decoded = decode_slice(job)  # type: ignore[arg-type]
     return decoded.error, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def arrays(spec: tuple[int, str]) -> dict[str, object]:
+    """Arrays of `spec` = (elements, layout) made in the worker: contiguous, a strided view, or empty."""
+    import numpy as np
+
+    n, layout = spec
+    data = np.arange(n, dtype=np.int16)
+    picked = data[::2] if layout == "strided" else data
+    return {"n": n, "array": picked, "thumb": (data[:64] % 251).astype(np.uint8), "pid": os.getpid()}

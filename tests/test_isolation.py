@@ -63,6 +63,38 @@ def test_items_sent_several_a_message_still_fail_alone_when_one_kills_its_worker
         assert pool.crashes == 2 and time.monotonic() - start < 40
 
 
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="shared reply memory needs memfd (Linux)")
+@pytest.mark.timeout(300)
+def test_arrays_come_back_through_shared_memory_intact_and_what_does_not_fit_through_the_pipe():
+    from ichbatch.workers import SharedSlots
+
+    slots = SharedSlots.make()
+    assert slots is not None
+    try:  # in one process first: what goes where
+        big = np.arange(1 << 20, dtype=np.int16)
+        sent = slots.put(0, [(0, True, {"a": big, "b": big[:10]})])
+        assert not isinstance(sent, list) and len(sent.data) < 1000  # only the arrays' description in the pipe
+        ((_, _, got),) = slots.take(sent)
+        assert np.array_equal(got["a"], big) and got["a"].flags.writeable
+        slots.put(1, [(1, True, {"a": -big})])  # the other slot: the first reply's arrays were copied out
+        assert np.array_equal(got["a"], big)
+        assert isinstance(slots.put(0, [(0, True, big[::2])]), list)  # strided: through the pipe
+        assert isinstance(slots.put(0, [(0, True, np.zeros(SharedSlots.SLOT_BYTES + 2, np.uint8))]), list)
+    finally:
+        slots.close()
+    specs = [(100_000, "contiguous"), (2_000_000, "contiguous"), (100_000, "strided"), (0, "contiguous")] * 6
+    for shared in (True, False):
+        with IsolatedPool(pool_tasks.arrays, pool_tasks.crashed, 2, WorkerLimits(0, 0), chunk=4,
+                          shared_memory=shared) as pool:
+            out = list(pool.map(specs, depth=16))
+            assert (pool._workers[0].slots is not None) == shared
+        for (n, layout), got in zip(specs, out):
+            expected = np.arange(n, dtype=np.int16)
+            assert np.array_equal(got["array"], expected[::2] if layout == "strided" else expected)
+            assert np.array_equal(got["thumb"], (expected[:64] % 251).astype(np.uint8))
+        assert len({got["pid"] for got in out}) == 2  # both workers answered
+
+
 @pytest.mark.timeout(300)
 def test_workers_keep_working_while_the_caller_is_busy_and_an_abandoned_map_does_not_stop_the_next():
     with IsolatedPool(pool_tasks.sleep_for, pool_tasks.crashed, workers=2, limits=WorkerLimits(0, 0)) as pool:
