@@ -314,7 +314,7 @@ class StudyPath:
             key_slices=tuple(d.ident for d in keys), seconds=seconds, domain_score=score, domain_threshold=threshold,
         )
         images = StudyImages(thumbnails=tuple(d.thumb for d in good if d.thumb is not None),
-                             key_images=() if outside else self._key_images(keys, good, choice, result))
+                             key_images=() if outside else self._key_images(list(agg.key_slices), good, choice, result))
         return result, images
 
     def _domain(self, features: np.ndarray) -> tuple[float | None, float | None]:
@@ -336,24 +336,25 @@ class StudyPath:
         card = self.engine.bundle.card
         return card.context_spacing_mm or context.series_spacing([ref.z for ref in choice.slices])
 
-    def _key_images(self, slices: list[Decoded], good: list[Decoded], choice: SeriesChoice,
+    def _key_images(self, places: list[int], good: list[Decoded], choice: SeriesChoice,
                     result: StudyResult) -> tuple[KeyImage, ...]:
         """Brain window, the heat map of the flagged label on it (none when nothing is flagged), and the
-        three windows, for each key slice."""
-        if not slices:
+        three windows, for each key slice (`places`: their places among the decoded slices)."""
+        if not places:
             return ()
         card = self.engine.bundle.card
         label = heat_label(result)
+        slices = [good[k] for k in places]
         heats: list[np.ndarray | None] = [None] * len(slices)
         if label:
             k, spacing = card.context, self._spacing(choice)
-            stacks = np.stack([context.stack(good, good.index(d), k, spacing) for d in slices])
+            stacks = np.stack([context.stack(good, place, k, spacing) for place in places])
             inputs = model_input(stacks, card.input_spec)
             shapes = self.engine.explainer.maps(inputs, card.output_index(label))
             column = card.outputs.index(label)
             assert result.smoothed_probs is not None
-            for k, (d, shape) in enumerate(zip(slices, shapes)):
-                heats[k] = shape * float(result.smoothed_probs[result.slices.index(d.ident), column])
+            for n, (place, shape) in enumerate(zip(places, shapes)):
+                heats[n] = shape * float(result.smoothed_probs[place, column])
         images = []
         for d, shown in zip(slices, self.render((RenderJob(d.ref, heat) for d, heat in zip(slices, heats)), len(slices))):
             if shown.error or shown.brain is None or shown.subdural is None or shown.bone is None:
