@@ -163,7 +163,9 @@ def render_here(jobs: Iterable[RenderJob], _ahead: int) -> Iterator[Rendered]:
 
 
 class StudySink(Protocol):
-    """Where a study's outputs go (report.outputs.OutputWriter); tests and libraries may bring their own."""
+    """Where a study's outputs go (report.outputs.OutputWriter); tests and libraries may bring their own.
+    A sink may also have write_many(stream of (result, images)) -> results in order, to write many
+    studies at once; StudyPath uses it where present."""
 
     def write(self, result: StudyResult, images: StudyImages) -> StudyResult: ...
 
@@ -188,11 +190,22 @@ class StudyPath:
         return next(iter(self.process_many([choice])))
 
     def process_many(self, choices: Iterable[SeriesChoice]) -> Iterator[StudyResult]:
-        """Each study's result once its outputs are written, in input order.
+        """Each study's result once its outputs are written, in input order. A sink with write_many
+        (OutputWriter) writes a stream of studies itself, its files in processes of their own."""
+        finished = self._finished(choices)
+        if self.sink is None:
+            yield from (result for result, _ in finished)
+            return
+        write_many = getattr(self.sink, "write_many", None)
+        sink = self.sink
+        yield from write_many(finished) if write_many else (sink.write(*study) for study in finished)
+
+    def _finished(self, choices: Iterable[SeriesChoice]) -> Iterator[tuple[StudyResult, StudyImages]]:
+        """Each study's result and images, in input order.
 
         A study is finished (aggregation, domain check, heat maps, key images) on a thread of its own
         while the next studies' slices go through the model: on a GPU the model would otherwise wait
-        for that host work (measured on an H200: 64% of the time). Outputs are written here, in order.
+        for that host work (measured on an H200: 64% of the time).
         """
         last = time.perf_counter()
         pending: deque[Future[tuple[StudyResult, StudyImages]]] = deque()
@@ -203,9 +216,9 @@ class StudyPath:
                 pending.append(finisher.submit(self._finish_safely, *scored, now - last))
                 last = now
                 while pending and (pending[0].done() or len(pending) > FINISH_AHEAD):
-                    yield self._write(*pending.popleft().result())
+                    yield pending.popleft().result()
             while pending:
-                yield self._write(*pending.popleft().result())
+                yield pending.popleft().result()
         finally:
             finisher.shutdown(wait=True, cancel_futures=True)
 
@@ -221,9 +234,6 @@ class StudyPath:
         if result.seconds:  # a scored study's: skipped and failed ones have none
             result = replace(result, seconds=scoring_seconds + time.perf_counter() - start)
         return result, images
-
-    def _write(self, result: StudyResult, images: StudyImages) -> StudyResult:
-        return self.sink.write(result, images) if self.sink else result
 
     def _score(self, choices: Iterable[SeriesChoice]) -> Iterator[tuple[SeriesChoice, str, list[Decoded],
                                                                         np.ndarray, np.ndarray]]:

@@ -286,8 +286,10 @@ class IsolatedPool(Generic[T, R]):
     """
 
     def __init__(self, fn: Callable[[T], R], on_crash: Callable[[T, str], R], workers: int,
-                 limits: WorkerLimits | None = None, chunk: int = 1, shared_memory: bool = True) -> None:
+                 limits: WorkerLimits | None = None, chunk: int = 1, shared_memory: bool = True,
+                 role: tuple[str, str] = ("decoder", "file")) -> None:
         self.fn = fn
+        self.role, self.item = role  # for messages: the decoder process ... on this file
         self.on_crash = on_crash
         self.size = max(1, workers)
         self.chunk = max(1, chunk)
@@ -363,7 +365,8 @@ class IsolatedPool(Generic[T, R]):
             elif worker.process.sentinel in ready:
                 reason = self._death(worker)
             elif time.monotonic() >= worker.deadline:
-                reason = f"decoding ran past the time limit of {self.limits.seconds} s (ICHBATCH_DECODE_TIMEOUT_S)"
+                reason = (f"the {self.role} process ran past the time limit of {self.limits.seconds} s "
+                          "(ICHBATCH_DECODE_TIMEOUT_S)")
             if reason:
                 self.crashes += 1
                 worker.stop()
@@ -382,7 +385,7 @@ class IsolatedPool(Generic[T, R]):
         worker.process.join(1)
         code = worker.process.exitcode
         how = f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exited ({code})"
-        return f"the decoder process {how} on this file (limits: {self.limits.describe()})"
+        return f"the {self.role} process {how} on this {self.item} (limits: {self.limits.describe()})"
 
     def close(self) -> None:
         self._halt()

@@ -49,3 +49,16 @@ def arrays(spec: tuple[int, str]) -> dict[str, object]:
     data = np.arange(n, dtype=np.int16)
     picked = data[::2] if layout == "strided" else data
     return {"n": n, "array": picked, "thumb": (data[:64] % 251).astype(np.uint8), "pid": os.getpid()}
+
+
+def write_files_or_die(job):  # type: ignore[no-untyped-def]
+    """A report writer that dies, as a crash in a PDF library would, on the study named in
+    $ICHBATCH_TEST_WRITER_DIES_ON; writes the others' files as a run does, and says where."""
+    from dataclasses import replace
+
+    from ichbatch.report.outputs import write_files_job
+
+    if job.result.study.study_uid == os.environ.get("ICHBATCH_TEST_WRITER_DIES_ON"):
+        os._exit(139)
+    files = write_files_job(job)
+    return replace(files, result=replace(files.result, message=f"written by {os.getpid()}"))

@@ -311,3 +311,40 @@ def test_key_slices_are_rendered_in_a_worker_process_and_a_vanished_key_slice_fa
         for key in keys:  # at full size, with the heat map overlaid
             assert key.brain.shape == (96, 96) and key.bone.shape == (96, 96)
             assert key.gradcam is not None and key.gradcam.shape == (96, 96, 3)
+
+
+def test_report_files_are_written_in_writer_processes_and_a_dead_writer_fails_only_its_study(
+        tmp_path, tiny_bundle, monkeypatch):
+    """PDF, JSON and thumbnails are written in processes of their own (rendering a PDF would hold the
+    model's interpreter lock), committed in input order; a writer that dies fails that study's reports."""
+    import pypdf
+
+    from ichbatch.pipeline import RunSettings, process_folder
+    from ichbatch.report import outputs
+    from ichbatch.report.outputs import OutputSettings, OutputWriter
+
+    from . import pool_tasks
+
+    synth_studies(tmp_path / "in", 4, seed=11, n_slices=10, size=96, encoding=Encoding())
+    uids = sorted({pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID for p in (tmp_path / "in").rglob("*.dcm")})
+    monkeypatch.setattr(outputs, "write_files_job", pool_tasks.write_files_or_die)
+    monkeypatch.setenv("ICHBATCH_TEST_WRITER_DIES_ON", uids[1])
+    seen: list[str] = []
+    settings = OutputSettings(csv=tmp_path / "r.csv", reports=tmp_path / "reports", writers=2)
+    with OutputWriter(settings) as writer:
+        process_folder([tmp_path / "in"], RunSettings(model=str(tiny_bundle), tta=1, batch_size=4, workers=1),
+                       sink=writer, on_result=lambda r: seen.append(r.study.study_uid))
+    rows = pd.read_csv(tmp_path / "r.csv", dtype=str, keep_default_na=False).set_index("study_uid")
+    assert sorted(seen) == uids and len(rows) == 4
+    dead = rows.loc[uids[1]]
+    assert dead["status"] == "failed" and dead["report_pdf"] == ""
+    assert "report not written: the report writer process exited (139) on this study" in dead["message"]
+    writers = set()
+    for uid in (uids[0], *uids[2:]):
+        row = rows.loc[uid]
+        assert row["status"] == "ok", row["message"]
+        writers.add(int(row["message"].removeprefix("written by ")))
+        text = "".join(page.extract_text() for page in pypdf.PdfReader(row["report_pdf"]).pages)
+        assert "not for diagnosis" in text.lower()
+    assert os.getpid() not in writers
+    assert len(list((tmp_path / "reports").glob("*.pdf"))) == 3

@@ -3,14 +3,17 @@
 
 The store commit comes last among the files, so a row never points at a report that was not written;
 the PDF is rendered once and used for the file and the DICOM copy. `run` and `watch` both write
-through OutputWriter; each file is written atomically.
+through OutputWriter; each file is written atomically. A stream of studies (write_many) has its files
+written in processes of their own, several studies at once, and committed here in order.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import uuid
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..domain import FileIssue, Status, StudyImages, StudyResult
@@ -22,8 +25,15 @@ from .html_index import HtmlIndex, write_thumbnail
 from .json_report import write_json
 from .pdf_report import pdf_name, render_pdf
 from .store import ResultsStore
+from ..workers import IsolatedPool, WorkerLimits
 
 log = logging.getLogger(__name__)
+
+
+def default_writers() -> int:
+    """A quarter of the cores, at least one: a study's files cost about as much CPU as decoding a few
+    of its slices, and the decoders and the model want the rest."""
+    return max(1, (os.cpu_count() or 1) // 4)
 
 
 @dataclass(frozen=True)
@@ -35,6 +45,7 @@ class OutputSettings:
     rebuild_seconds: float = 30.0  # how often a replaced row may rewrite the whole CSV
     index_page_size: int = 250
     delivery: DeliverySettings | None = None  # where the DICOM outputs are sent (needs dicom_out)
+    writers: int = field(default_factory=default_writers)  # processes for write_many; 0: on the calling thread
 
     def __post_init__(self) -> None:
         if self.delivery is not None and self.dicom_out is None:
@@ -60,6 +71,7 @@ class OutputWriter:
             raise
         self.index = HtmlIndex(self.store, settings.csv, settings.index_page_size)
         self.deliveries = Deliveries(settings.deliveries_db, settings.delivery) if settings.delivery else None
+        self._writers: IsolatedPool[FilesJob, StudyFiles] | None = None  # started by the first write_many
 
     def _remove_stale_temp_files(self) -> None:
         """A killed run or watcher can leave the temp file of an atomic write; the real file is untouched."""
@@ -70,6 +82,8 @@ class OutputWriter:
         remove_stale_temp_files(self.settings.dicom_out, ["study_"])
 
     def close(self) -> None:
+        if self._writers is not None:
+            self._writers.close()
         try:
             self.store.flush()
             self.index.ensure()
@@ -98,6 +112,23 @@ class OutputWriter:
     def write(self, result: StudyResult, images: StudyImages) -> StudyResult:
         """Raises OutputError only when the store or CSV cannot be written; report failures go in the row."""
         return self.commit(write_study_files(result, images, self.settings))
+
+    def write_many(self, studies: Iterable[tuple[StudyResult, StudyImages]]) -> Iterator[StudyResult]:
+        """write() for a stream of studies, each yielded once committed, in order. Their files are
+        written in `settings.writers` processes, several studies at once: rendering a PDF holds the
+        interpreter lock for tens of ms, which beside a GPU stalls the threads that feed the model.
+        A writer process that dies fails its study's reports, with the reason, not the run."""
+        settings = self.settings
+        if not settings.writers or (settings.reports is None and settings.dicom_out is None):
+            for result, images in studies:  # nothing to write but the row: no processes for that
+                yield self.write(result, images)
+            return
+        if self._writers is None:  # no limits: what they get was decoded and checked already
+            self._writers = IsolatedPool(write_files_job, files_not_written, settings.writers, WorkerLimits(0, 0),
+                                         role=("report writer", "study"))
+        jobs = (FilesJob(result, images, settings) for result, images in studies)
+        for files in self._writers.map(jobs, depth=2 * settings.writers):
+            yield self.commit(files)
 
     def commit(self, files: StudyFiles) -> StudyResult:
         """A study whose files are written (here or by a Ray task): queue its DICOM results for sending,
@@ -131,6 +162,24 @@ class StudyFiles:
     result: StudyResult
     outputs: tuple[str, ...]
     dicom: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
+class FilesJob:
+    """One study's files to write, in a writer process."""
+
+    result: StudyResult
+    images: StudyImages
+    settings: OutputSettings
+
+
+def write_files_job(job: FilesJob) -> StudyFiles:
+    return write_study_files(job.result, job.images, job.settings)
+
+
+def files_not_written(job: FilesJob, reason: str) -> StudyFiles:
+    """What a study whose writer process died records: failed, and why."""
+    return StudyFiles(replace(job.result, status=Status.FAILED, report_pdf="", message=f"report not written: {reason}"), ())
 
 
 def write_study_files(result: StudyResult, images: StudyImages, settings: OutputSettings) -> StudyFiles:
