@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from reportlab import rl_config
 from reportlab.lib import colors
 from reportlab.lib.pagesizes import A4
 from reportlab.lib.utils import ImageReader
@@ -56,6 +57,10 @@ def write_pdf(result: StudyResult, images: StudyImages, folder: Path) -> Path:
 def render_pdf(result: StudyResult, images: StudyImages | None = None) -> bytes:
     images = images or StudyImages()
     _register_fonts()
+    # Streams flate-compressed only, not also ASCII85-encoded (reportlab's default, for 7-bit transports
+    # no PDF here goes through): without reportlab's C accelerator that encoding ran in pure Python and
+    # took 0.8 of the 1.1 s to render three studies' reports, and it makes the file a quarter larger.
+    rl_config.useA85 = 0
     buf = io.BytesIO()
     c = canvas.Canvas(buf, pagesize=A4, pageCompression=1)
     c.setTitle(f"ichbatch report {result.study.study_uid}")
