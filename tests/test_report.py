@@ -139,6 +139,29 @@ def _read_pgm(path) -> np.ndarray:
     return np.frombuffer(parts[4][-w * h :], np.uint8).reshape(h, w)
 
 
+def test_the_index_kept_study_by_study_equals_the_index_rendered_whole_and_counts_stay_exact(tmp_path):
+    """The index keeps its newest pages' rows and the counts by status between studies, instead of
+    reading them back from the store each time; what it shows must be what the store holds."""
+    csv = tmp_path / "results.csv"
+
+    def shown() -> dict[str, str]:
+        return {p.name: p.read_text() for p in [tmp_path / "results.html", *sorted((tmp_path / "results_pages").glob("*"))]}
+
+    with OutputWriter(OutputSettings(csv=csv, reports=tmp_path / "reports", index_page_size=3, writers=0)) as writer:
+        for k in range(7):
+            writer.write(_result(f"1.2.3.{k}"), _images())
+        # A re-run of a study on the first page (no longer among the kept ones) and of one on the last.
+        writer.write(replace(_result("1.2.3.1"), status=Status.FAILED, message="run again: failed"), _images())
+        writer.write(replace(_result("1.2.3.6"), status=Status.SKIPPED, message="run again: skipped"), _images())
+        assert writer.store.counts() == {"ok": 5, "failed": 1, "skipped": 1} and writer.store.count() == 7
+        kept = shown()
+        writer.index.render_all()  # from the store alone
+        assert shown() == kept and "run again: failed" in kept["page-00001.html"]
+        assert "7 studies (5 ok, 0 not assessed, 1 skipped, 1 failed)" in kept["results.html"]
+    with OutputWriter(OutputSettings(csv=csv, writers=0)) as writer:  # counted afresh from the store
+        assert writer.store.counts() == {"ok": 5, "failed": 1, "skipped": 1} and writer.store.count("ok") == 5
+
+
 def test_html_index_lists_every_study_with_thumbnail_and_link(tmp_path):
     reports = tmp_path / "reports"
     results = [_result("1.2.3.4"), _result("1.2.3.5", name="<script>x</script>"), _result("1.2.3.6")]

@@ -54,6 +54,9 @@ class HtmlIndex:
         self.landing = self.csv_path.with_suffix(".html")
         self.folder = self.csv_path.with_name(self.csv_path.stem + "_pages")
         self.page_size = page_size
+        # The rendered rows of the pages written last (the newest one or two), by seq: rendering a page's
+        # rows from the store after every study cost a few ms of the run's interpreter lock, each time.
+        self._rows: dict[int, dict[int, str]] = {}
 
     def page_path(self, number: int) -> Path:
         return self.folder / f"page-{number:05d}.html"
@@ -68,6 +71,7 @@ class HtmlIndex:
             return
         number = (stored.seq - 1) // self.page_size + 1
         last = self.pages()
+        self._page_rows(number)[stored.seq] = _row(stored, self.page_path(number).parent)
         self._write_page(number, last)
         if number > 1 and (stored.seq - 1) % self.page_size == 0:
             self._write_page(number - 1, last)
@@ -94,9 +98,20 @@ class HtmlIndex:
                 f"{self.page_size} per page, in order of arrival.</p><p>Pages: {links}</p>")
         atomic_write_bytes(self.landing, _page("ichbatch results", body).encode("utf-8"))
 
+    def _page_rows(self, number: int) -> dict[int, str]:
+        """Page `number`'s rows, rendered once from the store and then kept current by update()."""
+        rows = self._rows.pop(number, None)
+        if rows is None:
+            base = self.page_path(number).parent
+            rows = {s.seq: _row(s, base) for s in self.store.page(number, self.page_size)}
+        self._rows[number] = rows  # the most recent last
+        while len(self._rows) > 2:
+            del self._rows[next(iter(self._rows))]
+        return rows
+
     def _write_page(self, number: int, last: int) -> None:
         path = self.page_path(number)
-        rows = "\n".join(_row(s, path.parent) for s in self.store.page(number, self.page_size))
+        rows = "\n".join(row for _, row in sorted(self._page_rows(number).items()))
         heads = "".join(f"<th>{html.escape(x)}</th>" for x in ("key slice", "study", "status", *LABELS, "report"))
         nav = [f'<a href="{html.escape(_rel(self.landing, path.parent))}">all pages</a>']
         if number > 1:

@@ -15,6 +15,7 @@ import json
 import os
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +150,9 @@ class ResultsStore:
             self.db.executescript(SCHEMA)
         except sqlite3.Error as exc:
             raise OutputError(f"cannot open the results store {self.path}: {exc}") from exc
+        # Studies by status, counted once and then kept here: the index shows them after every study, and
+        # counting in SQLite scans every study. Exact, since this process is the only writer (OutputLock).
+        self._by_status: Counter[str] | None = None
         self.studies = CsvMirror(self, "studies", self.csv_path, columns)
         self.files = CsvMirror(self, "files", files_csv_path(self.csv_path), FILE_COLUMNS)
         self._import_legacy_csv(columns)
@@ -174,8 +178,9 @@ class ResultsStore:
                   run_id: str, slices: Sequence[dict[str, str]] = ()) -> None:
         """Commit one study (row, outputs, slices) in one transaction, then show it in the CSV."""
         uid = row["study_uid"]
+        by_status = self._status_counts()
         with self.transaction():
-            old = self.db.execute("SELECT seq FROM studies WHERE study_uid=?", (uid,)).fetchone()
+            old = self.db.execute("SELECT seq, status FROM studies WHERE study_uid=?", (uid,)).fetchone()
             seq = old[0] if old else self._next_seq("studies")
             self.db.execute(
                 "INSERT OR REPLACE INTO studies VALUES(?,?,?,?,?,?,?,?,?)",
@@ -185,6 +190,9 @@ class ResultsStore:
             self.db.execute("DELETE FROM slices WHERE study_uid=?", (uid,))
             self.db.executemany("INSERT INTO slices VALUES(?,?,?)",
                                 [(uid, k, json.dumps(s)) for k, s in enumerate(slices)])
+        if old is not None:
+            by_status[old[1]] -= 1
+        by_status[row["status"]] += 1
         self._show(self.studies, row, replaced=old is not None)
 
     def study(self, study_uid: str) -> StoredStudy | None:
@@ -197,13 +205,17 @@ class ResultsStore:
         return bool(row) and row[0] == instances_digest and row[1] == model and bool(instances_digest)
 
     def count(self, status: str | None = None) -> int:
-        if status is None:
-            return int(self.db.execute("SELECT COUNT(*) FROM studies").fetchone()[0])
-        return int(self.db.execute("SELECT COUNT(*) FROM studies WHERE status=?", (status,)).fetchone()[0])
+        by_status = self._status_counts()
+        return sum(by_status.values()) if status is None else by_status[status]
 
     def counts(self) -> dict[str, int]:
-        """Studies by status in one pass over the status index (the index page shows them per study)."""
-        return dict(self.db.execute("SELECT status, COUNT(*) FROM studies GROUP BY status").fetchall())
+        """Studies by status (the index page shows them after every study)."""
+        return {status: n for status, n in self._status_counts().items() if n}
+
+    def _status_counts(self) -> Counter[str]:
+        if self._by_status is None:
+            self._by_status = Counter(dict(self.db.execute("SELECT status, COUNT(*) FROM studies GROUP BY status")))
+        return self._by_status
 
     def page(self, number: int, size: int) -> list[StoredStudy]:
         """Studies in order of first arrival; page 1 is the first `size` of them."""
@@ -275,6 +287,7 @@ class ResultsStore:
                 self.db.execute("INSERT OR REPLACE INTO studies VALUES(?,?,?,?,?,?,?,?,?)",
                                 (row["study_uid"], k, row["status"], "", row.get("model", ""), json.dumps(row), "[]",
                                  "imported", time.time()))
+        self._by_status = None  # counted again from the imported rows
         self.studies.mark_dirty()
 
 
