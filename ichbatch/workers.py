@@ -44,8 +44,8 @@ R = TypeVar("R")
 IN_FLIGHT = 2  # messages per worker: the one it decodes and the next, so no round trip is waited for
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit systems
-# Items per message: at 1 the driver thread took 0.31 ms a 512 x 512 slice, at 8 0.15 ms (2 decoder
-# processes on 2 cores; benchmarks/decode_rate.py --driver). More gains little: the bytes then dominate.
+# Items per message: at 1 the driver thread took 0.35 ms a 512 x 512 slice, at 8 0.16 ms through the pipe
+# (2 decoder processes on 2 cores; benchmarks/decode_rate.py, its driver section). More gains little.
 LARGEST_CHUNK = 8
 
 
