@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from ichbatch.cli import main
 from ichbatch.evaluate import (bootstrap_ci, calibration, evaluate_arrays, log_loss, pr_auc, roc_auc, sens_spec,
-                               threshold_for_sensitivity, weighted_log_loss, wilson)
+                               threshold_for_sensitivity, weighted_log_loss, weighted_pr_auc, weighted_roc_auc, wilson)
 
 Y = np.array([1, 0, 1, 0])
 P = np.array([0.9, 0.2, 0.6, 0.7])
@@ -79,13 +79,31 @@ def test_bootstrap_intervals_resample_studies_and_contain_the_estimate():
     rng = np.random.default_rng(1)
     y = rng.integers(0, 2, 400)
     p = np.clip(0.3 * y + rng.normal(0.35, 0.2, 400), 0, 1)
-    low, high = bootstrap_ci(y, p, roc_auc)
+    low, high = bootstrap_ci(y, p, weighted_roc_auc)
     assert low < roc_auc(y, p) < high and 0.02 < high - low < 0.2
-    assert bootstrap_ci(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9]), roc_auc) == [1.0, 1.0]
+    low, high = bootstrap_ci(y, p, weighted_pr_auc)
+    assert low < pr_auc(y, p) < high and 0.02 < high - low < 0.3
+    assert bootstrap_ci(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9]), weighted_roc_auc) == [1.0, 1.0]
     # Whole studies resampled: two studies of identical slices give a degenerate, not a narrow, interval.
     groups = np.repeat(["a", "b"], 200)
-    assert bootstrap_ci(y, p, roc_auc, groups) != bootstrap_ci(y, p, roc_auc)
+    assert bootstrap_ci(y, p, weighted_roc_auc, groups) != bootstrap_ci(y, p, weighted_roc_auc)
     assert pr_auc(np.array([0, 1]), np.array([0.2, 0.9])) == pytest.approx(1.0)
+    assert bootstrap_ci(np.array([1, 1, 1]), np.array([0.1, 0.5, 0.9]), weighted_pr_auc) is None  # no negatives
+
+
+def test_weighted_metrics_equal_scikit_learn_on_the_rows_repeated():
+    rng = np.random.default_rng(4)
+    y = (rng.random(300) < 0.3).astype(int)
+    p = np.round(np.clip(0.3 * y + rng.normal(0.35, 0.2, 300), 0, 1), 1)  # rounded: many tied scores
+    counts = rng.integers(0, 3, (20, 300)).astype(float)  # 0, 1 or 2 copies of each row
+    counts[0] = 1.0
+    counts[1] = np.where(y == 1, 0.0, 1.0)  # positives all left out: undefined
+    auc, ap = weighted_roc_auc(y, p, counts), weighted_pr_auc(y, p, counts)
+    assert np.isnan(auc[1]) and np.isnan(ap[1])
+    for b in (0, *range(2, 20)):
+        rows = np.repeat(np.arange(300), counts[b].astype(int))
+        assert auc[b] == pytest.approx(roc_auc(y[rows], p[rows]), abs=1e-12)
+        assert ap[b] == pytest.approx(pr_auc(y[rows], p[rows]), abs=1e-12)
 
 
 def test_evaluate_prints_intervals_and_refuses_bad_arguments_cleanly(tmp_path):
