@@ -187,6 +187,9 @@ def study_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Results CSV; its store (<name>.ichbatch.sqlite) sits beside it. Rows for studies already in it are replaced.")
 @click.option("--reports", type=click.Path(file_okay=False, path_type=Path), help="Folder for the PDF reports [default: 'reports' beside the CSV].")
 @click.option("--no-reports", is_flag=True, help="Write the CSV only.")
+@click.option("--report-writers", type=click.IntRange(0, 256), default=None,
+              help="Processes that write each study's PDF, JSON and DICOM files while the model goes on; 0: the "
+                   "run's own thread writes them [default: a quarter of the cores, at least 1; the local engine only].")
 @click.option("--resume", is_flag=True, help="Skip studies whose result is already complete in the store (same study, same instances, same model).")
 @click.option("--slices", "slices_csv", type=click.Path(dir_okay=False, path_type=Path), help="Also write per-slice probabilities of every study in the store to this CSV.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
@@ -196,8 +199,8 @@ def study_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="With --engine ray: the cluster to join (auto, HOST:PORT or ray://HOST:PORT) [default: start a "
                    "one-machine cluster bound to 127.0.0.1 for this run].")
 @study_options
-def run(inputs: tuple[Path, ...], out: Path, reports: Path | None, no_reports: bool, resume: bool,
-        slices_csv: Path | None, engine: str, address: str | None, study: StudyOptions) -> None:
+def run(inputs: tuple[Path, ...], out: Path, reports: Path | None, no_reports: bool, report_writers: int | None,
+        resume: bool, slices_csv: Path | None, engine: str, address: str | None, study: StudyOptions) -> None:
     """Process every study found under INPUTS (folders or files, nested, any file names).
 
     \b
@@ -209,9 +212,12 @@ def run(inputs: tuple[Path, ...], out: Path, reports: Path | None, no_reports: b
     """
     if address and engine != "ray":
         raise click.BadParameter("is for --engine ray", param_hint="--address")
+    if report_writers is not None and engine == "ray":
+        raise click.BadParameter("is for the local engine; on Ray, CPU tasks write the reports",
+                                 param_hint="--report-writers")
     folder = None if no_reports else (reports or out.parent / "reports")
     sys.exit(_run(list(inputs), out, folder, study, slices_csv=slices_csv, resume=resume,
-                  cluster=_cluster(address) if engine == "ray" else None))
+                  cluster=_cluster(address) if engine == "ray" else None, writers=report_writers))
 
 
 def _cluster(address: str | None) -> Any:
@@ -225,7 +231,7 @@ def _cluster(address: str | None) -> Any:
 
 
 def _run(inputs: list[Path], out: Path, reports: Path | None, study: StudyOptions, *,
-         slices_csv: Path | None = None, resume: bool = False, cluster: Any = None) -> int:
+         slices_csv: Path | None = None, resume: bool = False, cluster: Any = None, writers: int | None = None) -> int:
     from .domain import Status
     from .errors import ExistingFileError
     from .pipeline import process_folder
@@ -242,6 +248,8 @@ def _run(inputs: list[Path], out: Path, reports: Path | None, study: StudyOption
     dicom_out = study.dicom_out or (out.parent / "dicom" if delivery else None)
     outputs = OutputSettings(csv=out, reports=reports, dicom_out=dicom_out, pseudonym_key=study.pseudonym_key(),
                              delivery=delivery)
+    if writers is not None:
+        outputs = replace(outputs, writers=writers)
     try:
         writer = OutputWriter(outputs)
     except (ExistingFileError, OutputLockedError) as exc:

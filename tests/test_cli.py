@@ -63,7 +63,7 @@ def mixed_folder(tmp_path_factory, phantom_hu):
     return root, manifest, study, mr, broken
 
 
-def test_run_on_mixed_folder(mixed_folder, tiny_bundle, tmp_path):
+def test_run_on_mixed_folder(mixed_folder, tiny_bundle, tmp_path, monkeypatch):
     root, manifest, study, mr, broken = mixed_folder
     out = tmp_path / "out" / "results.csv"
     result = CliRunner().invoke(main, ["run", str(root), "--out", str(out), "--model", str(tiny_bundle),
@@ -100,9 +100,15 @@ def test_run_on_mixed_folder(mixed_folder, tiny_bundle, tmp_path):
     one = slices[slices["study_uid"] == study].sort_values("slice")
     assert list(one["slice"]) == list(range(1, 13)) and one["z_mm"].is_monotonic_increasing
 
-    # Re-running replaces rows rather than duplicating them.
+    # Re-running replaces rows rather than duplicating them. With --report-writers 0 the run's own thread
+    # writes the DICOM objects: no writer process starts.
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a report writer process was started")
+
+    monkeypatch.setattr("ichbatch.report.outputs.IsolatedPool", no_pool)
     again = CliRunner().invoke(main, ["run", str(root / "phantoms"), "--out", str(out), "--model", str(tiny_bundle),
-                                      "--no-reports", "--tta", "1", "--dicom-out", str(tmp_path / "pacs")])
+                                      "--no-reports", "--tta", "1", "--dicom-out", str(tmp_path / "pacs"),
+                                      "--report-writers", "0"])
     assert again.exit_code == 0, again.output
     sent = sorted(p.name.rsplit("_", 1)[1] for p in (tmp_path / "pacs").glob("*.dcm"))
     assert sent == (["key1.dcm"] * 2 + ["key2.dcm"] * 2 + ["key3.dcm"] * 2 + ["kos.dcm"] * 2 + ["report.dcm"] * 2
@@ -118,6 +124,9 @@ def test_usage_errors_exit_2(tmp_path, tiny_bundle):
     assert runner.invoke(main, ["run", str(tmp_path), "--out", "r.csv", "--tta", "9"]).exit_code == 2
     bad = runner.invoke(main, ["run", str(tmp_path), "--out", str(tmp_path / "r.csv"), "--model", "no-such-model"])
     assert bad.exit_code == 2 and "no model bundle named 'no-such-model'" in bad.output
+    ray_writers = runner.invoke(main, ["run", str(tmp_path), "--out", str(tmp_path / "r.csv"), "--engine", "ray",
+                                       "--report-writers", "2"])
+    assert ray_writers.exit_code == 2 and "is for the local engine" in ray_writers.output
     sheet = tmp_path / "budget.csv"
     sheet.write_text("item,cost\nscanner,1\n")
     foreign = runner.invoke(main, ["run", str(tmp_path), "--out", str(sheet), "--model", str(tiny_bundle)])
