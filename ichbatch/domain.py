@@ -190,7 +190,8 @@ class StudyResult:
 
 @dataclass(frozen=True)
 class KeyImage:
-    """One key slice rendered for the reports: brain window, overlay and the three windows, RGB uint8.
+    """One key slice rendered for the reports, uint8 at full size: the brain, subdural and bone windows
+    (grey) and the overlay on the brain window (RGB).
 
     The overlay's heat is the class-activation map's shape times the slice's probability for the label:
     one fixed 0-1 scale for every study, so a faint map means a low score, never a rescaled one."""
