@@ -31,7 +31,7 @@ from .errors import IchBatchError
 
 EPS = 1e-7
 BOOTSTRAP = 1000
-RESAMPLE_CELLS = 4_000_000  # resamples x rows weighed at once (32 MB of float64)
+RESAMPLE_CELLS = 4_000_000  # resamples x rows weighed at once (32 MB of float64 a copy)
 
 
 def _both_classes(y: np.ndarray) -> bool:
@@ -161,11 +161,15 @@ def bootstrap_ci(y: np.ndarray, p: np.ndarray,
     k = int(index.max()) + 1 if len(index) else 0
     if k == 0:
         return None
-    draws = np.random.default_rng(seed).integers(0, k, (n, k))
-    counts = np.zeros((n, k))
-    np.add.at(counts, (np.arange(n)[:, None], draws), 1.0)
-    per_chunk = max(1, RESAMPLE_CELLS // max(1, len(y)))
-    values = np.concatenate([metric(y, p, counts[i:i + per_chunk][:, index]) for i in range(0, n, per_chunk)])
+    rng = np.random.default_rng(seed)
+    per_chunk = max(1, RESAMPLE_CELLS // len(y))  # resamples at once: memory bounded for any data set
+    scored = []
+    for start in range(0, n, per_chunk):
+        c = min(per_chunk, n - start)
+        draws = rng.integers(0, k, (c, k)) + k * np.arange(c)[:, None]  # resample r's units, offset by r * k
+        counts = np.bincount(draws.ravel(), minlength=c * k).reshape(c, k).astype(np.float64)
+        scored.append(metric(y, p, counts[:, index]))
+    values = np.concatenate(scored)
     values = values[~np.isnan(values)]
     if len(values) < n // 2:
         return None

@@ -382,9 +382,9 @@ def _fit(settings: TrainSettings, base, model, checkpoints: Path,  # type: ignor
     budget = _time_budget(settings.max_minutes, echo) if settings.max_minutes else None
     checkpoints.mkdir(parents=True, exist_ok=True)
     stages = _stages(settings)
-    eager = sum(epochs for epochs, _, _ in stages) * train_steps <= EAGER_STEPS
+    total = sum(epochs for epochs, _, _ in stages) * train_steps
+    eager = total <= EAGER_STEPS
     if eager:
-        total = sum(e for e, _, _ in stages) * train_steps
         echo(f"{total} training step{'s' if total > 1 else ''} in all: run eagerly, "
              "as tracing them into a graph would take longer than the steps")
     for i, (epochs, lr, trainable) in enumerate(stages):

@@ -75,12 +75,15 @@ def test_wilson_interval_matches_the_textbook_case():
     assert wilson(0, 0) is None
 
 
-def test_bootstrap_intervals_resample_studies_and_contain_the_estimate():
+def test_bootstrap_intervals_resample_studies_and_contain_the_estimate(monkeypatch):
     rng = np.random.default_rng(1)
     y = rng.integers(0, 2, 400)
     p = np.clip(0.3 * y + rng.normal(0.35, 0.2, 400), 0, 1)
     low, high = bootstrap_ci(y, p, weighted_roc_auc)
     assert low < roc_auc(y, p) < high and 0.02 < high - low < 0.2
+    monkeypatch.setattr("ichbatch.evaluate.RESAMPLE_CELLS", 1000)  # two resamples at a time: the same draws
+    assert bootstrap_ci(y, p, weighted_roc_auc) == pytest.approx([low, high], abs=1e-12)
+    monkeypatch.undo()
     low, high = bootstrap_ci(y, p, weighted_pr_auc)
     assert low < pr_auc(y, p) < high and 0.02 < high - low < 0.3
     assert bootstrap_ci(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9]), weighted_roc_auc) == [1.0, 1.0]
