@@ -346,9 +346,10 @@ def training_record(settings: TrainSettings) -> dict[str, str]:
 
 
 BN_BATCHES = 64  # training batches that precise BN averages over
-# A fit of at most this many training steps in all runs eagerly: tracing ResNet50's training step into a
-# graph costs about 25 s of CPU per stage (the optimizer's update of every variable is built in Python),
-# while an eager step costs about 2 s more than a traced one (benchmarked at 32 px, batch 4, on 2 cores).
+# On TensorFlow, a fit of at most this many training steps in all runs eagerly: tracing ResNet50's training
+# step into a graph costs about 25 s of CPU per stage (the optimizer's update of every variable is built in
+# Python), while an eager step costs about 2 s more than a traced one (32 px, batch 4, on 2 cores). Not on
+# JAX: there an eager first step compiles op by op and took as long as compiling the whole step (37 s).
 EAGER_STEPS = 12
 DOMAIN_SLICES = 4096  # validation slices (whole studies) whose features fit the domain check
 
@@ -383,7 +384,7 @@ def _fit(settings: TrainSettings, base, model, checkpoints: Path,  # type: ignor
     checkpoints.mkdir(parents=True, exist_ok=True)
     stages = _stages(settings)
     total = sum(epochs for epochs, _, _ in stages) * train_steps
-    eager = total <= EAGER_STEPS
+    eager = keras.backend.backend() == "tensorflow" and total <= EAGER_STEPS
     if eager:
         echo(f"{total} training step{'s' if total > 1 else ''} in all: run eagerly, "
              "as tracing them into a graph would take longer than the steps")
