@@ -193,7 +193,8 @@ def _conv1_kernel(folder):
 
 
 def test_init_schedules_choose_which_layers_train(tmp_path):
-    phantoms = ["--source", "phantoms", "--phantoms", "ellipse", "--phantom-studies", "3", "--phantom-slices", "8", *COMMON]
+    phantoms = ["--source", "phantoms", "--phantoms", "ellipse", "--phantom-studies", "3", "--phantom-slices", "8", *COMMON,
+                "--batch-size", "8"]  # two steps an epoch: each stage is short
     # A written bundle is a starting point like a trained one (and costs no training run in CI).
     first = random_bundle(tmp_path / "first", 32, seed=5)
     init = ["--init", str(first / "weights.npz")]
