@@ -348,8 +348,9 @@ def training_record(settings: TrainSettings) -> dict[str, str]:
 BN_BATCHES = 64  # training batches that precise BN averages over
 # On TensorFlow, a fit of at most this many training steps in all runs eagerly: tracing ResNet50's training
 # step into a graph costs about 25 s of CPU per stage (the optimizer's update of every variable is built in
-# Python), while an eager step costs about 2 s more than a traced one (32 px, batch 4, on 2 cores). Not on
-# JAX: there an eager first step compiles op by op and took as long as compiling the whole step (37 s).
+# Python), while an eager step costs about 1.4 s more than a traced one (benchmarks/small_fit.py: break-even
+# near 18 steps). Not on JAX: there an eager first step compiles op by op and took as long as compiling
+# the whole step (37 s).
 EAGER_STEPS = 12
 DOMAIN_SLICES = 4096  # validation slices (whole studies) whose features fit the domain check
 
