@@ -118,12 +118,15 @@ def calibration(y: np.ndarray, p: np.ndarray, bins: int = 10) -> dict:
 def _score_blocks(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Weights of the positives and of the negatives at each distinct score, scores ascending: (B, k) each,
     for B weightings w (B, n) of the rows."""
-    order = np.argsort(p, kind="mergesort")
-    ps, positive = np.asarray(p)[order], np.asarray(y)[order].astype(bool)
-    starts = np.flatnonzero(np.r_[True, ps[1:] != ps[:-1]])
-    w = w[:, order]
-    return (np.add.reduceat(np.where(positive, w, 0.0), starts, axis=1),
-            np.add.reduceat(np.where(positive, 0.0, w), starts, axis=1))
+    p, y = np.asarray(p), np.asarray(y)
+    if not np.all(p[1:] >= p[:-1]):  # bootstrap_ci sorts once for all its resamples
+        order = np.argsort(p, kind="mergesort")
+        p, y, w = p[order], y[order], w[:, order]
+    pos = np.where(y.astype(bool), w, 0.0)
+    starts = np.flatnonzero(np.r_[True, p[1:] != p[:-1]])
+    if len(starts) < len(p):  # tied scores: one block per distinct score
+        pos, w = np.add.reduceat(pos, starts, axis=1), np.add.reduceat(w, starts, axis=1)
+    return pos, w - pos  # exact for counts in float64
 
 
 def weighted_roc_auc(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -157,6 +160,8 @@ def bootstrap_ci(y: np.ndarray, p: np.ndarray,
     A resample is a count per unit; the metric (weighted_roc_auc, weighted_pr_auc) takes those counts as row
     weights for many resamples at once. One scikit-learn call per resample cost minutes at RSNA scale."""
     units = np.arange(len(y)) if units is None else np.asarray(units)
+    order = np.argsort(p, kind="mergesort")  # once, not once per chunk of resamples
+    y, p, units = np.asarray(y)[order], np.asarray(p)[order], units[order]
     _, index = np.unique(units, return_inverse=True)
     k = int(index.max()) + 1 if len(index) else 0
     if k == 0:
