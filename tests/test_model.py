@@ -311,3 +311,75 @@ def test_hirescam_keeps_only_the_positions_the_score_depends_on(tiny_bundle, tmp
     (copy / "model.json").write_text(json.dumps(card))
     with pytest.raises(BundleError, match="cam_method 'bogus'"):
         load_bundle(str(copy))
+
+
+def _random_norm_statistics(model, seed: int) -> None:
+    """Trained-looking batch normalisations (a fresh network's are the identity, which folds trivially)."""
+    import keras
+
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 1.5, n), rng.normal(0, 0.2, n), rng.normal(0, 0.3, n),
+                               rng.uniform(0.3, 2.0, n)])
+
+
+def test_folded_batchnorm_computes_the_same_network_and_maps():
+    """The heat maps' copy of a ResNet50 has no normalisation layer left, the same outputs, and the same
+    HiResCAM maps at pool1_pool (the demo card's) as the network as it was trained."""
+    import keras
+
+    from ichbatch.model.folding import fold_batchnorm
+    from ichbatch.model.gradcam import cam_raw
+    from ichbatch.model.resnet import build_resnet50
+
+    model = build_resnet50(TINY_SIZE, 6, seed=4)
+    _random_norm_statistics(model, 4)
+    folded = fold_batchnorm(model, keep=("pool1_pool",))
+    norms = [layer.name for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(norms) == 53
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
+    assert all(folded.get_layer(name).count_params() == 0 for name in norms)  # pass-throughs, by name
+    x = np.random.default_rng(4).random((3, TINY_SIZE, TINY_SIZE, 3)).astype(np.float32)
+    before, after = np.asarray(model(x)), np.asarray(folded(x))
+    assert np.abs(before - 0.5).max() > 0.05  # not a network that says 0.5 to everything
+    np.testing.assert_allclose(after, before, atol=1e-5)
+    unfolded_lower = keras.Model(model.inputs[0], model.get_layer("pool1_pool").output)
+    unfolded_upper = keras.Model(unfolded_lower.output, model.outputs[0])
+    explainer = CamExplainer(model, "pool1_pool", ("hflip",), "hirescam")
+    expected = cam_raw(unfolded_lower, unfolded_upper, x, 2, "hirescam")
+    got = cam_raw(explainer.lower, explainer.upper, x, 2, "hirescam")
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in explainer.upper.layers)
+    np.testing.assert_allclose(got, expected, atol=1e-4 * np.abs(expected).max())
+
+
+def test_folding_leaves_alone_what_it_cannot_fold():
+    """A normalisation stays where folding would change the function or a layer someone asked for."""
+    import keras
+
+    from ichbatch.model.folding import fold_batchnorm, foldable_pairs
+
+    inputs = keras.Input((12, 12, 3))
+    plain = keras.layers.Conv2D(4, 3, padding="same", use_bias=False, name="plain")(inputs)
+    a = keras.layers.BatchNormalization(name="plain_bn")(plain)
+    act = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="act")(a)
+    b = keras.layers.BatchNormalization(name="act_bn")(act)  # after the convolution's own ReLU
+    shared = keras.layers.Conv2D(4, 1, name="shared")(b)
+    c = keras.layers.BatchNormalization(name="shared_bn")(shared)
+    c = keras.layers.Add()([c, shared])  # the convolution's output is also used as it is
+    kept = keras.layers.Conv2D(4, 1, name="kept")(c)
+    d = keras.layers.BatchNormalization(name="kept_bn")(kept)
+    across = keras.layers.Conv2D(4, 1, name="across")(d)
+    e = keras.layers.BatchNormalization(axis=1, name="across_bn")(across)  # not the channel axis
+    outputs = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(e))
+    model = keras.Model(inputs, outputs)
+    _random_norm_statistics(model, 7)
+    assert foldable_pairs(model, keep=("kept",)) == {"plain_bn": "plain"}
+    assert set(foldable_pairs(model)) == {"plain_bn", "kept_bn"}
+    folded = fold_batchnorm(model, keep=("kept",))
+    assert folded.get_layer("plain").use_bias  # the normalisation's shift became a bias
+    x = np.random.default_rng(7).random((2, 12, 12, 3)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(folded(x)), np.asarray(model(x)), atol=1e-5)
+    nothing = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(inputs)))
+    assert fold_batchnorm(nothing) is nothing
