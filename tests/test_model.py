@@ -14,6 +14,7 @@ from ichbatch.errors import BundleError
 from ichbatch.infer import Predictor
 from ichbatch.model.bundle import load_bundle, read_card
 from ichbatch.model.gradcam import CamExplainer
+from ichbatch.model.inputs import model_input
 from ichbatch.preprocess import tta_transforms, tta_views
 
 from .conftest import TINY_SIZE
@@ -383,3 +384,26 @@ def test_folding_leaves_alone_what_it_cannot_fold():
     np.testing.assert_allclose(np.asarray(folded(x)), np.asarray(model(x)), atol=1e-5)
     nothing = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(inputs)))
     assert fold_batchnorm(nothing) is nothing
+
+
+def test_scores_and_heat_maps_share_one_folded_copy_of_current_weights(tiny_bundle):
+    """The predictor's network is folded, the explainer reuses that copy, and a copy folded before the
+    weights changed is not handed out again."""
+    import keras
+
+    from ichbatch.model.folding import fold_batchnorm
+
+    bundle = load_bundle(str(tiny_bundle))
+    _random_norm_statistics(bundle.model, 8)
+    predictor = Predictor(bundle, 1, 4)
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in predictor.serving.layers[-1].layers)
+    explainer = CamExplainer(bundle.model, "pool1_pool", (), "hirescam")
+    explainer.lower  # noqa: B018 - builds the halves
+    assert explainer.model is fold_batchnorm(bundle.model) is predictor.serving.layers[-1]
+    hu = _hu_batch(3, seed=8)
+    x = model_input(hu[:, None], bundle.card.input_spec)
+    np.testing.assert_allclose(predictor.predict(hu), np.asarray(bundle.model(x)), atol=1e-5)
+    _random_norm_statistics(bundle.model, 9)
+    again = fold_batchnorm(bundle.model)
+    assert again is not explainer.model
+    np.testing.assert_allclose(np.asarray(again(x)), np.asarray(bundle.model(x)), atol=1e-5)

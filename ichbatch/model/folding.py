@@ -15,6 +15,9 @@ maps come from Keras. Folding takes about a second, once, when the first map is 
 from __future__ import annotations
 
 import functools
+import hashlib
+import threading
+import weakref
 from collections.abc import Collection
 
 import numpy as np
@@ -25,11 +28,38 @@ def fold_batchnorm(model, keep: Collection[str] = ()):  # type: ignore[no-untype
     convolution; the normalisation layer stays, by name, as a pass-through (so a heat-map layer named
     after it still finds its output). `keep`: layer names whose own output must not change (a
     convolution named there keeps its normalisation). Returns the model itself when nothing folds."""
-    import keras
-
     pairs = foldable_pairs(model, keep)
     if not pairs:
         return model
+    # The scores' and the heat maps' copies of one network are one copy, as long as its weights are
+    # the ones it was folded with.
+    key = (tuple(sorted(pairs.items())), _fingerprint(model))
+    with _FOLDING:
+        made = _FOLDED.setdefault(model, {})
+        if key not in made:
+            made.clear()
+            made[key] = _folded_copy(model, pairs)
+        return made[key]
+
+
+def _fingerprint(model) -> str:  # type: ignore[no-untyped-def]
+    from keras import ops
+
+    digest = hashlib.blake2b(digest_size=16)
+    for var in model.weights:
+        digest.update(np.ascontiguousarray(ops.convert_to_numpy(var)).tobytes())
+    return digest.hexdigest()
+
+
+# source model -> {(its folded pairs, its weights' fingerprint): the folded copy}; an entry goes when its
+# source model does.
+_FOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # type: ignore[type-arg]
+_FOLDING = threading.Lock()
+
+
+def _folded_copy(model, pairs: dict[str, str]):  # type: ignore[no-untyped-def]
+    import keras
+
     convs = set(pairs.values())
 
     def clone(layer):  # type: ignore[no-untyped-def]
