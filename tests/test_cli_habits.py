@@ -97,6 +97,18 @@ def test_run_over_no_studies_writes_the_header_and_says_why(tmp_path, tiny_bundl
     assert out.read_text().strip() == ",".join(COLUMNS)
 
 
+def test_python_dash_m_is_the_same_command():
+    from ichbatch import __version__
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    version = subprocess.run([sys.executable, "-m", "ichbatch", "--version"], capture_output=True, text=True,
+                             env=env, timeout=120)
+    assert version.returncode == 0 and version.stdout.strip() == f"ichbatch, version {__version__}"
+    usage = subprocess.run([sys.executable, "-m", "ichbatch", "run"], capture_output=True, text=True, env=env,
+                           timeout=120)
+    assert usage.returncode == 2 and "Usage: ichbatch run" in usage.stderr, usage.stderr
+
+
 def test_evaluate_errors_are_messages_not_tracebacks(tmp_path):
     preds, labels = tmp_path / "p.csv", tmp_path / "l.csv"
     preds.write_text("study_uid,prob_any\n1.2,0.5\n")
