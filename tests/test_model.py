@@ -382,6 +382,8 @@ def test_folding_leaves_alone_what_it_cannot_fold():
     assert folded.get_layer("plain").use_bias  # the normalisation's shift became a bias
     x = np.random.default_rng(7).random((2, 12, 12, 3)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(folded(x)), np.asarray(model(x)), atol=1e-5)
+    copy = keras.models.clone_model(folded)  # the folded model serialises like any other
+    assert folded.get_layer("plain_bn").dtype_policy.name == copy.get_layer("plain_bn").dtype_policy.name
     nothing = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(inputs)))
     assert fold_batchnorm(nothing) is nothing
 

@@ -64,7 +64,7 @@ def _folded_copy(model, pairs: dict[str, str]):  # type: ignore[no-untyped-def]
 
     def clone(layer):  # type: ignore[no-untyped-def]
         if layer.name in pairs:
-            return _pass_through_class()(name=layer.name, dtype=layer.dtype_policy)
+            return _pass_through_class()(name=layer.name, dtype=layer.dtype_policy.name)
         config = layer.get_config()
         if layer.name in convs:
             config["use_bias"] = True  # the normalisation's shift becomes the bias
