@@ -3,7 +3,7 @@
 # TensorFlow and no package index: Keras, pydicom and the decoders travel as wheels in .whl/
 # (README: Performance, "GPU figures", says how they were fetched).
 #
-#   bash benchmarks/gpu_session.sh bench            # network rate, decoding per process, bare vs end to end at TTA 4
+#   bash benchmarks/gpu_session.sh bench            # network rate, heat-map cost, decoding per process, bare vs end to end at TTA 4
 #   bash benchmarks/gpu_session.sh train MINUTES N  # N anatomy-v3 studies, fitting for at most MINUTES
 #
 # Output goes to $OUT (the lent machine's return folder) or ./gpu-out.
@@ -25,6 +25,9 @@ bench)
         --precision float16 bfloat16 --seconds 4 2>&1 | tee "$OUT/network.log"
     python3 benchmarks/network_rate.py --model ich-resnet50-demo --batch-size 1024 --precision bfloat16 \
         --seconds 4 2>&1 | tee -a "$OUT/network.log"
+    # A flagged study's heat maps, folded network against the network as trained (one call per study).
+    python3 benchmarks/heatmap_cost.py --model ich-resnet50-demo --precision bfloat16 float16 \
+        --repeats 30 2>&1 | tee "$OUT/heatmaps.log"
     python3 benchmarks/decode_rate.py --size 224 2>&1 | tee "$OUT/decode.log"  # sizes the decoder pool
     workers=$(( $(nproc) - 1 ))
     python3 benchmarks/throughput.py --model ich-resnet50-untrained --batch-size 256 --precision float16 --tta 4 \
