@@ -409,3 +409,19 @@ def test_scores_and_heat_maps_share_one_folded_copy_of_current_weights(tiny_bund
     again = fold_batchnorm(bundle.model)
     assert again is not explainer.model
     np.testing.assert_allclose(np.asarray(again(x)), np.asarray(bundle.model(x)), atol=1e-5)
+
+
+def test_folded_copy_of_a_mixed_precision_network_stores_weights_in_the_compute_dtype(tiny_bundle):
+    """Under mixed bfloat16 the copy keeps convolution weights in bfloat16 (what each call would cast them
+    to), the float32 head stays float32, and the outputs match the network as loaded."""
+    from ichbatch.model.folding import fold_batchnorm
+
+    bundle = load_bundle(str(tiny_bundle), precision="bfloat16")
+    _random_norm_statistics(bundle.model, 10)
+    folded = fold_batchnorm(bundle.model)
+    assert str(folded.get_layer("conv2_block1_1_conv").kernel.dtype) == "bfloat16"
+    assert str(folded.get_layer("ich_head").kernel.dtype) == "float32"
+    x = np.random.default_rng(10).random((3, TINY_SIZE, TINY_SIZE, 3)).astype(np.float32)
+    expected = np.asarray(bundle.model(x), np.float32)
+    assert np.abs(expected - 0.5).max() > 0.05
+    np.testing.assert_allclose(np.asarray(folded(x), np.float32), expected, atol=0.02)
