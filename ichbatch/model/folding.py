@@ -7,8 +7,8 @@ function, one pass over the activations fewer.
 
 Why: the heat maps differentiate the network, and there every batch normalisation costs a forward and
 a backward pass over its activations, and under a mixed bfloat16 policy two casts to float32 and back
-each way as well. On the demo ResNet50 a flagged study's maps take 0.83 of the time folded in bfloat16,
-0.94 in float32 (benchmarks/heatmap_cost.py). onnxruntime already does this fusion for the scores; the
+each way as well. On the demo ResNet50 a flagged study's maps take 0.78 of the time folded in bfloat16
+(with the weights stored as below), 0.94 in float32 (benchmarks/heatmap_cost.py). onnxruntime already does this fusion for the scores; the
 maps come from Keras. Folding takes about a second, once, when the first map is asked for. Under a
 mixed policy the copy's convolutions keep their weights in the compute dtype (bfloat16, float16):
 what the mixed policy would cast them to at every call.
