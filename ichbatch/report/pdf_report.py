@@ -70,10 +70,11 @@ def render_pdf(result: StudyResult, images: StudyImages | None = None) -> bytes:
     if result.status == Status.OK:
         y = _score_table(c, result, y)
         y = _chart(c, result, y)
-        _key_slices(c, result, images, y)
+        photos = _Photos()
+        _key_slices(c, result, images, y, photos)
         _footer(c, result, 1, pages)
         c.showPage()
-        _montage_page(c, result, images)
+        _montage_page(c, result, images, photos)
     else:
         c.setFont(BOLD, 12)
         c.drawString(MARGIN, y - 20, f"Status: {result.status.value}")
@@ -236,7 +237,20 @@ def _photo(arr: np.ndarray) -> ImageReader:
     return ImageReader(buf)  # read as JPEG: its bytes go into the PDF as they are (DCTDecode)
 
 
-def _key_slices(c: canvas.Canvas, r: StudyResult, images: StudyImages, y: float) -> None:
+class _Photos:
+    """One report's JPEG readers, each picture encoded once: the top key slice's brain window is on both
+    pages (reportlab stores it once either way, but would be handed a second encoding)."""
+
+    def __init__(self) -> None:
+        self._made: dict[int, tuple[np.ndarray, ImageReader]] = {}
+
+    def __call__(self, arr: np.ndarray) -> ImageReader:
+        if id(arr) not in self._made:
+            self._made[id(arr)] = (arr, _photo(arr))  # the array is held, so its id stays its own
+        return self._made[id(arr)][1]
+
+
+def _key_slices(c: canvas.Canvas, r: StudyResult, images: StudyImages, y: float, photo: _Photos) -> None:
     keys = [k for k in (images.key_image(ident) for ident in r.key_slices) if k is not None]
     label = next((k.heat_label for k in keys if k.gradcam is not None), "")
     c.setFont(BOLD, 10)
@@ -246,9 +260,9 @@ def _key_slices(c: canvas.Canvas, r: StudyResult, images: StudyImages, y: float)
     any_col = r.outputs.index("any") if "any" in r.outputs else 0
     for col, key in enumerate(keys):
         x = MARGIN + col * (side + 20)
-        c.drawImage(_photo(key.brain), x, y - 16 - side, side, side)
+        c.drawImage(photo(key.brain), x, y - 16 - side, side, side)
         if key.gradcam is not None:
-            c.drawImage(_photo(key.gradcam), x, y - 22 - 2 * side, side, side)
+            c.drawImage(photo(key.gradcam), x, y - 22 - 2 * side, side, side)
         c.setFont(FONT, 8)
         row = r.slices.index(key.slice)
         p = float(r.smoothed_probs[row, any_col]) if r.smoothed_probs is not None else 0.0
@@ -272,7 +286,7 @@ def _colour_bar(c: canvas.Canvas, x: float, y: float, height: float) -> None:
     c.drawString(x + 13, y, "0")
 
 
-def _montage_page(c: canvas.Canvas, r: StudyResult, images: StudyImages) -> None:
+def _montage_page(c: canvas.Canvas, r: StudyResult, images: StudyImages, photo: _Photos) -> None:
     c.setFont(BOLD, 11)
     c.drawString(MARGIN, PAGE_H - MARGIN, f"All slices with their 'any' score - {NOT_FOR_DIAGNOSIS}")
     n = len(images.thumbnails)
@@ -302,5 +316,5 @@ def _montage_page(c: canvas.Canvas, r: StudyResult, images: StudyImages) -> None
         c.setFont(FONT, 8)
         for i, name in enumerate(("brain", "subdural", "bone")):
             x = MARGIN + i * (side + 10)
-            c.drawImage(_photo(getattr(top, name)), x, MARGIN + 4, side, side)
+            c.drawImage(photo(getattr(top, name)), x, MARGIN + 4, side, side)
             c.drawString(x, MARGIN - 6, name)
