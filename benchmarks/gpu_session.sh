@@ -5,8 +5,11 @@
 #
 #   bash benchmarks/gpu_session.sh bench            # network rate, heat-map cost, decoding per process, bare vs end to end at TTA 4
 #   bash benchmarks/gpu_session.sh train MINUTES N  # N anatomy-v3 studies, fitting for at most MINUTES
+#   DEADLINE=570 bash benchmarks/gpu_session.sh both MINUTES N   # train, then the bench steps that still fit
 #
-# Output goes to $OUT (the lent machine's return folder) or ./gpu-out.
+# Output goes to $OUT (the lent machine's return folder) or ./gpu-out. The return folder takes at most
+# 8 files, so the bench steps log into one file. With DEADLINE (seconds from the script's start) each
+# bench step runs only if its usual time is left, under a timeout of what is left: a lease is short.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -16,28 +19,33 @@ if [ -d .whl ]; then
     export PYTHONPATH=/tmp/site:$PWD
 fi
 export KERAS_BACKEND=jax XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>&1 | tee "$OUT/gpu.txt"
-python3 -c "import jax, keras, numpy; print('jax', jax.__version__, jax.devices(), 'keras', keras.__version__, 'numpy', numpy.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>&1 | tee "$OUT/bench.log"
+python3 -c "import jax, keras, numpy; print('jax', jax.__version__, jax.devices(), 'keras', keras.__version__, 'numpy', numpy.__version__)" 2>&1 | tee -a "$OUT/bench.log"
 
-case "${1:-bench}" in
-bench)
-    python3 benchmarks/network_rate.py --model ich-resnet50-untrained --batch-size 1024 \
-        --precision float16 bfloat16 --seconds 4 2>&1 | tee "$OUT/network.log"
-    python3 benchmarks/network_rate.py --model ich-resnet50-demo --batch-size 1024 --precision bfloat16 \
-        --seconds 4 2>&1 | tee -a "$OUT/network.log"
-    # A flagged study's heat maps, folded network against the network as trained (one call per study).
-    python3 benchmarks/heatmap_cost.py --model ich-resnet50-demo --precision bfloat16 float16 \
-        --repeats 30 2>&1 | tee "$OUT/heatmaps.log"
-    python3 benchmarks/decode_rate.py --size 224 2>&1 | tee "$OUT/decode.log"  # sizes the decoder pool
+DEADLINE=${DEADLINE:-100000}
+step() {  # step NEEDED_SECONDS command...: run it if that much time is left, under a timeout of what is left
+    local needed=$1 left=$(( DEADLINE - SECONDS )); shift
+    if (( left < needed )); then echo "skipped (${left} s left, ${needed} needed): $*" | tee -a "$OUT/bench.log"; return; fi
+    echo "== $* (${left} s left)" | tee -a "$OUT/bench.log"
+    timeout "$left" "$@" 2>&1 | tee -a "$OUT/bench.log"
+}
+bench() {
     workers=$(( $(nproc) - 1 ))
-    python3 benchmarks/throughput.py --model ich-resnet50-untrained --batch-size 256 --precision float16 --tta 4 \
-        --studies 48 --slices 32 --uncompressed --workers "$workers" --repeats 3 2>&1 | tee "$OUT/untrained.log"
-    python3 benchmarks/throughput.py --model ich-resnet50-demo --batch-size 256 --tta 4 \
-        --studies 48 --slices 32 --workers "$workers" --repeats 3 2>&1 | tee "$OUT/demo.log"
-    ;;
-train)
-    minutes=${2:-3}
-    studies=${3:-320}
+    # The study path, bare against end to end, is the figure the last lease left open: first.
+    step 110 python3 benchmarks/throughput.py --model ich-resnet50-untrained --batch-size 256 --precision float16 \
+        --tta 4 --studies 24 --slices 32 --uncompressed --workers "$workers" --repeats 2
+    # A flagged study's heat maps, folded network against the network as trained (one call per study).
+    step 60 python3 benchmarks/heatmap_cost.py --model ich-resnet50-demo --precision bfloat16 float16 --repeats 30
+    step 45 python3 benchmarks/network_rate.py --model ich-resnet50-untrained --batch-size 1024 \
+        --precision float16 bfloat16 --seconds 4
+    step 30 python3 benchmarks/network_rate.py --model ich-resnet50-demo --batch-size 1024 --precision bfloat16 --seconds 4
+    step 40 python3 benchmarks/decode_rate.py --size 224  # sizes the decoder pool
+    step 200 python3 benchmarks/throughput.py --model ich-resnet50-demo --batch-size 256 --tta 4 \
+        --studies 48 --slices 32 --workers "$workers" --repeats 3
+}
+train() {
+    minutes=${1:-3}
+    studies=${2:-320}
     python3 -m ichbatch.cli train --source phantoms --phantoms anatomy-v3 --input-size 128 --batch-size 64 \
         --screenshots 0.3 --init models/ich-resnet50-demo/weights.npz --init-schedule continue --lr 2e-4 \
         --epochs 60 --phantom-studies "$studies" --seed 23 --workers "$(nproc)" --max-minutes "$minutes" \
@@ -46,5 +54,11 @@ train)
         cp /tmp/gpu-model/model.json /tmp/gpu-model/domain.npz /tmp/gpu-model/training_curves.png "$OUT/"
         split -b 15m -d /tmp/gpu-model/weights.npz "$OUT/weights.npz.part"
     fi
-    ;;
+}
+
+case "${1:-bench}" in
+bench) bench ;;
+train) train "${2:-3}" "${3:-320}" ;;
+both) train "${2:-3}" "${3:-320}"; bench ;;
+*) echo "usage: gpu_session.sh bench | train MINUTES STUDIES | both MINUTES STUDIES" >&2; exit 2 ;;
 esac

@@ -193,6 +193,8 @@ def main() -> None:
           f"{share(e2e_seconds - e2e_model - clock.decode)}; finishing thread busy {share(clock.finish)} "
           f"(heat maps {share(timed.seconds)}, aggregation, domain check, key images)")
     n_scored = args.repeats * summary.n_slices
+    if not n_scored:  # e.g. studies too short for the card's eligibility rules: nothing reached the model
+        raise SystemExit("no slice was scored: every study was set aside before the model (see studies above)")
     print(f"host CPU time, on the threads that share the interpreter lock: scoring thread outside the model "
           f"{1000 * scoring_cpu / n_scored:.2f} ms per slice; decoder pool's driver thread "
           f"{1000 * clock.pool_cpu / n_scored:.2f} ms per slice; finishing thread {1000 * clock.finish_cpu / clock.studies:.1f} "
