@@ -43,13 +43,14 @@ bench() {
     step 200 python3 benchmarks/throughput.py --model ich-resnet50-demo --batch-size 256 --tta 4 \
         --studies 48 --slices 32 --workers "$workers" --repeats 3
 }
-train() {
+train() {  # -v: the generation's progress with times. On 2026-11-27 an H200 lease's 512 studies and
+    # first epoch did not end within 9 minutes, and nothing said which of them took the time.
     minutes=${1:-3}
     studies=${2:-320}
     python3 -m ichbatch.cli train --source phantoms --phantoms anatomy-v3 --input-size 128 --batch-size 64 \
         --screenshots 0.3 --init models/ich-resnet50-demo/weights.npz --init-schedule continue --lr 2e-4 \
         --epochs 60 --phantom-studies "$studies" --seed 23 --workers "$(nproc)" --max-minutes "$minutes" \
-        --version 0.6.0-gpu --out /tmp/gpu-model 2>&1 | tee "$OUT/train.log"
+        --version 0.6.0-gpu --out /tmp/gpu-model -v 2>&1 | tee "$OUT/train.log"
     if [ -f /tmp/gpu-model/model.json ]; then  # the return folder takes files of at most 16 MiB
         cp /tmp/gpu-model/model.json /tmp/gpu-model/domain.npz /tmp/gpu-model/training_curves.png "$OUT/"
         split -b 15m -d /tmp/gpu-model/weights.npz "$OUT/weights.npz.part"

@@ -580,7 +580,8 @@ def _delivery_status(db: Path, retry: bool, uids: bool) -> None:
                    "OUT.checkpoints beside the bundle; removed once the bundle is written].")
 @click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True),
               help="Stop fitting at the end of the last epoch that fits in this many minutes (generating or "
-                   "loading the data not counted); the best epoch's weights are kept and the bundle is written.")
+                   "loading the data not counted; an epoch that alone would overrun is cut where the time runs "
+                   "out); the best epoch's weights are kept and the bundle is written.")
 def train(source: str, data: Path | None, labels_csv: Path | None, out: Path, name: str | None, version: str, input_size: int,
           epochs: int, batch_size: int, lr: float, init: Path | None, init_schedule: str, vertical_flip: bool,
           val_fraction: float, seed: int, phantom_studies: int, phantom_slices: int, phantoms: str,

@@ -78,7 +78,8 @@ class TrainSettings:
     init_schedule: str = "transfer"  # with init: "transfer" (the two-stage recipe) or "continue" (all layers)
     command: str = ""  # the command line, for the card's record of how the bundle was made
     started: float = 0.0  # time.time() when the command started (data generation or loading included)
-    max_minutes: float | None = None  # fitting stops at the last epoch that ends within this budget
+    max_minutes: float | None = None  # fitting stops at the last epoch that ends within this budget,
+    # or within an epoch when that epoch alone would overrun it
 
     @property
     def transfer(self) -> bool:
@@ -404,7 +405,7 @@ def _fit(settings: TrainSettings, base, model, checkpoints: Path,  # type: ignor
                 h = model.fit(train_batches, steps_per_epoch=train_steps, validation_data=val_batches,
                               validation_steps=val_steps, epochs=epochs, verbose=2, shuffle=False,  # batches() shuffles
                               callbacks=[backup, *_callbacks(checkpoints / f"best{i}.weights.h5"),
-                                         *([budget] if budget else [])])
+                                         _heartbeat(echo), *([budget] if budget else [])])
             stage_history = {key: [float(v) for v in values] for key, values in h.history.items()}
             base.save_weights(checkpoints / f"stage{i}.tmp.weights.h5")
             os.replace(checkpoints / f"stage{i}.tmp.weights.h5", done)
@@ -434,7 +435,9 @@ def _quiet_retracing(eager: bool) -> Iterator[None]:
 
 def _time_budget(minutes: float, echo: Callable[[str], None]):  # type: ignore[no-untyped-def]
     """A Keras callback that ends fitting at an epoch's end when one more epoch would overrun the budget
-    (a lent GPU or a queue slot has a fixed time); the best epoch's weights are kept as always."""
+    (a lent GPU or a queue slot has a fixed time); the best epoch's weights are kept as always. An epoch
+    that is itself longer than what is left (the first one, with its compiling, on a slow machine or a
+    large data set) is cut at the step where the budget runs out, so the budget holds whatever the data."""
     import keras
 
     class Budget(keras.callbacks.Callback):
@@ -443,18 +446,47 @@ def _time_budget(minutes: float, echo: Callable[[str], None]):  # type: ignore[n
             self.deadline = time.monotonic() + 60 * minutes
             self.spent = False
             self.epoch_started = time.monotonic()
+            self.epoch = 0
 
         def on_epoch_begin(self, epoch, logs=None):  # type: ignore[no-untyped-def]
-            self.epoch_started = time.monotonic()
+            self.epoch_started, self.epoch = time.monotonic(), epoch
+
+        def on_train_batch_end(self, batch, logs=None):  # type: ignore[no-untyped-def]
+            if not self.spent and time.monotonic() > self.deadline:
+                self.spent = self.model.stop_training = True
+                steps = self.params.get("steps")
+                echo(f"stopping in epoch {self.epoch + 1} after step {batch + 1}{f' of {steps}' if steps else ''}: "
+                     f"the {minutes:g}-minute budget is spent (--max-minutes); that part-epoch is validated as usual")
 
         def on_epoch_end(self, epoch, logs=None):  # type: ignore[no-untyped-def]
             now = time.monotonic()
-            if now + (now - self.epoch_started) > self.deadline:
+            if not self.spent and now + (now - self.epoch_started) > self.deadline:
                 self.spent = self.model.stop_training = True
                 echo(f"stopping after epoch {epoch + 1}: another epoch would pass the {minutes:g}-minute budget "
                      "(--max-minutes)")
 
     return Budget()
+
+
+def _heartbeat(echo: Callable[[str], None], every: float = 60.0):  # type: ignore[no-untyped-def]
+    """A line now and then within a long epoch: Keras' per-epoch lines (verbose=2, right for a log file)
+    say nothing until an epoch ends, and the first one, which compiles, can take many minutes."""
+    import keras
+
+    class Heartbeat(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):  # type: ignore[no-untyped-def]
+            self.started = self.last = time.monotonic()
+            self.epoch = epoch
+
+        def on_train_batch_end(self, batch, logs=None):  # type: ignore[no-untyped-def]
+            now = time.monotonic()
+            if now - self.last >= every:
+                self.last = now
+                steps = self.params.get("steps")
+                echo(f"epoch {self.epoch + 1}: step {batch + 1}{f' of {steps}' if steps else ''}, "
+                     f"{now - self.started:.0f} s into the epoch")
+
+    return Heartbeat()
 
 
 def _validate(base, reader: SliceReader, va_idx: np.ndarray, data: TrainData,  # type: ignore[no-untyped-def]

@@ -60,16 +60,37 @@ def test_train_on_phantoms(tmp_path):
     assert float(record["wall_minutes"]) >= 0
 
 
-def test_a_time_budget_ends_fitting_at_an_epoch_boundary_and_still_writes_the_bundle(tmp_path):
+def test_a_time_budget_ends_fitting_within_the_first_epoch_and_still_writes_the_bundle(tmp_path):
+    """Spent during the first step: fitting stops there (not after an epoch that may take many minutes
+    on a lent GPU's first, compiling, epoch), that part-epoch is validated, and the bundle is written."""
     out = tmp_path / "budget-model"
     args = ["train", "--source", "phantoms", "--phantoms", "ellipse", "--out", str(out), "--phantom-studies", "8",
             "--phantom-slices", "8", "--val-fraction", "0.25", "--input-size", "32", "--batch-size", "8"]
     result = CliRunner().invoke(main, [*args, "--epochs", "2", "--max-minutes", "0.0001"])
     assert result.exit_code == 0, result.output
-    assert "stopping after epoch 1: another epoch would pass the 0.0001-minute budget" in result.output
+    assert "stopping in epoch 1 after step 1 of 6: the 0.0001-minute budget is spent" in result.output
+    assert "Epoch 2/2" not in result.output and "val_loss" in result.output
     card = json.loads((out / "model.json").read_text())
     assert card["metrics"]["epochs_run"] == 1 and "--max-minutes 0.0001" in card["metrics"]["training"]["command"]
     assert load_bundle(str(out)).card.trained
+
+
+def test_a_long_epoch_says_how_far_it_has_got(tmp_path):
+    """Keras' per-epoch lines say nothing until an epoch ends; the heartbeat does, every `every` seconds."""
+    import keras
+
+    from ichbatch.train import _heartbeat
+
+    said: list[str] = []
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    x = np.zeros((12, 4), np.float32)
+    model.fit(x, x[:, :1], batch_size=4, epochs=2, verbose=0, callbacks=[_heartbeat(said.append, every=0.0)])
+    assert [line.split(",")[0] for line in said] == [f"epoch {e}: step {s} of 3" for e in (1, 2) for s in (1, 2, 3)]
+    assert all(line.endswith(" s into the epoch") for line in said)
+    said.clear()
+    model.fit(x, x[:, :1], batch_size=4, epochs=1, verbose=0, callbacks=[_heartbeat(said.append)])
+    assert said == []  # a short epoch: nothing between Keras' own lines
 
 
 def _rsna_folder(tmp_path, n=6, patients=3):
