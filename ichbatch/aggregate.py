@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 METHODS = ("max", "topk")
+N_KEY = 3  # key slices per study: shown in the report, each with its heat map
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ def aggregate(
     thresholds: dict[str, float],
     method: str = "max",
     k: int = 3,
-    n_key: int = 3,
+    n_key: int = N_KEY,
 ) -> Aggregation:
     """Labels the model does not output get None (reported as not available), never a made-up score."""
     smoothed = smooth_z(probs)

@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from . import context
-from .aggregate import aggregate
+from .aggregate import N_KEY, aggregate
 from .config import DEFAULT_RULES, SelectionRules
 from .errors import DecodeError
 from .domain import FileIssue, KeyImage, SeriesChoice, SliceId, SliceRef, Status, StudyImages, StudyResult
@@ -86,8 +86,10 @@ class Engine:
             decode_slice, crashed, settings.workers, settings.decode_limits,
             chunk_for(DECODE_AHEAD * settings.batch_size, settings.workers))
         # Key slices, a few per study, are rendered apart from the decoders, which the next studies keep busy.
+        # Where there are cores to spare, a study's key slices are drawn side by side: beside an H200 the
+        # finishing thread set the pace, and most of its time was waiting for one renderer to draw three.
         self.renderers: IsolatedPool[RenderJob, Rendered] = IsolatedPool(
-            render_key_slice, render_failed, max(1, settings.workers // 8), settings.decode_limits)
+            render_key_slice, render_failed, max(1, min(N_KEY, settings.workers // 4)), settings.decode_limits)
 
     def close(self) -> None:
         self.decoders.close()

@@ -313,6 +313,25 @@ def test_key_slices_are_rendered_in_a_worker_process_and_a_vanished_key_slice_fa
             assert key.gradcam is not None and key.gradcam.shape == (96, 96, 3)
 
 
+def test_key_slice_renderers_scale_with_the_decoders(tmp_path, tiny_bundle):
+    """With 8 decoder processes, two renderer processes share a study's three key slices (beside a GPU one
+    renderer drawing three in turn set the pace); with 2, one renderer does, as on a small machine."""
+    from ichbatch.pipeline import Engine, RunSettings, select
+    from ichbatch.study import StudyPath
+
+    synth_studies(tmp_path / "in", 1, seed=8, n_slices=10, size=96, encoding=Encoding())
+    for workers, renderers in ((8, 2), (2, 1)):
+        engine = Engine(RunSettings(model=str(tiny_bundle), tta=1, batch_size=4, workers=workers))
+        engine.bundle.card.thresholds.update({label: 0.0 for label in engine.bundle.card.thresholds})
+        try:
+            result, = StudyPath(engine).process_many(select(discover([tmp_path / "in"]), engine.settings.rules))
+            pids = {w.process.pid for w in engine.renderers._workers if w.process.is_alive()}
+        finally:
+            engine.close()
+        assert result.status.value == "ok" and len(result.key_slices) == 3
+        assert len(pids) == renderers and os.getpid() not in pids
+
+
 def test_report_files_are_written_in_writer_processes_and_a_dead_writer_fails_only_its_study(
         tmp_path, tiny_bundle, monkeypatch):
     """PDF, JSON and thumbnails are written in processes of their own (rendering a PDF would hold the
