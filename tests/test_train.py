@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
 import pydicom
+import pytest
 from click.testing import CliRunner
 from pydicom.uid import generate_uid
 
@@ -238,3 +241,29 @@ def test_vertical_flip_augmentation_is_optional():
         out = np.asarray(flip(x, training=True))
         upside_down = [np.array_equal(o, x[0, ::-1]) or np.array_equal(o, x[0, ::-1, ::-1]) for o in out]
         assert any(upside_down) == vertical
+
+
+def test_training_runs_on_jax_without_tensorflow_as_on_a_lent_gpu(tmp_path):
+    """The GPU machines have JAX and no TensorFlow: the whole training (augmentation layers, fit,
+    checkpoints, calibration, the domain check, the bundle) runs there, and its bundle loads here."""
+    pytest.importorskip("jax")
+    blocker = tmp_path / "site"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class NoTensorFlow:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('tensorflow', 'tf2onnx'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}')\n"
+        "sys.meta_path.insert(0, NoTensorFlow())\n")
+    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": os.pathsep.join(
+        [str(blocker), str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "jax-model"
+    cmd = [sys.executable, "-m", "ichbatch", "train", "--source", "phantoms", "--phantoms", "ellipse", "--out", str(out),
+           "--phantom-studies", "8", "--phantom-slices", "8", "--val-fraction", "0.5", *COMMON]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "No module named 'tensorflow'" not in done.stderr
+    card = json.loads((out / "model.json").read_text())
+    assert "on jax" in card["metrics"]["training"]["machine"]
+    _check_bundle(out, ("any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"))
