@@ -55,6 +55,22 @@ def in_loopback_namespace(scenarios: Path, tmp_path: Path, timeout: int = 1200) 
     return last
 
 
+def jax_without_tensorflow(folder: Path) -> dict[str, str]:
+    """The environment of a lent GPU machine for a subprocess: Keras on JAX, TensorFlow not installed
+    (an import hook makes it unimportable; Keras' preprocessing layers look for it in sys.modules)."""
+    site = folder / "no-tensorflow"
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class NoTensorFlow:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('tensorflow', 'tf2onnx'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}')\n"
+        "sys.meta_path.insert(0, NoTensorFlow())\n")
+    paths = [str(site), str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(paths)}
+
+
 def realdata(*parts: str) -> Path:
     path = REALDATA.joinpath(*parts)
     if not path.exists():

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -23,7 +21,7 @@ from ichbatch.model.bundle import load_bundle
 from ichbatch.train import group_split
 from ichbatch.synth import ct_slice_dataset, make_phantom
 
-from .conftest import random_bundle
+from .conftest import jax_without_tensorflow, random_bundle
 
 COMMON = ["--input-size", "32", "--epochs", "1", "--batch-size", "4"]
 
@@ -247,17 +245,7 @@ def test_training_runs_on_jax_without_tensorflow_as_on_a_lent_gpu(tmp_path):
     """The GPU machines have JAX and no TensorFlow: the whole training (augmentation layers, fit,
     checkpoints, calibration, the domain check, the bundle) runs there, and its bundle loads here."""
     pytest.importorskip("jax")
-    blocker = tmp_path / "site"
-    blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text(
-        "import sys\n"
-        "class NoTensorFlow:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('tensorflow', 'tf2onnx'):\n"
-        "            raise ModuleNotFoundError(f'No module named {name!r}')\n"
-        "sys.meta_path.insert(0, NoTensorFlow())\n")
-    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": os.pathsep.join(
-        [str(blocker), str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = jax_without_tensorflow(tmp_path)
     out = tmp_path / "jax-model"
     cmd = [sys.executable, "-m", "ichbatch", "train", "--source", "phantoms", "--phantoms", "ellipse", "--out", str(out),
            "--phantom-studies", "8", "--phantom-slices", "8", "--val-fraction", "0.5", *COMMON]
