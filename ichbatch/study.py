@@ -31,11 +31,12 @@ from .model import calibration
 from .model.bundle import Bundle, ModelCard, load_bundle
 from .model.gradcam import CamExplainer
 from .model.inputs import model_input
-from .workers import IsolatedPool, WorkerLimits, chunk_for
+from .workers import IsolatedPool, PoolSet, WorkerLimits, chunk_for
 
 log = logging.getLogger(__name__)
 MIN_DECODED_FRACTION = 0.5
 FINISH_AHEAD = 2  # studies scored and waiting to be finished: their slices' thumbnails are held meanwhile
+FINISHERS_FROM = 8  # decoder processes from which two studies are finished at a time (a GPU machine's cores)
 DECODE_AHEAD = 4  # batches of slices decoded ahead of the model
 
 
@@ -85,11 +86,13 @@ class Engine:
         self.decoders: IsolatedPool[DecodeJob, Decoded] = IsolatedPool(
             decode_slice, crashed, settings.workers, settings.decode_limits,
             chunk_for(DECODE_AHEAD * settings.batch_size, settings.workers))
-        # Key slices, a few per study, are rendered apart from the decoders, which the next studies keep busy.
-        # Where there are cores to spare, a study's key slices are drawn side by side: beside an H200 the
-        # finishing thread set the pace, and most of its time was waiting for one renderer to draw three.
-        self.renderers: IsolatedPool[RenderJob, Rendered] = IsolatedPool(
-            render_key_slice, render_failed, max(1, min(N_KEY, settings.workers // 4)), settings.decode_limits)
+        # Studies finished side by side, each finishing thread drawing its key slices in renderer processes
+        # of its own, apart from the decoders (which the next studies keep busy). Beside an H200 one
+        # finishing thread set the pace, mostly waiting for one renderer to draw a study's three key slices.
+        self.finishers = finishing_threads(settings.workers)
+        per_study = max(1, min(N_KEY, settings.workers // 4))
+        self.renderers: PoolSet[RenderJob, Rendered] = PoolSet(lambda: IsolatedPool(
+            render_key_slice, render_failed, per_study, settings.decode_limits), self.finishers)
 
     def close(self) -> None:
         self.decoders.close()
@@ -145,6 +148,12 @@ def resolve_precision(precision: str, device: str) -> str:
     return precision
 
 
+def finishing_threads(decoders: int) -> int:
+    """Studies finished at a time: two beside many decoder processes (where a GPU outpaces one finishing
+    thread), one on a small machine, where the heat maps already compete with the model for the cores."""
+    return 2 if decoders >= FINISHERS_FROM else 1
+
+
 def heatmap_precision(precision: str, device: str) -> str:
     """The run's precision, except with "auto" on a CPU that computes bfloat16 natively under TensorFlow:
     there the heat maps' forward and backward passes run in bfloat16, as on a GPU. On two such cores that
@@ -157,7 +166,7 @@ def heatmap_precision(precision: str, device: str) -> str:
 
 
 Decoder = Callable[[Iterable[DecodeJob], int], Iterator[Decoded]]  # (jobs, how many ahead) -> results in order
-Renderer = Callable[[Iterable[RenderJob], int], Iterator[Rendered]]
+Renderer = Callable[[Iterable[RenderJob], int], Iterable[Rendered]]  # results in order
 
 
 def render_here(jobs: Iterable[RenderJob], _ahead: int) -> Iterator[Rendered]:
@@ -208,17 +217,21 @@ class StudyPath:
 
         A study is finished (aggregation, domain check, heat maps, key images) on a thread of its own
         while the next studies' slices go through the model: on a GPU the model would otherwise wait
-        for that host work (measured on an H200: 64% of the time).
+        for that host work (measured on an H200: 64% of the time). On a machine of many cores two
+        studies are finished at a time: there one finishing thread was busy 84% of the time, mostly
+        waiting for the GPU's heat maps and the renderer processes rather than computing.
         """
         last = time.perf_counter()
         pending: deque[Future[tuple[StudyResult, StudyImages]]] = deque()
-        finisher = ThreadPoolExecutor(1, thread_name_prefix="ichbatch-finish")
+        threads = self.engine.finishers
+        finisher = ThreadPoolExecutor(threads, thread_name_prefix="ichbatch-finish")
+        ahead = max(FINISH_AHEAD, threads)
         try:
             for scored in self._score(choices):
                 now = time.perf_counter()
                 pending.append(finisher.submit(self._finish_safely, *scored, now - last))
                 last = now
-                while pending and (pending[0].done() or len(pending) > FINISH_AHEAD):
+                while pending and (pending[0].done() or len(pending) > ahead):
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()

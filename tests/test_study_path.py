@@ -280,9 +280,9 @@ def test_key_slices_are_rendered_in_a_worker_process_and_a_vanished_key_slice_fa
         if len(rendered_by) == 1:  # the second study's key slices vanish after scoring
             for job in jobs:
                 Path(job.ref.path).unlink()
-        results = list(engine.renderers.map(jobs, ahead))
-        rendered_by.extend(w.process.pid for w in engine.renderers._workers)
-        return iter(results)
+        results = engine.renderers.map(jobs, ahead)
+        rendered_by.extend(w.process.pid for pool in engine.renderers.pools for w in pool._workers)
+        return results
 
     class Kept:  # the sink: what a report writer would get
         def __init__(self) -> None:
@@ -325,11 +325,47 @@ def test_key_slice_renderers_scale_with_the_decoders(tmp_path, tiny_bundle):
         engine.bundle.card.thresholds.update({label: 0.0 for label in engine.bundle.card.thresholds})
         try:
             result, = StudyPath(engine).process_many(select(discover([tmp_path / "in"]), engine.settings.rules))
-            pids = {w.process.pid for w in engine.renderers._workers if w.process.is_alive()}
+            pids = {w.process.pid for pool in engine.renderers.pools for w in pool._workers if w.process.is_alive()}
         finally:
             engine.close()
         assert result.status.value == "ok" and len(result.key_slices) == 3
         assert len(pids) == renderers and os.getpid() not in pids
+
+
+def test_two_studies_are_finished_at_a_time_beside_many_decoders_and_results_keep_their_order(
+        tmp_path, tiny_bundle):
+    """With 8 decoder processes two finishing threads work side by side: the first two studies' heat
+    maps meet at a barrier, which one thread alone could never pass. Results still come in input order,
+    each with its own key images."""
+    import threading
+
+    from ichbatch.pipeline import Engine, RunSettings, select
+    from ichbatch.study import StudyPath
+
+    synth_studies(tmp_path / "in", 4, seed=12, n_slices=10, size=96, encoding=Encoding())
+    engine = Engine(RunSettings(model=str(tiny_bundle), tta=1, batch_size=4, workers=8))
+    engine.bundle.card.thresholds.update({label: 0.0 for label in engine.bundle.card.thresholds})
+    assert engine.finishers == 2
+    meet = threading.Barrier(2, timeout=60)
+    maps, calls, threads = engine.explainer.maps, [], set()
+
+    def side_by_side(images, index):  # type: ignore[no-untyped-def]
+        calls.append(index)
+        threads.add(threading.current_thread().name)
+        if len(calls) <= 2:
+            meet.wait()  # raises BrokenBarrierError (a failed study) if the other study is not being finished
+        return maps(images, index)
+
+    engine.explainer.maps = side_by_side  # type: ignore[method-assign]
+    choices = select(discover([tmp_path / "in"]), engine.settings.rules)
+    try:
+        results = list(StudyPath(engine).process_many(choices))
+    finally:
+        engine.close()
+    assert [r.study.study_uid for r in results] == [c.study.study_uid for c in choices]
+    assert [r.status.value for r in results] == ["ok"] * 4, [r.message for r in results]
+    assert len(threads) == 2 and len(calls) == 4 and not meet.broken
+    assert all(len(r.key_slices) == 3 for r in results)
 
 
 def test_report_files_are_written_in_writer_processes_and_a_dead_writer_fails_only_its_study(

@@ -84,7 +84,10 @@ class CamExplainer:
                 net = fold_batchnorm(self.model, keep=(self.layer,)) if self.fold else self.model
                 target = net.get_layer(self.layer).output
                 lower = keras.Model(net.inputs[0], target)
-                self._parts = (lower, keras.Model(target, net.outputs[0]), forward(lower))
+                upper = keras.Model(target, net.outputs[0])
+                self._parts = (lower, upper, forward(lower))
+                if self.mode == "gradcam":  # made once, here under the lock: studies may be finished side by side
+                    self._grad_fns["fn"] = _compile_feats_and_grads(lower, upper)
                 self.model = net  # the explainer no longer needs the unfolded original
             return self._parts
 
