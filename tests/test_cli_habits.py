@@ -19,7 +19,7 @@ from ichbatch.cli import EXIT_NOTHING, main
 from ichbatch.report.csv_report import COLUMNS
 from ichbatch.report.pdf_report import person_name, write_pdf
 
-from .conftest import jax_without_tensorflow, write_series
+from .conftest import write_series
 from .test_report import _images, _result
 
 ISO_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d (INFO|WARNING|ERROR|DEBUG) ichbatch\.")
@@ -73,28 +73,6 @@ def test_start_up_is_quiet_unless_asked(tmp_path, tiny_bundle, small_study):
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("1 studies: 1 ok"), result.stderr  # only our summary
-
-
-def test_a_run_with_reports_works_on_jax_without_tensorflow_as_on_a_lent_gpu(tmp_path, tiny_bundle, small_study):
-    """The GPU machines have JAX and no TensorFlow: a whole run there (decoding, the model, heat maps,
-    CSV, PDF) must not need it. The same study gives the same row as on TensorFlow."""
-    pytest.importorskip("jax")
-    folder, uid = small_study
-    rows = {}
-    for backend, env in (("jax", jax_without_tensorflow(tmp_path)), ("tensorflow", dict(os.environ))):
-        env["ICHBATCH_RUNTIME"] = "keras"  # the same runtime on both (auto may pick onnxruntime here)
-        out = tmp_path / backend
-        cmd = [sys.executable, "-m", "ichbatch", "run", str(folder), "--out", str(out / "r.csv"), "--model",
-               str(tiny_bundle), "--tta", "2"]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        rows[backend] = pd.read_csv(out / "r.csv").iloc[0]
-        pdfs = list(out.rglob("*.pdf"))
-        assert len(pdfs) == 1 and "NOT FOR DIAGNOSIS" in PdfReader(pdfs[0]).pages[0].extract_text().upper()
-    jax_row, tf_row = rows["jax"], rows["tensorflow"]
-    assert jax_row["status"] == tf_row["status"] == "ok"
-    assert jax_row["key_slices"] == tf_row["key_slices"]
-    assert abs(float(jax_row["prob_any"]) - float(tf_row["prob_any"])) < 2e-3
 
 
 def test_bad_model_is_refused_before_any_input_is_read(tmp_path, small_study):

@@ -12,7 +12,6 @@ import cv2
 import numpy as np
 import pandas as pd
 import pydicom
-import pytest
 from click.testing import CliRunner
 from pydicom.uid import generate_uid
 
@@ -21,7 +20,7 @@ from ichbatch.model.bundle import load_bundle
 from ichbatch.train import group_split
 from ichbatch.synth import ct_slice_dataset, make_phantom
 
-from .conftest import jax_without_tensorflow, random_bundle
+from .conftest import random_bundle
 
 COMMON = ["--input-size", "32", "--epochs", "1", "--batch-size", "4"]
 
@@ -240,18 +239,3 @@ def test_vertical_flip_augmentation_is_optional():
         upside_down = [np.array_equal(o, x[0, ::-1]) or np.array_equal(o, x[0, ::-1, ::-1]) for o in out]
         assert any(upside_down) == vertical
 
-
-def test_training_runs_on_jax_without_tensorflow_as_on_a_lent_gpu(tmp_path):
-    """The GPU machines have JAX and no TensorFlow: the whole training (augmentation layers, fit,
-    checkpoints, calibration, the domain check, the bundle) runs there, and its bundle loads here."""
-    pytest.importorskip("jax")
-    env = jax_without_tensorflow(tmp_path)
-    out = tmp_path / "jax-model"
-    cmd = [sys.executable, "-m", "ichbatch", "train", "--source", "phantoms", "--phantoms", "ellipse", "--out", str(out),
-           "--phantom-studies", "8", "--phantom-slices", "8", "--val-fraction", "0.5", *COMMON]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "No module named 'tensorflow'" not in done.stderr
-    card = json.loads((out / "model.json").read_text())
-    assert "on jax" in card["metrics"]["training"]["machine"]
-    _check_bundle(out, ("any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"))

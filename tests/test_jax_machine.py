@@ -1,0 +1,59 @@
+"""What runs on a lent GPU machine, checked here: Keras on JAX with TensorFlow not installed.
+
+Those machines have JAX and no TensorFlow (README: Performance, On a GPU); CI never has a GPU, so these
+tests run the same code on JAX's CPU backend in a subprocess where TensorFlow cannot be imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from pydicom.uid import generate_uid
+from pypdf import PdfReader
+
+from .conftest import jax_without_tensorflow, write_series
+from .test_train import COMMON, _check_bundle
+
+
+def test_a_run_with_reports_works_on_jax_without_tensorflow_as_on_a_lent_gpu(tmp_path, tiny_bundle, phantom_hu):
+    """The GPU machines have JAX and no TensorFlow: a whole run there (decoding, the model, heat maps,
+    CSV, PDF) must not need it. The same study gives the same row as on TensorFlow."""
+    pytest.importorskip("jax")
+    folder = tmp_path / "in"
+    write_series(folder, phantom_hu[:9], study_uid=generate_uid(), series_uid=generate_uid())
+    rows = {}
+    for backend, env in (("jax", jax_without_tensorflow(tmp_path)), ("tensorflow", dict(os.environ))):
+        env["ICHBATCH_RUNTIME"] = "keras"  # the same runtime on both (auto may pick onnxruntime here)
+        out = tmp_path / backend
+        cmd = [sys.executable, "-m", "ichbatch", "run", str(folder), "--out", str(out / "r.csv"), "--model",
+               str(tiny_bundle), "--tta", "2"]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows[backend] = pd.read_csv(out / "r.csv").iloc[0]
+        pdfs = list(out.rglob("*.pdf"))
+        assert len(pdfs) == 1 and "NOT FOR DIAGNOSIS" in PdfReader(pdfs[0]).pages[0].extract_text().upper()
+    jax_row, tf_row = rows["jax"], rows["tensorflow"]
+    assert jax_row["status"] == tf_row["status"] == "ok"
+    assert jax_row["key_slices"] == tf_row["key_slices"]
+    assert abs(float(jax_row["prob_any"]) - float(tf_row["prob_any"])) < 2e-3
+
+
+def test_training_runs_on_jax_without_tensorflow_as_on_a_lent_gpu(tmp_path):
+    """The GPU machines have JAX and no TensorFlow: the whole training (augmentation layers, fit,
+    checkpoints, calibration, the domain check, the bundle) runs there, and its bundle loads here."""
+    pytest.importorskip("jax")
+    env = jax_without_tensorflow(tmp_path)
+    out = tmp_path / "jax-model"
+    cmd = [sys.executable, "-m", "ichbatch", "train", "--source", "phantoms", "--phantoms", "ellipse", "--out", str(out),
+           "--phantom-studies", "8", "--phantom-slices", "8", "--val-fraction", "0.5", *COMMON]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "No module named 'tensorflow'" not in done.stderr
+    card = json.loads((out / "model.json").read_text())
+    assert "on jax" in card["metrics"]["training"]["machine"]
+    _check_bundle(out, ("any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"))
