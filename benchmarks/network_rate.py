@@ -5,7 +5,8 @@
 
 This is the figure the project's GPU anchor is stated in (ResNet50, 224 px, fp16 on one H100: about
 25,000 images/s); benchmarks/throughput.py's "bare model" adds windowing, the TTA views and the copy of
-int16 slices to the device. The call is the pipeline's own (ichbatch.model.backend.forward: under JAX
+int16 slices to the device, and scores on the network with its batch normalisations folded into the
+convolutions (ichbatch.model.folding), which this script times too ("folded"). The call is the pipeline's own (ichbatch.model.backend.forward: under JAX
 one jit-compiled stateless call, waited for with block_until_ready; elsewhere predict_on_batch),
 timed after two warm-up calls.
 """
@@ -60,14 +61,16 @@ def main() -> None:
 
     from ichbatch.infer import default_device
     from ichbatch.model.bundle import load_bundle
+    from ichbatch.model.folding import fold_batchnorm
 
     print(f"backend {keras.backend.backend()} on {default_device()}")
     for precision in args.precision:
         bundle = load_bundle(args.model, precision)
-        for batch in args.batch_size:
-            images, calls = rate(bundle.model, batch, args.seconds)
-            print(f"{bundle.card.display_name}, {bundle.card.input_size}px, {precision}, batch {batch}: "
-                  f"{images:,.0f} images/s ({calls} calls)")
+        for name, model in (("as trained", bundle.model), ("folded", fold_batchnorm(bundle.model))):
+            for batch in args.batch_size:
+                images, calls = rate(model, batch, args.seconds)
+                print(f"{bundle.card.display_name}, {bundle.card.input_size}px, {precision}, {name}, batch {batch}: "
+                      f"{images:,.0f} images/s ({calls} calls)")
 
 
 if __name__ == "__main__":
