@@ -56,4 +56,5 @@ def test_training_runs_on_jax_without_tensorflow_as_on_a_lent_gpu(tmp_path):
     assert "No module named 'tensorflow'" not in done.stderr
     card = json.loads((out / "model.json").read_text())
     assert "on jax" in card["metrics"]["training"]["machine"]
+    assert "validation split" in card["calibration"]["fitted_on"] and "validation split" in card["domain"]["fitted_on"]
     _check_bundle(out, ("any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"))
