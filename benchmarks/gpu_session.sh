@@ -26,7 +26,7 @@ DEADLINE=${DEADLINE:-100000}
 step() {  # step NEEDED_SECONDS command...: run it if that much time is left, under a timeout of what is left
     local needed=$1 left=$(( DEADLINE - SECONDS )); shift
     if (( left < needed )); then echo "skipped (${left} s left, ${needed} needed): $*" | tee -a "$OUT/bench.log"; return; fi
-    echo "== $* (${left} s left)" | tee -a "$OUT/bench.log"
+    echo "== $(date -u +%T) $* (${left} s left)" | tee -a "$OUT/bench.log"
     timeout "$left" "$@" 2>&1 | tee -a "$OUT/bench.log"
 }
 bench() {
@@ -47,10 +47,12 @@ train() {  # -v: the generation's progress with times. On 2026-11-27 an H200 lea
     # first epoch did not end within 9 minutes, and nothing said which of them took the time.
     minutes=${1:-3}
     studies=${2:-320}
+    echo "== $(date -u +%T) training: $studies studies, fitting for at most $minutes minutes" | tee "$OUT/train.log"
     python3 -m ichbatch.cli train --source phantoms --phantoms anatomy-v3 --input-size 128 --batch-size 64 \
         --screenshots 0.3 --init models/ich-resnet50-demo/weights.npz --init-schedule continue --lr 2e-4 \
         --epochs 60 --phantom-studies "$studies" --seed 23 --workers "$(nproc)" --max-minutes "$minutes" \
-        --version 0.6.0-gpu --out /tmp/gpu-model -v 2>&1 | tee "$OUT/train.log"
+        --version 0.6.0-gpu --out /tmp/gpu-model -v 2>&1 | tee -a "$OUT/train.log"
+    echo "== $(date -u +%T) training ended" | tee -a "$OUT/train.log"
     if [ -f /tmp/gpu-model/model.json ]; then  # the return folder takes files of at most 16 MiB
         cp /tmp/gpu-model/model.json /tmp/gpu-model/domain.npz /tmp/gpu-model/training_curves.png "$OUT/"
         split -b 15m -d /tmp/gpu-model/weights.npz "$OUT/weights.npz.part"
