@@ -35,7 +35,8 @@ from .workers import IsolatedPool, PoolSet, WorkerLimits, chunk_for
 
 log = logging.getLogger(__name__)
 MIN_DECODED_FRACTION = 0.5
-FINISH_AHEAD = 2  # studies scored and waiting to be finished: their slices' thumbnails are held meanwhile
+FINISH_AHEAD = 2  # studies scored and waiting to be finished (at least the finishing threads: 1 or 2);
+# their slices' thumbnails are held meanwhile
 FINISHERS_FROM = 8  # decoder processes from which two studies are finished at a time (a GPU machine's cores)
 DECODE_AHEAD = 4  # batches of slices decoded ahead of the model
 
@@ -223,15 +224,13 @@ class StudyPath:
         """
         last = time.perf_counter()
         pending: deque[Future[tuple[StudyResult, StudyImages]]] = deque()
-        threads = self.engine.finishers
-        finisher = ThreadPoolExecutor(threads, thread_name_prefix="ichbatch-finish")
-        ahead = max(FINISH_AHEAD, threads)
+        finisher = ThreadPoolExecutor(self.engine.finishers, thread_name_prefix="ichbatch-finish")
         try:
             for scored in self._score(choices):
                 now = time.perf_counter()
                 pending.append(finisher.submit(self._finish_safely, *scored, now - last))
                 last = now
-                while pending and (pending[0].done() or len(pending) > ahead):
+                while pending and (pending[0].done() or len(pending) > FINISH_AHEAD):
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
