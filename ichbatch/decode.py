@@ -1,19 +1,19 @@
 """Stage 3, as run for the study path: one slice decoded, checked and reduced to the model's input;
-and, once a study is scored, its few key slices decoded again and rendered for the reports.
+and, where a study's reports are written, its few key slices decoded again and drawn for them.
 
-This runs in worker processes (ichbatch.workers), so it imports nothing heavy. A scored slice comes back
-small (the model input, int16 at the card's size, and a thumbnail), never at full size; only the key
-slices come back at full size, as the uint8 images the reports show.
+This runs in worker processes (ichbatch.workers, the report writers' processes), so it imports nothing
+heavy. A scored slice comes back small (the model input, int16 at the card's size, and a thumbnail),
+never at full size; only the key slices are read at full size, by the process that writes the reports.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .config import BONE, BRAIN, SUBDURAL
-from .domain import SliceId, SliceRef
+from .domain import KeyImage, KeySlice, SliceId, SliceRef, StudyImages
 from .errors import DecodeError
 from .pixels import load_hu
 from .preprocess import resize_hu, to_uint8
@@ -69,37 +69,25 @@ def crashed(job: DecodeJob, reason: str) -> Decoded:
     return failed(job, f"{job.ref.path}: {reason}")
 
 
-@dataclass(frozen=True)
-class RenderJob:
-    ref: SliceRef
-    heat: np.ndarray | None  # the heat map to overlay, [0, 1] at any size; None: nothing flagged
+def draw_key_images(images: StudyImages) -> StudyImages:
+    """A study's key slices read again at full size and drawn, where its reports are written (a writer
+    process, a Ray task): keeping every slice at full size would make memory grow with the study, and
+    only these few are shown. Raises DecodeError when one cannot be read again (it was scored a moment
+    ago: the file changed or went away)."""
+    if not images.to_draw:
+        return images
+    drawn = tuple(_draw(key) for key in images.to_draw)
+    return replace(images, key_images=images.key_images + drawn, to_draw=())
 
 
-@dataclass(frozen=True)
-class Rendered:
-    """A key slice at full resolution: brain window, the overlay on it, subdural and bone windows."""
-
-    brain: np.ndarray | None
-    overlay: np.ndarray | None
-    subdural: np.ndarray | None
-    bone: np.ndarray | None
-    error: str = ""
-
-
-def render_key_slice(job: RenderJob) -> Rendered:
-    """Decoded again at full resolution: keeping every slice's full-size HU would make memory grow with
-    the study, and only these few are shown. In a worker process, so the study path's threads, which
-    share one interpreter lock with the model's, do not parse DICOM. Never raises."""
+def _draw(key: KeySlice) -> KeyImage:
+    """Brain, subdural and bone windows at full size, and the heat map on the brain window."""
     from .model.gradcam import overlay  # light: OpenCV and numpy
 
     try:
-        hu = load_hu(job.ref).hu
-    except Exception as exc:  # it decoded for the model a moment ago: the file changed or went away
-        return render_failed(job, f"{type(exc).__name__}: {exc}")
+        hu = load_hu(key.ref).hu
+    except Exception as exc:
+        raise DecodeError(f"{key.ref.path}: key image could not be made: {type(exc).__name__}: {exc}") from exc
     brain = to_uint8(hu, BRAIN)
-    shown = None if job.heat is None else overlay(brain, job.heat)
-    return Rendered(brain, shown, to_uint8(hu, SUBDURAL), to_uint8(hu, BONE))
-
-
-def render_failed(job: RenderJob, reason: str) -> Rendered:
-    return Rendered(None, None, None, None, f"{job.ref.path}: key image could not be made: {reason}")
+    shown = None if key.heat is None else overlay(brain, key.heat)
+    return KeyImage(key.slice, brain, shown, to_uint8(hu, SUBDURAL), to_uint8(hu, BONE), key.heat_label)

@@ -4,7 +4,8 @@
     CPU tasks: decode and reduce each study's slices (decode.decode_slice, as in the local worker pool)
     actor pool: one model per GPU (or per two CPUs without GPUs); each scores whole studies through
                 StudyPath (batched inference, aggregation, heat maps), exactly as the local engine does
-    CPU tasks: each study's files (PDF, JSON, thumbnail, DICOM objects: report.outputs.write_study_files)
+    CPU tasks: each study's files (its key slices drawn, then PDF, JSON, thumbnail, DICOM objects:
+               report.outputs.write_study_files)
     driver: the same OutputWriter commits each study to the results store, in input order; its key
             images never travel to the driver
 
@@ -66,8 +67,9 @@ class StudyScorer:
         return os.getpid(), self.engine.tta, self.engine.explainer.describe()
 
     def score(self, choice: SeriesChoice, decoded: list[Any]) -> tuple[StudyResult, StudyImages, list[FileIssue]]:
-        """Called with num_returns=3: the images go straight from here to the task that writes the files."""
-        from .study import StudyPath, render_here
+        """Called with num_returns=3: the images (thumbnails, key slices with their heat maps, undrawn) go
+        straight from here to the task that writes the files, which draws the key slices."""
+        from .study import StudyPath
 
         kept = _Kept()
 
@@ -76,7 +78,7 @@ class StudyScorer:
             for _ in jobs:  # the same jobs, in the same order, that the decode task ran
                 yield next(slices)
 
-        StudyPath(self.engine, kept, decode=given, render=render_here).process(choice)
+        StudyPath(self.engine, kept, decode=given).process(choice)
         assert kept.result is not None
         return kept.result, kept.images, kept.issues
 

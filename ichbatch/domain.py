@@ -1,7 +1,8 @@
 """Small frozen dataclasses passed between the pipeline stages.
 
 discover -> InstanceRef / FileIssue; series -> SeriesChoice (with SliceRef); study path -> StudyResult
-(small, frozen, kept) and StudyImages (key images and maps, dropped once the writers have used them).
+(small, frozen, kept) and StudyImages (thumbnails, key slices and their maps, dropped once the writers
+have used them).
 """
 
 from __future__ import annotations
@@ -205,11 +206,27 @@ class KeyImage:
 
 
 @dataclass(frozen=True)
+class KeySlice:
+    """A key slice still to be drawn for the reports: the file to read again at full size and the heat
+    map to lay over it ([0, 1] at any size; None when nothing is flagged)."""
+
+    slice: SliceId
+    ref: SliceRef
+    heat: np.ndarray | None
+    heat_label: str = ""
+
+
+@dataclass(frozen=True)
 class StudyImages:
-    """Pictures for the writers of one study; they live only until the study's outputs are written."""
+    """Pictures for the writers of one study; they live only until the study's outputs are written.
+
+    The study path hands on its key slices undrawn (`to_draw`): whoever writes the reports draws them
+    (decode.draw_key_images), in a writer process or a Ray task, and a run that writes no reports never
+    reads them again."""
 
     thumbnails: tuple[np.ndarray, ...] = ()  # small brain-window uint8, one per scored slice
     key_images: tuple[KeyImage, ...] = ()  # in the order of StudyResult.key_slices
+    to_draw: tuple[KeySlice, ...] = ()  # in that order too; empty once drawn
 
     def key_image(self, ident: SliceId) -> KeyImage | None:
         return next((k for k in self.key_images if k.slice == ident), None)

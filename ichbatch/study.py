@@ -20,18 +20,17 @@ from typing import Protocol
 import numpy as np
 
 from . import context
-from .aggregate import N_KEY, aggregate
+from .aggregate import aggregate
 from .config import DEFAULT_RULES, SelectionRules
-from .errors import DecodeError
-from .domain import FileIssue, KeyImage, SeriesChoice, SliceId, SliceRef, Status, StudyImages, StudyResult
-from .decode import DecodeJob, Decoded, Rendered, RenderJob, crashed, decode_slice, render_failed, render_key_slice
+from .domain import FileIssue, KeySlice, SeriesChoice, SliceId, SliceRef, Status, StudyImages, StudyResult
+from .decode import DecodeJob, Decoded, crashed, decode_slice
 from .infer import Predictor, cpu_has_bfloat16, default_device, default_tta, default_workers
 from .model.backend import import_backend
 from .model import calibration
 from .model.bundle import Bundle, ModelCard, load_bundle
 from .model.gradcam import CamExplainer
 from .model.inputs import model_input
-from .workers import IsolatedPool, PoolSet, WorkerLimits, chunk_for
+from .workers import IsolatedPool, WorkerLimits, chunk_for
 
 log = logging.getLogger(__name__)
 MIN_DECODED_FRACTION = 0.5
@@ -87,17 +86,12 @@ class Engine:
         self.decoders: IsolatedPool[DecodeJob, Decoded] = IsolatedPool(
             decode_slice, crashed, settings.workers, settings.decode_limits,
             chunk_for(DECODE_AHEAD * settings.batch_size, settings.workers))
-        # Studies finished side by side, each finishing thread drawing its key slices in renderer processes
-        # of its own, apart from the decoders (which the next studies keep busy). Beside an H200 one
-        # finishing thread set the pace, mostly waiting for one renderer to draw a study's three key slices.
+        # Studies finished side by side beside many cores, so one study's wait for the GPU's heat maps
+        # overlaps the other's host work.
         self.finishers = finishing_threads(settings.workers)
-        per_study = max(1, min(N_KEY, settings.workers // 4))
-        self.renderers: PoolSet[RenderJob, Rendered] = PoolSet(lambda: IsolatedPool(
-            render_key_slice, render_failed, per_study, settings.decode_limits), self.finishers)
 
     def close(self) -> None:
         self.decoders.close()
-        self.renderers.close()
 
     @property
     def model_key(self) -> str:
@@ -167,12 +161,6 @@ def heatmap_precision(precision: str, device: str) -> str:
 
 
 Decoder = Callable[[Iterable[DecodeJob], int], Iterator[Decoded]]  # (jobs, how many ahead) -> results in order
-Renderer = Callable[[Iterable[RenderJob], int], Iterable[Rendered]]  # results in order
-
-
-def render_here(jobs: Iterable[RenderJob], _ahead: int) -> Iterator[Rendered]:
-    """Key slices rendered on the calling thread (where the caller is itself a worker, as a Ray actor is)."""
-    return map(render_key_slice, jobs)
 
 
 class StudySink(Protocol):
@@ -189,14 +177,12 @@ class StudyPath:
     """Selected series to written outputs. `process` takes one study; `process_many` a stream of them."""
 
     def __init__(self, engine: Engine, sink: StudySink | None = None,
-                 on_slices: Callable[[int], None] | None = None, decode: Decoder | None = None,
-                 render: Renderer | None = None) -> None:
+                 on_slices: Callable[[int], None] | None = None, decode: Decoder | None = None) -> None:
         self.engine = engine
         self.sink = sink
         self.on_slices = on_slices  # called with the number of slices scored, for progress
         # Who decodes: the engine's isolated worker processes, or (the Ray engine) slices decoded elsewhere.
         self.decode: Decoder = decode or engine.decoders.map
-        self.render: Renderer = render or engine.renderers.map
         self.n_slices = 0
 
     def process(self, choice: SeriesChoice) -> StudyResult:
@@ -216,11 +202,11 @@ class StudyPath:
     def _finished(self, choices: Iterable[SeriesChoice]) -> Iterator[tuple[StudyResult, StudyImages]]:
         """Each study's result and images, in input order.
 
-        A study is finished (aggregation, domain check, heat maps, key images) on a thread of its own
-        while the next studies' slices go through the model: on a GPU the model would otherwise wait
-        for that host work (measured on an H200: 64% of the time). On a machine of many cores two
-        studies are finished at a time: there one finishing thread was busy 84% of the time, mostly
-        waiting for the GPU's heat maps and the renderer processes rather than computing.
+        A study is finished (aggregation, domain check, heat maps) on a thread of its own while the
+        next studies' slices go through the model: on a GPU the model would otherwise wait for that
+        host work (measured on an H200: 64% of the time). On a machine of many cores two studies are
+        finished at a time, so one's wait for the GPU's heat maps overlaps the other's host work. The
+        key slices are not drawn here: whoever writes the reports draws them (decode.draw_key_images).
         """
         last = time.perf_counter()
         pending: deque[Future[tuple[StudyResult, StudyImages]]] = deque()
@@ -339,7 +325,7 @@ class StudyPath:
             key_slices=tuple(d.ident for d in keys), seconds=seconds, domain_score=score, domain_threshold=threshold,
         )
         images = StudyImages(thumbnails=tuple(d.thumb for d in good if d.thumb is not None),
-                             key_images=() if outside else self._key_images(list(agg.key_slices), good, choice, result))
+                             to_draw=() if outside else self._key_slices(list(agg.key_slices), good, choice, result))
         return result, images
 
     def _domain(self, features: np.ndarray) -> tuple[float | None, float | None]:
@@ -361,10 +347,10 @@ class StudyPath:
         card = self.engine.bundle.card
         return card.context_spacing_mm or context.series_spacing([ref.z for ref in choice.slices])
 
-    def _key_images(self, places: list[int], good: list[Decoded], choice: SeriesChoice,
-                    result: StudyResult) -> tuple[KeyImage, ...]:
-        """Brain window, the heat map of the flagged label on it (none when nothing is flagged), and the
-        three windows, for each key slice (`places`: their places among the decoded slices)."""
+    def _key_slices(self, places: list[int], good: list[Decoded], choice: SeriesChoice,
+                    result: StudyResult) -> tuple[KeySlice, ...]:
+        """Each key slice (`places`: their places among the decoded slices) with the heat map of the
+        flagged label (none when nothing is flagged), to be drawn where the reports are written."""
         if not places:
             return ()
         card = self.engine.bundle.card
@@ -380,12 +366,7 @@ class StudyPath:
             assert result.smoothed_probs is not None
             for n, (place, shape) in enumerate(zip(places, shapes)):
                 heats[n] = shape * float(result.smoothed_probs[place, column])
-        images = []
-        for d, shown in zip(slices, self.render((RenderJob(d.ref, heat) for d, heat in zip(slices, heats)), len(slices))):
-            if shown.error or shown.brain is None or shown.subdural is None or shown.bone is None:
-                raise DecodeError(shown.error)
-            images.append(KeyImage(d.ident, shown.brain, shown.overlay, shown.subdural, shown.bone, label))
-        return tuple(images)
+        return tuple(KeySlice(d.ident, d.ref, heat, label) for d, heat in zip(slices, heats))
 
     def _base(self, choice: SeriesChoice, status: Status, message: str) -> StudyResult:
         return base_result(choice, self.engine.bundle.card, self.engine.tta, self.engine.explainer.describe(),

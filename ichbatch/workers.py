@@ -400,30 +400,6 @@ class IsolatedPool(Generic[T, R]):
         self.close()
 
 
-class PoolSet(Generic[T, R]):
-    """Several IsolatedPools for callers on several threads: a pool's map serves one caller at a time (a
-    new map stops the last one's), so each call borrows a free pool and gives it back when done. A pool
-    starts its processes on its first map, so a pool never borrowed costs nothing."""
-
-    def __init__(self, make: Callable[[], IsolatedPool[T, R]], count: int) -> None:
-        self.pools = [make() for _ in range(max(1, count))]
-        self._free: queue.SimpleQueue[IsolatedPool[T, R]] = queue.SimpleQueue()
-        for pool in self.pools:
-            self._free.put(pool)
-
-    def map(self, items: Iterable[T], depth: int) -> list[R]:
-        """Every result, in order (a list, so the pool is back in the set when this returns)."""
-        pool = self._free.get()
-        try:
-            return list(pool.map(items, depth))
-        finally:
-            self._free.put(pool)
-
-    def close(self) -> None:
-        for pool in self.pools:
-            pool.close()
-
-
 class _Driver:
     """The thread that drives a pool's workers for one map: items in from the caller, results out."""
 

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from ichbatch import context
 from ichbatch.cli import main
+from ichbatch.decode import draw_key_images
 from ichbatch.domain import StudyImages, StudyResult
 from ichbatch.errors import BundleError
 from ichbatch.model.bundle import load_bundle, read_card
@@ -333,7 +334,7 @@ def test_a_2_5d_model_gets_its_neighbours_in_position_order_when_files_arrive_sh
         below, above = max(i - 1, 0), min(i + 1, len(z) - 1)  # the nearest decoded slice either way, edges repeated
         assert abs(p[i, 0] - p[below, 1]) < 1e-5 and abs(p[i, 2] - p[above, 1]) < 1e-5, i
     assert len(set(np.round(p[:, 1], 5))) == len(z)  # the centre channel is each slice's own
-    images = sink.images[got.study.study_uid]
+    images = draw_key_images(sink.images[got.study.study_uid])  # as the report writer does
     assert images.key_images and all(k.gradcam is not None for k in images.key_images)
 
 

@@ -262,34 +262,29 @@ def test_a_study_is_finished_on_its_own_thread_while_the_next_is_scored_and_resu
     assert any(start < t < end for start, end in spans for t in model_times), events  # scored meanwhile
 
 
-def test_key_slices_are_rendered_in_a_worker_process_and_a_vanished_key_slice_fails_only_its_study(
+def test_key_slices_are_drawn_where_the_reports_are_written_and_a_vanished_key_slice_fails_only_its_study(
         tmp_path, tiny_bundle):
-    """Key images at full resolution come from a worker process (no DICOM parsing on the threads that
-    share the model's interpreter lock); a key slice whose file is gone by then is one failed study."""
+    """The study path hands on its key slices undrawn, each with its heat map; the report writer (a
+    process of its own) reads them again at full size and draws them. A run that writes no reports never
+    reads them again, and a key slice whose file is gone by the time reports are written fails only its
+    study, with the reason."""
+    import pypdf
+
     from ichbatch.pipeline import Engine, RunSettings, select
+    from ichbatch.report.outputs import OutputSettings, OutputWriter
     from ichbatch.study import StudyPath
 
     synth_studies(tmp_path / "in", 3, seed=8, n_slices=10, size=96, encoding=Encoding())
     engine = Engine(RunSettings(model=str(tiny_bundle), tta=1, batch_size=4, workers=1))
     engine.bundle.card.thresholds.update({label: 0.0 for label in engine.bundle.card.thresholds})
     choices = select(discover([tmp_path / "in"]), engine.settings.rules)
-    rendered_by: list[int] = []
-
-    def render(jobs, ahead):  # type: ignore[no-untyped-def]
-        jobs = list(jobs)
-        if len(rendered_by) == 1:  # the second study's key slices vanish after scoring
-            for job in jobs:
-                Path(job.ref.path).unlink()
-        results = engine.renderers.map(jobs, ahead)
-        rendered_by.extend(w.process.pid for pool in engine.renderers.pools for w in pool._workers)
-        return results
 
     class Kept:  # the sink: what a report writer would get
         def __init__(self) -> None:
-            self.images: dict[str, object] = {}
+            self.studies: list[tuple[object, object]] = []
 
         def write(self, result, images):  # type: ignore[no-untyped-def]
-            self.images[result.study.study_uid] = images
+            self.studies.append((result, images))
             return result
 
         def record_file_issue(self, issue) -> None:  # type: ignore[no-untyped-def]
@@ -297,39 +292,33 @@ def test_key_slices_are_rendered_in_a_worker_process_and_a_vanished_key_slice_fa
 
     kept = Kept()
     try:
-        results = list(StudyPath(engine, kept, render=render).process_many(choices))
+        list(StudyPath(engine, kept).process_many(choices))
     finally:
         engine.close()
-    by_study = {r.study.study_uid: r for r in results}
-    assert [by_study[c.study.study_uid].status.value for c in choices] == ["ok", "failed", "ok"]
-    failed = by_study[choices[1].study.study_uid]
-    assert "key image could not be made" in failed.message and "DecodeError" in failed.message
-    assert rendered_by and os.getpid() not in rendered_by
-    for choice in (choices[0], choices[2]):
-        keys = kept.images[choice.study.study_uid].key_images  # type: ignore[attr-defined]
-        assert len(keys) == len(by_study[choice.study.study_uid].key_slices) > 0
-        for key in keys:  # at full size, with the heat map overlaid
-            assert key.brain.shape == (96, 96) and key.bone.shape == (96, 96)
-            assert key.gradcam is not None and key.gradcam.shape == (96, 96, 3)
-
-
-def test_key_slice_renderers_scale_with_the_decoders(tmp_path, tiny_bundle):
-    """With 8 decoder processes, two renderer processes share a study's three key slices (beside a GPU one
-    renderer drawing three in turn set the pace); with 2, one renderer does, as on a small machine."""
-    from ichbatch.pipeline import Engine, RunSettings, select
-    from ichbatch.study import StudyPath
-
-    synth_studies(tmp_path / "in", 1, seed=8, n_slices=10, size=96, encoding=Encoding())
-    for workers, renderers in ((8, 2), (2, 1)):
-        engine = Engine(RunSettings(model=str(tiny_bundle), tta=1, batch_size=4, workers=workers))
-        engine.bundle.card.thresholds.update({label: 0.0 for label in engine.bundle.card.thresholds})
-        try:
-            result, = StudyPath(engine).process_many(select(discover([tmp_path / "in"]), engine.settings.rules))
-            pids = {w.process.pid for pool in engine.renderers.pools for w in pool._workers if w.process.is_alive()}
-        finally:
-            engine.close()
-        assert result.status.value == "ok" and len(result.key_slices) == 3
-        assert len(pids) == renderers and os.getpid() not in pids
+    for result, images in kept.studies:
+        assert result.status.value == "ok" and not images.key_images  # type: ignore[attr-defined]
+        keys = images.to_draw  # type: ignore[attr-defined]
+        assert [k.slice for k in keys] == list(result.key_slices) and len(keys) == 3  # type: ignore[attr-defined]
+        assert all(k.heat_label == "any" and k.heat is not None and 0 <= k.heat.min() <= k.heat.max() <= 1
+                   for k in keys)
+    # CSV only: nothing reads the key slices again, so their files may be gone.
+    gone = {k.ref.path: Path(k.ref.path).read_bytes() for k in kept.studies[1][1].to_draw}  # type: ignore[attr-defined]
+    for path in gone:
+        Path(path).unlink()
+    with OutputWriter(OutputSettings(csv=tmp_path / "only.csv", writers=1)) as writer:
+        assert [r.status.value for r in writer.write_many(kept.studies)] == ["ok"] * 3  # type: ignore[arg-type]
+    settings = OutputSettings(csv=tmp_path / "r.csv", reports=tmp_path / "reports", writers=1)
+    with OutputWriter(settings) as writer:
+        written = list(writer.write_many(kept.studies))  # type: ignore[arg-type]
+    assert [r.status.value for r in written] == ["ok", "failed", "ok"]
+    assert "key image could not be made" in written[1].message and "DecodeError" in written[1].message
+    for result in (written[0], written[2]):  # drawn: the first page shows the top key slice with its map
+        assert pypdf.PdfReader(result.report_pdf).pages[0].images
+    for path, data in gone.items():  # back again: the same study is drawn and written
+        Path(path).write_bytes(data)
+    with OutputWriter(settings) as writer:
+        again, = writer.write_many([kept.studies[1]])  # type: ignore[list-item]
+    assert again.status.value == "ok" and pypdf.PdfReader(again.report_pdf).pages[0].images
 
 
 def test_two_studies_are_finished_at_a_time_beside_many_decoders_and_results_keep_their_order(

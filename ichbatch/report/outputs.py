@@ -2,7 +2,8 @@
 (which shows the CSV row), then the study's page of the HTML index.
 
 The store commit comes last among the files, so a row never points at a report that was not written;
-the PDF is rendered once and used for the file and the DICOM copy. `run` and `watch` both write
+the key slices are read again and drawn here, where they are used (a run without reports never reads
+them again); the PDF is rendered once and used for the file and the DICOM copy. `run` and `watch` both write
 through OutputWriter; each file is written atomically. A stream of studies (write_many) has its files
 written in processes of their own, several studies at once, and committed here in order.
 """
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from ..domain import FileIssue, Status, StudyImages, StudyResult
 from ..net.deliver import Deliveries, DeliverySettings
-from ..errors import DiskFullError, OutputError
+from ..decode import draw_key_images
+from ..errors import DecodeError, DiskFullError, OutputError
 from .csv_report import COLUMNS, cell, row, slice_rows
 from .files import OutputLock, atomic_write_bytes, remove_stale_temp_files
 from .html_index import HtmlIndex, write_thumbnail
@@ -184,8 +186,11 @@ def files_not_written(job: FilesJob, reason: str) -> StudyFiles:
 
 def write_study_files(result: StudyResult, images: StudyImages, settings: OutputSettings) -> StudyFiles:
     """PDF, JSON, thumbnail and DICOM objects of one study: everything but the store, so it can run
-    wherever the output folders are seen (the Ray engine runs it in CPU tasks). Raises DiskFullError."""
+    wherever the output folders are seen (the Ray engine runs it in CPU tasks). Its key slices are drawn
+    here first, where they are used. Raises DiskFullError."""
     outputs: list[str] = []
+    if settings.reports is not None or settings.dicom_out is not None:
+        result, images = _drawn(result, images)
     result, pdf = _write_report(result, images, settings, outputs)
     dicom: list[Path] = []
     if settings.dicom_out is not None and result.status in (Status.OK, Status.NOT_ASSESSED) \
@@ -193,6 +198,16 @@ def write_study_files(result: StudyResult, images: StudyImages, settings: Output
         result = _write_dicom(result, images, pdf, settings.dicom_out, dicom)
         outputs.extend(str(p) for p in dicom)
     return StudyFiles(result, tuple(outputs), tuple(dicom))
+
+
+def _drawn(result: StudyResult, images: StudyImages) -> tuple[StudyResult, StudyImages]:
+    """The study's key images; a key slice that cannot be read again fails the study, with the reason, as
+    a slice that cannot be decoded does (its report then says why)."""
+    try:
+        return result, draw_key_images(images)
+    except DecodeError as exc:
+        log.error("a study's key images could not be made")  # the path is in the row, not the log (PHI)
+        return replace(result, status=Status.FAILED, message=f"{type(exc).__name__}: {exc}"), StudyImages()
 
 
 def _write_report(result: StudyResult, images: StudyImages, settings: OutputSettings,
