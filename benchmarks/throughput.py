@@ -7,8 +7,10 @@
 
 Bare: the serving model (windowing + TTA views + network) on int16 batches already in memory.
 End to end: the study path over generated phantom studies (discovery, decode, resize, inference,
-aggregation, CAM for key slices; no PDF), counted in slices per second at the same TTA, after one
-untimed pass that starts the decoder processes (once per run, like compiling the model once). Anatomy phantoms
+aggregation, CAM for key slices; with --reports also drawing the key slices, each study's PDF, JSON and
+thumbnail in the run's report-writer processes, and its CSV row), counted in slices per second at the
+same TTA, after one untimed pass that starts the decoder (and writer) processes (once per run, like
+compiling the model once). Anatomy phantoms
 by default: the demo model is trained on them (on ellipse phantoms it may say "not assessed" and draw
 no heat maps, which would flatter the ratio).
 """
@@ -50,6 +52,8 @@ def main() -> None:
                              "i-th transfer syntax, cycling through all six)")
     parser.add_argument("--phantoms", default="anatomy", choices=PHANTOM_KINDS)
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--reports", action="store_true",
+                        help="end to end also writes each study's reports and CSV row, as `ichbatch run` does")
     parser.add_argument("--workers", type=int, default=0,
                         help="decoder processes (default: the run's own default, one per core up to 8)")
     args = parser.parse_args()
@@ -63,6 +67,7 @@ def main() -> None:
     from ichbatch.study import StudyPath
     from ichbatch.discover import discover
     from ichbatch.synth import TRANSFER_SYNTAXES, Encoding, can_encode
+    from ichbatch.report.outputs import OutputSettings, OutputWriter
 
     class TimedMaps:  # the explainer, timed: heat maps are the one cost that depends on what is flagged
         def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
@@ -135,7 +140,10 @@ def main() -> None:
 
     StudyPath._finish_safely = timed_finish  # type: ignore[method-assign]
     size = engine.bundle.card.input_size
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as out:
+        # One writer for every pass, as one run has: its processes start in the untimed first pass.
+        writer = OutputWriter(OutputSettings(csv=Path(out) / "r.csv", reports=Path(out) / "reports")) \
+            if args.reports else None
         stored = []
         jobs = []
         for i in range(args.studies):  # every codec equally often: a random draw of a few studies is not a mix
@@ -150,7 +158,7 @@ def main() -> None:
         batch = np.random.default_rng(0).integers(-1000, 100, (args.batch_size, size, size)).astype(np.int16)
         engine.predictor.predict(batch)  # compile once before timing either path
         t = time.perf_counter()  # and start the decoder processes once, as a run does for all its studies
-        first = process_studies(choices, engine)
+        first = process_studies(choices, engine, writer)
         first_rate = first.n_slices / (time.perf_counter() - t)
         timed.seconds, timed.calls = 0.0, 0
         engine.predictor._run = timed_run  # the bare passes below call it too: counted apart
@@ -167,17 +175,20 @@ def main() -> None:
             model_before, model_cpu_before = clock.model, clock.model_cpu
             t, c = time.perf_counter(), time.thread_time()
             flagged: list[bool] = []
-            summary = process_studies(choices, engine, on_result=lambda r: flagged.append(any(r.flags.values())))
+            summary = process_studies(choices, engine, writer,
+                                      on_result=lambda r: flagged.append(any(r.flags.values())))
             e2e_seconds += time.perf_counter() - t
             e2e_model += clock.model - model_before
             scoring_cpu += time.thread_time() - c - (clock.model_cpu - model_cpu_before)
             e2e.append(summary.n_slices / (time.perf_counter() - t))
+        if writer is not None:
+            writer.close()
     b, e = float(np.median(bare)), float(np.median(e2e))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"backend {keras.backend.backend()} on {default_device()}")
     print(f"model {engine.bundle.card.display_name}, input {size}px, {engine.precision}, batch {args.batch_size}, TTA {args.tta}, "
           f"{args.studies} {args.phantoms} studies x {args.slices} slices of 512x512, "
-          f"stored as: {', '.join(stored)}")
+          f"stored as: {', '.join(stored)}; end to end {'with' if args.reports else 'without'} reports")
     print(f"studies: {dict(summary.counts)}, {sum(flagged)} flagged (those get heat maps)")
     print(f"bare model:  {b:8.1f} slices/s ({b * args.tta:.1f} images/s)")
     print(f"end to end:  {e:8.1f} slices/s (median of {args.repeats}: {', '.join(f'{x:.1f}' for x in e2e)}; "
