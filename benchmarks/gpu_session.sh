@@ -34,6 +34,14 @@ bench() {
     # The study path, bare against end to end, is the figure the last lease left open: first.
     step 110 python3 benchmarks/throughput.py --model ich-resnet50-untrained --batch-size 256 --precision float16 \
         --tta 4 --studies 24 --slices 32 --uncompressed --workers "$workers" --repeats 2
+    # The same with reports (key slices drawn and PDFs written in the report writer processes, as a run
+    # does), where reportlab came along in .whl/ (pure Python; it needs pillow and charset-normalizer).
+    if python3 -c "import reportlab, PIL" 2>/dev/null; then
+        step 120 python3 benchmarks/throughput.py --model ich-resnet50-untrained --batch-size 256 --precision float16 \
+            --tta 4 --studies 24 --slices 32 --uncompressed --workers "$workers" --repeats 2 --reports
+    else
+        echo "skipped: throughput with reports (reportlab or pillow not installed)" | tee -a "$OUT/bench.log"
+    fi
     # A flagged study's heat maps, folded network against the network as trained (one call per study).
     step 60 python3 benchmarks/heatmap_cost.py --model ich-resnet50-demo --precision bfloat16 float16 --repeats 30
     step 45 python3 benchmarks/network_rate.py --model ich-resnet50-untrained --batch-size 1024 \
