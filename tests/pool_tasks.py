@@ -53,12 +53,16 @@ def arrays(spec: tuple[int, str]) -> dict[str, object]:
 
 def write_files_or_die(job):  # type: ignore[no-untyped-def]
     """A report writer that dies, as a crash in a PDF library would, on the study named in
-    $ICHBATCH_TEST_WRITER_DIES_ON; writes the others' files as a run does, and says where."""
+    $ICHBATCH_TEST_WRITER_DIES_ON; writes the others' files as a run does, and says where and under
+    what address-space cap."""
     from dataclasses import replace
 
     from ichbatch.report.outputs import write_files_job
 
     if job.result.study.study_uid == os.environ.get("ICHBATCH_TEST_WRITER_DIES_ON"):
         os._exit(139)
+    import resource
+
     files = write_files_job(job)
-    return replace(files, result=replace(files.result, message=f"written by {os.getpid()}"))
+    cap, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return replace(files, result=replace(files.result, message=f"written by {os.getpid()} within {cap}"))

@@ -360,7 +360,8 @@ def test_two_studies_are_finished_at_a_time_beside_many_decoders_and_results_kee
 def test_report_files_are_written_in_writer_processes_and_a_dead_writer_fails_only_its_study(
         tmp_path, tiny_bundle, monkeypatch):
     """PDF, JSON and thumbnails are written in processes of their own (rendering a PDF would hold the
-    model's interpreter lock), committed in input order; a writer that dies fails that study's reports."""
+    model's interpreter lock), under the decoders' memory cap (they read the key slices again),
+    committed in input order; a writer that dies fails that study's reports."""
     import pypdf
 
     from ichbatch.pipeline import RunSettings, process_folder
@@ -373,6 +374,7 @@ def test_report_files_are_written_in_writer_processes_and_a_dead_writer_fails_on
     uids = sorted({pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID for p in (tmp_path / "in").rglob("*.dcm")})
     monkeypatch.setattr(outputs, "write_files_job", pool_tasks.write_files_or_die)
     monkeypatch.setenv("ICHBATCH_TEST_WRITER_DIES_ON", uids[1])
+    monkeypatch.setenv("ICHBATCH_DECODE_MEMORY_MB", "3000")  # the writers read DICOM again: the decoders' cap
     seen: list[str] = []
     settings = OutputSettings(csv=tmp_path / "r.csv", reports=tmp_path / "reports", writers=2)
     with OutputWriter(settings) as writer:
@@ -387,7 +389,9 @@ def test_report_files_are_written_in_writer_processes_and_a_dead_writer_fails_on
     for uid in (uids[0], *uids[2:]):
         row = rows.loc[uid]
         assert row["status"] == "ok", row["message"]
-        writers.add(int(row["message"].removeprefix("written by ")))
+        pid, cap = row["message"].removeprefix("written by ").split(" within ")
+        writers.add(int(pid))
+        assert int(cap) == 3000 << 20
         text = "".join(page.extract_text() for page in pypdf.PdfReader(row["report_pdf"]).pages)
         assert "not for diagnosis" in text.lower()
     assert os.getpid() not in writers

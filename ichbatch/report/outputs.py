@@ -125,8 +125,8 @@ class OutputWriter:
             for result, images in studies:  # nothing to write but the row: no processes for that
                 yield self.write(result, images)
             return
-        if self._writers is None:  # no limits: what they get was decoded and checked already
-            self._writers = IsolatedPool(write_files_job, files_not_written, settings.writers, WorkerLimits(0, 0),
+        if self._writers is None:  # the decoders' limits: a writer reads the key slices' files again
+            self._writers = IsolatedPool(write_files_job, files_not_written, settings.writers, WorkerLimits.from_env(),
                                          role=("report writer", "study"))
         jobs = (FilesJob(result, images, settings) for result, images in studies)
         for files in self._writers.map(jobs, depth=2 * settings.writers):
