@@ -202,7 +202,7 @@ def main() -> None:
     print(f"end-to-end time, scoring thread: model {share(e2e_model)}, waiting for decoded slices "
           f"{share(clock.decode)}, the rest (assembly, waiting for finished studies) "
           f"{share(e2e_seconds - e2e_model - clock.decode)}; finishing thread busy {share(clock.finish)} "
-          f"(heat maps {share(timed.seconds)}, aggregation, domain check, key images)")
+          f"(heat maps {share(timed.seconds)}, aggregation, domain check)")
     n_scored = args.repeats * summary.n_slices
     if not n_scored:  # e.g. studies too short for the card's eligibility rules: nothing reached the model
         raise SystemExit("no slice was scored: every study was set aside before the model (see studies above)")
