@@ -355,6 +355,28 @@ def test_folded_batchnorm_computes_the_same_network_and_maps():
     np.testing.assert_allclose(got, expected, atol=1e-4 * np.abs(expected).max())
 
 
+def test_xla_compiled_heat_maps_equal_the_graph_ones_and_compile_once_for_smaller_studies():
+    """The XLA-compiled gradient call (TensorFlow, float32) gives the maps of the plain call; a study
+    with fewer key slices than the first is padded to the first one's batch, with the same maps as
+    when its images came in a full batch, and larger batches to a multiple of it."""
+    from ichbatch.model.resnet import build_resnet50
+
+    model = build_resnet50(TINY_SIZE, 6, seed=6)
+    _random_norm_statistics(model, 6)
+    compiled = CamExplainer(model, "pool1_pool", ("hflip",), "hirescam")
+    plain = CamExplainer(model, "pool1_pool", ("hflip",), "hirescam", xla=False)
+    assert compiled.xla and not plain.xla  # auto: the model computes in float32
+    x = np.random.default_rng(6).random((4, TINY_SIZE, TINY_SIZE, 3)).astype(np.float32)
+    full = compiled.maps(x[:3], 2)
+    assert full.shape == (3, TINY_SIZE, TINY_SIZE) and full.max() == pytest.approx(1.0)
+    np.testing.assert_allclose(full, plain.maps(x[:3], 2), atol=1e-4)
+    one = compiled.maps(x[1:2], 2)  # 2 views, padded to the first call's 6
+    np.testing.assert_allclose(one, full[1:2], atol=1e-5)
+    np.testing.assert_allclose(compiled.maps(x, 4), plain.maps(x, 4), atol=1e-4)  # 8 views -> 12
+    calls = compiled._grad_fns["fn"]  # JAX compiles per shape too, so the padding is on both backends
+    assert calls.step == 6 and calls.sizes == {6, 12}
+
+
 def test_folding_leaves_alone_what_it_cannot_fold():
     """A normalisation stays where folding would change the function or a layer someone asked for."""
     import keras
