@@ -358,7 +358,7 @@ def test_folded_batchnorm_computes_the_same_network_and_maps():
 def test_xla_compiled_heat_maps_equal_the_graph_ones_and_compile_once_for_smaller_studies():
     """The XLA-compiled gradient call (TensorFlow, float32) gives the maps of the plain call; a study
     with fewer key slices than the first is padded to the first one's batch, with the same maps as
-    when its images came in a full batch, and larger batches to a multiple of it."""
+    when its images came in a full batch, and larger batches to 2, 3, 4, 6, 8... times it."""
     from ichbatch.model.resnet import build_resnet50
 
     model = build_resnet50(TINY_SIZE, 6, seed=6)
@@ -373,8 +373,10 @@ def test_xla_compiled_heat_maps_equal_the_graph_ones_and_compile_once_for_smalle
     one = compiled.maps(x[1:2], 2)  # 2 views, padded to the first call's 6
     np.testing.assert_allclose(one, full[1:2], atol=1e-5)
     np.testing.assert_allclose(compiled.maps(x, 4), plain.maps(x, 4), atol=1e-4)  # 8 views -> 12
+    nine = np.concatenate([x, x, x[:1]])  # 18 views: three times the first call's, not padded to 24
+    np.testing.assert_allclose(compiled.maps(nine, 1)[8], compiled.maps(x[:1], 1)[0], atol=1e-5)
     calls = compiled._grad_fns["fn"]  # JAX compiles per shape too, so the padding is on both backends
-    assert calls.step == 6 and calls.sizes == {6, 12}
+    assert calls.step == 6 and calls.sizes == {6, 12, 18}
 
 
 def test_folding_leaves_alone_what_it_cannot_fold():
