@@ -1,13 +1,15 @@
 """What finishing one study costs the model's process: wall time and the finishing thread's own CPU.
 
-    python benchmarks/finish_cost.py [--model NAME] [--studies 8] [--slices 32] [--repeats 5]
+    python benchmarks/finish_cost.py [--model NAME] [--studies 8] [--slices 32] [--repeats 5] [--groups 1 8]
     KERAS_BACKEND=jax JAX_PLATFORMS=cpu python benchmarks/finish_cost.py --model PATH-TO-A-TINY-MODEL
 
 Generated anatomy studies of 512x512 slices (explicit VR little endian) are scored once through the
 study path; then each scored study is finished (calibration, aggregation, domain check, heat maps of
-its key slices) again and again on this thread, as the study path's finishing thread does. Printed:
-per study, the median over repeats of the wall time and of this thread's CPU time (time.thread_time),
-the host work that shares the interpreter lock with the model. Beside a GPU that CPU time, not the
+its key slices) again and again on this thread, as the study path's finishing thread does, in groups
+of each size given (a finishing thread takes the studies that queued while it was busy together, with
+one heat-map call for all; the sizes are interleaved per repeat). Printed per group size: per study,
+the median over repeats of the wall time and of this thread's CPU time (time.thread_time), the host
+work that shares the interpreter lock with the model. Beside a GPU that CPU time, not the
 wall time, bounds end to end; a model that costs little on a CPU (a small Keras model imported with
 `ichbatch models import`) makes the host part stand out here.
 """
@@ -40,6 +42,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2, help="decoder processes for the one scoring pass")
+    parser.add_argument("--groups", type=int, nargs="+", default=[1, 8], help="studies finished together")
     args = parser.parse_args()
 
     import keras
@@ -59,25 +62,30 @@ def main() -> None:
                                     workers=args.workers))
         try:
             path = StudyPath(engine)
-            scored = list(path._score(select(discover([tmp]), engine.settings.rules)))
-            flagged = 0
-            for study in scored:  # once untimed: compiles the heat maps' call
-                result, _ = path._finish_safely(*study, 0.0)
-                flagged += any(result.flags.values())
-            walls, cpus = [], []
+            scored = [(*study, 0.0) for study in path._score(select(discover([tmp]), engine.settings.rules))]
+
+            def finish_all(size: int) -> list:  # type: ignore[type-arg]
+                return [done for n in range(0, len(scored), size) for done in path._finish_group(scored[n:n + size])]
+
+            flagged = sum(any(result.flags.values()) for result, _ in finish_all(1))
+            for size in args.groups:  # once untimed: compiles the heat maps' call for each batch
+                finish_all(size)
+            walls: dict[int, list[float]] = {size: [] for size in args.groups}
+            cpus: dict[int, list[float]] = {size: [] for size in args.groups}
             for _ in range(args.repeats):
-                wall, cpu = time.perf_counter(), time.thread_time()
-                for study in scored:
-                    path._finish_safely(*study, 0.0)
-                walls.append((time.perf_counter() - wall) / len(scored))
-                cpus.append((time.thread_time() - cpu) / len(scored))
+                for size in args.groups:
+                    wall, cpu = time.perf_counter(), time.thread_time()
+                    finish_all(size)
+                    walls[size].append((time.perf_counter() - wall) / len(scored))
+                    cpus[size].append((time.thread_time() - cpu) / len(scored))
         finally:
             engine.close()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; backend "
           f"{keras.backend.backend()}; model {engine.bundle.card.display_name}; {len(scored)} anatomy studies x "
           f"{args.slices} slices of 512x512, {flagged} flagged (heat maps for those)")
-    print(f"finishing a study: {1000 * float(np.median(walls)):.2f} ms wall, "
-          f"{1000 * float(np.median(cpus)):.2f} ms CPU of the finishing thread (median of {args.repeats})")
+    for size in args.groups:
+        print(f"finishing a study, {size} at a time: {1000 * float(np.median(walls[size])):.2f} ms wall, "
+              f"{1000 * float(np.median(cpus[size])):.2f} ms CPU of the finishing thread (median of {args.repeats})")
 
 
 if __name__ == "__main__":

@@ -43,8 +43,8 @@ bench() {
         echo "skipped: throughput with reports (reportlab or pillow not installed)" | tee -a "$OUT/bench.log"
     fi
     # Finishing a study (aggregation, domain check, heat maps): wall, and the host CPU that shares the
-    # model's interpreter lock, per study.
-    step 90 python3 benchmarks/finish_cost.py --model ich-resnet50-untrained --studies 8 --slices 32 --workers "$workers"
+    # model's interpreter lock, per study, finished alone and in groups of eight (one heat-map call).
+    step 120 python3 benchmarks/finish_cost.py --model ich-resnet50-untrained --studies 8 --slices 32 --workers "$workers" --groups 1 8
     # A flagged study's heat maps, folded network against the network as trained (one call per study).
     step 60 python3 benchmarks/heatmap_cost.py --model ich-resnet50-demo --precision bfloat16 float16 --repeats 30
     step 45 python3 benchmarks/network_rate.py --model ich-resnet50-untrained --batch-size 1024 \

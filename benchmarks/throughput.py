@@ -90,7 +90,7 @@ def main() -> None:
             # CPU seconds of each thread itself (time.thread_time): what a faster model or more cores
             # cannot hide, since the scoring and finishing threads share one interpreter lock.
             self.model_cpu = self.finish_cpu = self.pool_cpu = 0.0
-            self.studies = 0
+            self.studies = self.groups = 0
 
         def waited(self, iterator, pool):  # type: ignore[no-untyped-def]
             pool_clock, pool_cpu = None, 0.0  # the decoder pool's driver thread, read after each slice
@@ -127,18 +127,19 @@ def main() -> None:
             clock.model_cpu += time.thread_time() - c
 
     engine.decoders.map = lambda jobs, depth: clock.waited(pool_map(jobs, depth), engine.decoders)  # type: ignore[method-assign,assignment]
-    finish_study = StudyPath._finish_safely
+    finish_group = StudyPath._finish_group
 
-    def timed_finish(self, *args):  # type: ignore[no-untyped-def]
+    def timed_finish(self, studies):  # type: ignore[no-untyped-def]
         t, c = time.perf_counter(), time.thread_time()
         try:
-            return finish_study(self, *args)
+            return finish_group(self, studies)
         finally:
             clock.finish += time.perf_counter() - t
             clock.finish_cpu += time.thread_time() - c
-            clock.studies += 1
+            clock.studies += len(studies)
+            clock.groups += 1
 
-    StudyPath._finish_safely = timed_finish  # type: ignore[method-assign]
+    StudyPath._finish_group = timed_finish  # type: ignore[method-assign]
     size = engine.bundle.card.input_size
     with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as out:
         # One writer for every pass, as one run has: its processes start in the untimed first pass.
@@ -164,7 +165,7 @@ def main() -> None:
         engine.predictor._run = timed_run  # the bare passes below call it too: counted apart
         bare, e2e, e2e_seconds, e2e_model = [], [], 0.0, 0.0
         clock.decode = clock.finish = clock.finish_cpu = clock.pool_cpu = 0.0
-        clock.studies = 0
+        clock.studies = clock.groups = 0
         scoring_cpu = 0.0
         n_batches = max(1, args.studies * args.slices // args.batch_size)
         for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
@@ -174,9 +175,10 @@ def main() -> None:
             bare.append(n_batches * args.batch_size / (time.perf_counter() - t))
             model_before, model_cpu_before = clock.model, clock.model_cpu
             t, c = time.perf_counter(), time.thread_time()
-            flagged: list[bool] = []
+            flagged: list[tuple[bool, bool]] = []  # (flagged, and assessed: a study outside the domain gets no maps)
             summary = process_studies(choices, engine, writer,
-                                      on_result=lambda r: flagged.append(any(r.flags.values())))
+                                      on_result=lambda r: flagged.append((any(r.flags.values()),
+                                                                          r.status.value == "ok")))
             e2e_seconds += time.perf_counter() - t
             e2e_model += clock.model - model_before
             scoring_cpu += time.thread_time() - c - (clock.model_cpu - model_cpu_before)
@@ -189,13 +191,17 @@ def main() -> None:
     print(f"model {engine.bundle.card.display_name}, input {size}px, {engine.precision}, batch {args.batch_size}, TTA {args.tta}, "
           f"{args.studies} {args.phantoms} studies x {args.slices} slices of 512x512, "
           f"stored as: {', '.join(stored)}; end to end {'with' if args.reports else 'without'} reports")
-    print(f"studies: {dict(summary.counts)}, {sum(flagged)} flagged (those get heat maps)")
+    mapped = sum(f and ok for f, ok in flagged)
+    print(f"studies: {dict(summary.counts)}, {sum(f for f, _ in flagged)} flagged, {mapped} of them assessed "
+          "(those get heat maps)")
     print(f"bare model:  {b:8.1f} slices/s ({b * args.tta:.1f} images/s)")
     print(f"end to end:  {e:8.1f} slices/s (median of {args.repeats}: {', '.join(f'{x:.1f}' for x in e2e)}; "
           f"the first pass, which also starts the decoder processes: {first_rate:.1f})")
-    if timed.calls:
-        print(f"heat maps: {timed.seconds / timed.calls:.2f} s per flagged study, "
-              f"{100 * timed.seconds / e2e_seconds:.0f}% of the end-to-end time")
+    if timed.calls:  # one call makes the maps of every such study in a group of studies finished together
+        n_mapped = mapped * args.repeats
+        print(f"heat maps: {timed.seconds / n_mapped:.2f} s per study with maps, "
+              f"{100 * timed.seconds / e2e_seconds:.0f}% of the end-to-end time; {timed.calls} calls for "
+              f"{n_mapped} studies with maps; {clock.studies} studies finished in {clock.groups} groups")
     def share(seconds: float) -> str:
         return f"{100 * seconds / e2e_seconds:.0f}%"
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -33,9 +35,12 @@ from .model.inputs import model_input
 from .workers import IsolatedPool, WorkerLimits, chunk_for
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 MIN_DECODED_FRACTION = 0.5
-FINISH_AHEAD = 2  # studies scored and waiting to be finished (at least the finishing threads: 1 or 2);
-# their slices' thumbnails are held meanwhile
+# Studies scored and waiting to be finished, and finished together at most (their heat maps in one call).
+# Only a model that outpaces the finishing lets them queue; their decoded slices are held meanwhile.
+FINISH_AHEAD = 8
 FINISHERS_FROM = 8  # decoder processes from which two studies are finished at a time (a GPU machine's cores)
 DECODE_AHEAD = 4  # batches of slices decoded ahead of the model
 
@@ -161,6 +166,88 @@ def heatmap_precision(precision: str, device: str) -> str:
 
 
 Decoder = Callable[[Iterable[DecodeJob], int], Iterator[Decoded]]  # (jobs, how many ahead) -> results in order
+# A scored study: (choice, broken eligibility rule, decoded slices, slice scores, features, scoring seconds)
+Scored = tuple[SeriesChoice, str, list[Decoded], np.ndarray, np.ndarray, float]
+
+
+@dataclass(frozen=True)
+class _KeyPlan:
+    """A finished study's key slices (their places among the decoded slices), still without heat maps."""
+
+    places: list[int]
+    good: list[Decoded]
+    choice: SeriesChoice
+    result: StudyResult
+
+    @property
+    def label(self) -> str:
+        return heat_label(self.result)
+
+    @property
+    def slices(self) -> list[Decoded]:
+        return [self.good[k] for k in self.places]
+
+
+class GroupThreads(Generic[T, R]):
+    """Threads that each take every item waiting (up to `most`) and hand them to `work` as one group,
+    which returns one result per item, in order.
+
+    Like a thread pool, one future per item; unlike one, the items that queued while a thread was busy
+    are done together (adaptive batching: no wait to fill a group)."""
+
+    def __init__(self, work: Callable[[list[T]], list[R]], threads: int, most: int) -> None:
+        self.work, self.most = work, max(1, most)
+        self._queue: queue.SimpleQueue[tuple[T, Future[R]] | None] = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._run, name=f"ichbatch-finish_{i}", daemon=True)
+                         for i in range(max(1, threads))]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, item: T) -> Future[R]:
+        future: Future[R] = Future()
+        self._queue.put((item, future))
+        return future
+
+    def close(self) -> None:
+        """Cancel what no thread has taken, let the groups in hand finish, and stop the threads."""
+        while True:
+            try:
+                entry = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if entry is not None:
+                entry[1].cancel()
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
+
+    def _run(self) -> None:
+        while True:
+            entry = self._queue.get()
+            if entry is None:
+                return
+            group, last = [entry], False
+            while len(group) < self.most:
+                try:
+                    entry = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if entry is None:
+                    last = True
+                    break
+                group.append(entry)
+            group = [(item, future) for item, future in group if future.set_running_or_notify_cancel()]
+            if group:
+                try:
+                    for (_, future), done in zip(group, self.work([item for item, _ in group])):
+                        future.set_result(done)
+                except BaseException as exc:  # work's own bug: every waiting caller must hear of it
+                    for _, future in group:
+                        if not future.done():
+                            future.set_exception(exc)
+            if last:
+                return
 
 
 class StudySink(Protocol):
@@ -202,39 +289,60 @@ class StudyPath:
     def _finished(self, choices: Iterable[SeriesChoice]) -> Iterator[tuple[StudyResult, StudyImages]]:
         """Each study's result and images, in input order.
 
-        A study is finished (aggregation, domain check, heat maps) on a thread of its own while the
+        Studies are finished (aggregation, domain check, heat maps) on threads of their own while the
         next studies' slices go through the model: on a GPU the model would otherwise wait for that
-        host work (measured on an H200: 64% of the time). On a machine of many cores two studies are
-        finished at a time, so one's wait for the GPU's heat maps overlaps the other's host work. The
-        key slices are not drawn here: whoever writes the reports draws them (decode.draw_key_images).
+        host work (measured on an H200: 64% of the time). A finishing thread takes every scored study
+        that waits, up to FINISH_AHEAD, and makes their heat maps in one call per label:
+        where the model outpaces the finishing, studies queue and their maps batch; where it does not,
+        each study is finished alone as soon as it is scored. On a machine of many cores two threads
+        finish, so one group's wait for the GPU's heat maps overlaps the other's host work. The key
+        slices are not drawn here: whoever writes the reports draws them (decode.draw_key_images).
         """
         last = time.perf_counter()
         pending: deque[Future[tuple[StudyResult, StudyImages]]] = deque()
-        finisher = ThreadPoolExecutor(self.engine.finishers, thread_name_prefix="ichbatch-finish")
+        finishing = GroupThreads(self._finish_group, self.engine.finishers, FINISH_AHEAD)
         try:
             for scored in self._score(choices):
                 now = time.perf_counter()
-                pending.append(finisher.submit(self._finish_safely, *scored, now - last))
+                pending.append(finishing.submit((*scored, now - last)))
                 last = now
                 while pending and (pending[0].done() or len(pending) > FINISH_AHEAD):
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
         finally:
-            finisher.shutdown(wait=True, cancel_futures=True)
+            finishing.close()
 
     def _finish_safely(self, choice: SeriesChoice, rule: str, decoded: list[Decoded], probs: np.ndarray,
                        features: np.ndarray, scoring_seconds: float) -> tuple[StudyResult, StudyImages]:
-        """One study's failure must not stop the batch; its time is its scoring's plus its finishing's."""
+        """One study finished on its own (a group of one)."""
+        return self._finish_group([(choice, rule, decoded, probs, features, scoring_seconds)])[0]
+
+    def _finish_group(self, studies: list[Scored]) -> list[tuple[StudyResult, StudyImages]]:
+        """Studies finished together: each assessed on its own, then the heat maps of all their key
+        slices in one call per label. One study's failure must not stop the batch, nor fail the others:
+        if a joint call fails, each study's maps are made alone. A study's time is its scoring's plus
+        its share of the group's finishing."""
         start = time.perf_counter()
-        try:
-            result, images = self._finish(choice, rule, decoded, probs, features, scoring_seconds)
-        except Exception as exc:
-            log.exception("a study failed while finishing")
-            result, images = self._failed(choice, f"{type(exc).__name__}: {exc}"), StudyImages()
-        if result.seconds:  # a scored study's: skipped and failed ones have none
-            result = replace(result, seconds=scoring_seconds + time.perf_counter() - start)
-        return result, images
+        assessed: list[tuple[StudyResult, StudyImages, _KeyPlan | None]] = []
+        for choice, rule, decoded, probs, features, seconds in studies:
+            try:
+                assessed.append(self._finish(choice, rule, decoded, probs, features, seconds))
+            except Exception as exc:
+                log.exception("a study failed while finishing")
+                assessed.append((self._failed(choice, f"{type(exc).__name__}: {exc}"), StudyImages(), None))
+        drawn = self._key_slices([plan for _, _, plan in assessed])
+        share = (time.perf_counter() - start) / len(studies)
+        out = []
+        for (result, images, _), keys, study in zip(assessed, drawn, studies):
+            if isinstance(keys, Exception):
+                result, images = self._failed(study[0], f"{type(keys).__name__}: {keys}"), StudyImages()
+            else:
+                images = replace(images, to_draw=keys)
+            if result.seconds:  # a scored study's: skipped and failed ones have none
+                result = replace(result, seconds=study[5] + share)
+            out.append((result, images))
+        return out
 
     def _score(self, choices: Iterable[SeriesChoice]) -> Iterator[tuple[SeriesChoice, str, list[Decoded],
                                                                         np.ndarray, np.ndarray]]:
@@ -293,18 +401,20 @@ class StudyPath:
             current += 1
 
     def _finish(self, choice: SeriesChoice, rule: str, decoded: list[Decoded], probs: np.ndarray,
-                features: np.ndarray, seconds: float) -> tuple[StudyResult, StudyImages]:
+                features: np.ndarray, seconds: float) -> tuple[StudyResult, StudyImages, _KeyPlan | None]:
+        """A study's result and thumbnails, and the key slices whose heat maps are still to be made."""
         if choice.series is None:
-            return self._base(choice, Status.SKIPPED, choice.message), StudyImages()
+            return self._base(choice, Status.SKIPPED, choice.message), StudyImages(), None
         if rule:
             message = f"not assessed: outside what model {self.engine.model_key} is made for ({rule})"
-            return self._base(choice, Status.NOT_ASSESSED, message), StudyImages()
+            return self._base(choice, Status.NOT_ASSESSED, message), StudyImages(), None
         good = [d for d in decoded if d.model_input is not None]
         n = len(choice.slices)
         fewest = 1 if _source(choice) else self.engine.settings.rules.min_slices  # a plain image has one slice
         if len(good) < max(fewest, MIN_DECODED_FRACTION * n):
             first = next((d.error for d in decoded if d.error), "no slices decoded")
-            return self._failed(choice, f"{n - len(good)} of {n} slices could not be decoded; first: {first}"), StudyImages()
+            return (self._failed(choice, f"{n - len(good)} of {n} slices could not be decoded; first: {first}"),
+                    StudyImages(), None)
         card = self.engine.bundle.card
         settings = self.engine.settings
         if card.calibration:  # the card's thresholds are for calibrated scores
@@ -324,9 +434,9 @@ class StudyPath:
             smoothed_probs=agg.smoothed, study_probs=agg.scores, flags=agg.flags,
             key_slices=tuple(d.ident for d in keys), seconds=seconds, domain_score=score, domain_threshold=threshold,
         )
-        images = StudyImages(thumbnails=tuple(d.thumb for d in good if d.thumb is not None),
-                             to_draw=() if outside else self._key_slices(list(agg.key_slices), good, choice, result))
-        return result, images
+        images = StudyImages(thumbnails=tuple(d.thumb for d in good if d.thumb is not None))
+        plan = None if outside else _KeyPlan(list(agg.key_slices), good, choice, result)
+        return result, images, plan
 
     def _domain(self, features: np.ndarray) -> tuple[float | None, float | None]:
         check = self.engine.bundle.domain
@@ -347,26 +457,49 @@ class StudyPath:
         card = self.engine.bundle.card
         return card.context_spacing_mm or context.series_spacing([ref.z for ref in choice.slices])
 
-    def _key_slices(self, places: list[int], good: list[Decoded], choice: SeriesChoice,
-                    result: StudyResult) -> tuple[KeySlice, ...]:
-        """Each key slice (`places`: their places among the decoded slices) with the heat map of the
-        flagged label (none when nothing is flagged), to be drawn where the reports are written."""
-        if not places:
-            return ()
+    def _key_slices(self, plans: list[_KeyPlan | None]) -> list[tuple[KeySlice, ...] | Exception]:
+        """Each plan's key slices with the heat map of its flagged label (none when nothing is flagged),
+        to be drawn where the reports are written: one explainer call per label for all the plans, or
+        per plan where a joint call fails (that plan's exception in its place when its own call fails)."""
+        heats: list[list[np.ndarray | None] | Exception] = [[None] * len(p.places) if p else [] for p in plans]
+        by_label: dict[str, list[int]] = {}
+        for n, plan in enumerate(plans):
+            if plan is not None and plan.places and plan.label:
+                by_label.setdefault(plan.label, []).append(n)
+        for label, members in by_label.items():
+            together = [plans[n] for n in members]
+            if len(members) > 1 and self._joint_heat_maps(label, together, [heats[n] for n in members]):  # type: ignore[arg-type,misc]
+                continue
+            for n in members:  # each alone, so that a failure is its own study's
+                try:
+                    self._heat_maps(label, [plans[n]], [heats[n]])  # type: ignore[list-item]
+                except Exception as exc:
+                    log.exception("a study's heat maps failed")
+                    heats[n] = exc
+        return [h if isinstance(h, Exception) else
+                tuple(KeySlice(d.ident, d.ref, heat, plan.label) for d, heat in zip(plan.slices, h)) if plan else ()
+                for plan, h in zip(plans, heats)]
+
+    def _joint_heat_maps(self, label: str, plans: list[_KeyPlan], into: list[list[np.ndarray | None]]) -> bool:
+        try:
+            self._heat_maps(label, plans, into)
+            return True
+        except Exception:
+            log.exception("heat maps of %d studies in one call failed; each study's are made alone", len(plans))
+            return False
+
+    def _heat_maps(self, label: str, plans: list[_KeyPlan], into: list[list[np.ndarray | None]]) -> None:
+        """The label's maps on the plans' key slices, in one call; each scaled by its slice's smoothed score."""
         card = self.engine.bundle.card
-        label = heat_label(result)
-        slices = [good[k] for k in places]
-        heats: list[np.ndarray | None] = [None] * len(slices)
-        if label:
-            k, spacing = card.context, self._spacing(choice)
-            stacks = np.stack([context.stack(good, place, k, spacing) for place in places])
-            inputs = model_input(stacks, card.input_spec)
-            shapes = self.engine.explainer.maps(inputs, card.output_index(label))
-            column = card.outputs.index(label)
-            assert result.smoothed_probs is not None
-            for n, (place, shape) in enumerate(zip(places, shapes)):
-                heats[n] = shape * float(result.smoothed_probs[place, column])
-        return tuple(KeySlice(d.ident, d.ref, heat, label) for d, heat in zip(slices, heats))
+        k = card.context
+        stacks = np.stack([context.stack(plan.good, place, k, self._spacing(plan.choice))
+                           for plan in plans for place in plan.places])
+        shapes = iter(self.engine.explainer.maps(model_input(stacks, card.input_spec), card.output_index(label)))
+        column = card.outputs.index(label)
+        for plan, heats in zip(plans, into):
+            assert plan.result.smoothed_probs is not None
+            for n, place in enumerate(plan.places):
+                heats[n] = next(shapes) * float(plan.result.smoothed_probs[place, column])
 
     def _base(self, choice: SeriesChoice, status: Status, message: str) -> StudyResult:
         return base_result(choice, self.engine.bundle.card, self.engine.tta, self.engine.explainer.describe(),

@@ -339,7 +339,7 @@ def test_two_studies_are_finished_at_a_time_beside_many_decoders_and_results_kee
     maps, calls, threads = engine.explainer.maps, [], set()
 
     def side_by_side(images, index):  # type: ignore[no-untyped-def]
-        calls.append(index)
+        calls.append(len(images))
         threads.add(threading.current_thread().name)
         if len(calls) <= 2:
             meet.wait()  # raises BrokenBarrierError (a failed study) if the other study is not being finished
@@ -353,8 +353,99 @@ def test_two_studies_are_finished_at_a_time_beside_many_decoders_and_results_kee
         engine.close()
     assert [r.study.study_uid for r in results] == [c.study.study_uid for c in choices]
     assert [r.status.value for r in results] == ["ok"] * 4, [r.message for r in results]
-    assert len(threads) == 2 and len(calls) == 4 and not meet.broken
+    assert len(threads) == 2 and not meet.broken
+    assert sum(calls) == 4 * 3  # every key slice's map made once, alone or with another study's
     assert all(len(r.key_slices) == 3 for r in results)
+
+
+def test_finishing_threads_take_the_studies_that_queued_while_they_were_busy_as_one_group():
+    """GroupThreads: an idle thread takes an item at once; what queues meanwhile is taken together, up
+    to the limit; results come back per item; close cancels what no thread took; a failed group's
+    items all hear of it."""
+    import threading
+
+    from ichbatch.study import GroupThreads
+
+    gate, calls = threading.Event(), []
+
+    def work(items):  # type: ignore[no-untyped-def]
+        calls.append(list(items))
+        assert gate.wait(30)
+        if -1 in items:
+            raise RuntimeError("planted")
+        return [2 * i for i in items]
+
+    threads = GroupThreads(work, 1, 2)
+    first = threads.submit(0)
+    while not calls:
+        time.sleep(0.01)
+    later = [threads.submit(i) for i in (1, 2, 3)]
+    gate.set()
+    assert [f.result(30) for f in [first, *later]] == [0, 2, 4, 6]
+    assert calls == [[0], [1, 2], [3]]
+    gate.clear()
+    calls.clear()
+    busy = threads.submit(5)
+    while not calls:
+        time.sleep(0.01)
+    failing = [threads.submit(-1), threads.submit(7)]
+    closing = threading.Thread(target=threads.close)
+    closing.start()
+    time.sleep(0.2)
+    gate.set()
+    closing.join(30)
+    assert busy.result(1) == 10 and all(f.cancelled() for f in failing) and calls == [[5]]
+    again = GroupThreads(work, 1, 8)  # the gate stays open: both items may come in one group or two
+    failed = again.submit(-1)
+    with pytest.raises(RuntimeError, match="planted"):
+        failed.result(30)
+    assert again.submit(4).result(30) == 8
+    again.close()
+
+
+def test_studies_finished_together_get_the_heat_maps_they_get_alone_in_one_call_and_a_failure_stays_their_own(
+        tmp_path, tiny_bundle):
+    """Four flagged studies finished as one group: one explainer call for all their key slices, and the
+    same results and heat maps as each finished alone. If the joint call fails, each study's maps are
+    made alone, and a study whose own call fails is the only one that fails."""
+    from ichbatch.pipeline import Engine, RunSettings, select
+    from ichbatch.study import StudyPath
+
+    synth_studies(tmp_path / "in", 4, seed=14, n_slices=10, size=96, encoding=Encoding())
+    engine = Engine(RunSettings(model=str(tiny_bundle), tta=1, batch_size=4, workers=1))
+    engine.bundle.card.thresholds.update({label: 0.0 for label in engine.bundle.card.thresholds})
+    path = StudyPath(engine)
+    try:
+        scored = [(*study, 0.25) for study in path._score(select(discover([tmp_path / "in"]), engine.settings.rules))]
+    finally:
+        engine.close()
+    alone = [path._finish_safely(*study) for study in scored]
+    maps, sizes = engine.explainer.maps, []
+
+    def counted(images, index):  # type: ignore[no-untyped-def]
+        sizes.append(len(images))
+        if planted and (len(images) > 3 or len(sizes) == 3):  # the joint call, then the second study's own
+            raise RuntimeError("planted heat-map failure")
+        return maps(images, index)
+
+    engine.explainer.maps = counted  # type: ignore[method-assign]
+    planted = False
+    together = path._finish_group(scored)
+    assert sizes == [12]
+    for (a, a_images), (t, t_images) in zip(alone, together):
+        assert t.status.value == a.status.value == "ok" and t.key_slices == a.key_slices
+        assert t.study_probs == a.study_probs and t.seconds > 0.25
+        for ka, kt in zip(a_images.to_draw, t_images.to_draw):
+            assert kt.heat_label == ka.heat_label == "any"
+            np.testing.assert_allclose(kt.heat, ka.heat, atol=1e-5)
+    sizes.clear()
+    planted = True
+    again = path._finish_group(scored)
+    assert sizes == [12, 3, 3, 3, 3]
+    assert [r.status.value for r, _ in again] == ["ok", "failed", "ok", "ok"]
+    assert "planted heat-map failure" in again[1][0].message and not again[1][1].to_draw
+    for n in (0, 2, 3):
+        np.testing.assert_allclose(again[n][1].to_draw[0].heat, alone[n][1].to_draw[0].heat, atol=1e-5)
 
 
 def test_report_files_are_written_in_writer_processes_and_a_dead_writer_fails_only_its_study(
