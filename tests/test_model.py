@@ -355,7 +355,7 @@ def test_folded_batchnorm_computes_the_same_network_and_maps():
     np.testing.assert_allclose(got, expected, atol=1e-4 * np.abs(expected).max())
 
 
-def test_xla_compiled_heat_maps_equal_the_graph_ones_and_compile_once_for_smaller_studies():
+def test_xla_compiled_heat_maps_equal_the_graph_ones_and_compile_once_for_smaller_studies(caplog):
     """The XLA-compiled gradient call (TensorFlow, float32) gives the maps of the plain call; a study
     with fewer key slices than the first is padded to the first one's batch, with the same maps as
     when its images came in a full batch, and larger batches to 2, 3, 4, 6, 8... times it."""
@@ -377,6 +377,34 @@ def test_xla_compiled_heat_maps_equal_the_graph_ones_and_compile_once_for_smalle
     np.testing.assert_allclose(compiled.maps(nine, 1)[8], compiled.maps(x[:1], 1)[0], atol=1e-5)
     calls = compiled._grad_fns["fn"]  # JAX compiles per shape too, so the padding is on both backends
     assert calls.step == 6 and calls.sizes == {6, 12, 18}
+    assert "XLA could not compile" not in caplog.text  # the ResNet50 compiles: no fallback to the graph
+
+
+def test_heat_maps_of_a_model_xla_cannot_compile_fall_back_to_the_graph_with_a_warning(caplog):
+    """A user's bundle may hold an op that XLA cannot compile (here a NumPy function): its maps are then
+    made as a plain TensorFlow graph, the same as with XLA off, not a failed study."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("XLA through TensorFlow's jit_compile")
+    import tensorflow as tf
+
+    inputs = keras.Input((16, 16, 3))
+    opaque = keras.layers.Lambda(
+        lambda t: tf.ensure_shape(tf.numpy_function(np.copy, [t], tf.float32), (None, 16, 16, 3)))(inputs)
+    feats = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="feat")(opaque)
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="sigmoid")(keras.layers.Flatten()(feats)))
+    x = np.random.default_rng(1).random((2, 16, 16, 3)).astype(np.float32)
+    compiled = CamExplainer(model, "feat", method="hirescam")
+    assert compiled.xla
+    with caplog.at_level("WARNING", logger="ichbatch.model.gradcam"):
+        maps = compiled.maps(x, 1)
+    assert "XLA could not compile" in caplog.text
+    assert maps.shape == (2, 16, 16) and maps.max() == pytest.approx(1.0)
+    np.testing.assert_allclose(maps, CamExplainer(model, "feat", method="hirescam", xla=False).maps(x, 1), atol=1e-6)
+    caplog.clear()
+    compiled.maps(x, 0)  # the graph from now on, without trying XLA again
+    assert "XLA could not compile" not in caplog.text
 
 
 def test_folding_leaves_alone_what_it_cannot_fold():

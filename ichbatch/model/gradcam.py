@@ -31,12 +31,15 @@ compiles with XLA.
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import numpy as np
 
 from .backend import forward, variable_values
 from .folding import fold_batchnorm
+
+log = logging.getLogger(__name__)
 
 # View name -> the image axes it flips ((B, H, W, C) arrays: 1 is vertical, 2 is horizontal).
 FLIPS: dict[str, tuple[int, ...]] = {"hflip": (2,), "vflip": (1,), "hvflip": (1, 2)}
@@ -190,16 +193,27 @@ def _compile_feats_and_grads(lower, upper, xla: bool = False):  # type: ignore[n
     if backend == "tensorflow":
         import tensorflow as tf
 
-        @tf.function(reduce_retracing=True, jit_compile=xla)
-        def both_tf(x, weights):  # type: ignore[no-untyped-def]
+        def both(x, weights):  # type: ignore[no-untyped-def]
             feats = lower(x, training=False)
             with tf.GradientTape() as tape:
                 tape.watch(feats)
                 score = tf.reduce_sum(upper(feats, training=False) * weights)
             return feats, tape.gradient(score, feats)
 
+        graph = tf.function(both, reduce_retracing=True)
+        compiled = {"xla": tf.function(both, reduce_retracing=True, jit_compile=True)} if xla else {}
+
         def call_tf(x, w):  # type: ignore[no-untyped-def]
-            return [t.numpy() for t in both_tf(tf.convert_to_tensor(x), tf.convert_to_tensor(w))]
+            x, w = tf.convert_to_tensor(x), tf.convert_to_tensor(w)
+            fn = compiled.get("xla")
+            if fn is not None:
+                try:
+                    return [t.numpy() for t in fn(x, w)]
+                except Exception:  # a model with an op XLA cannot compile: its maps as a plain graph
+                    log.warning("XLA could not compile the heat maps' call; it runs as a TensorFlow graph",
+                                exc_info=True)
+                    compiled.pop("xla", None)
+            return [t.numpy() for t in graph(x, w)]
 
         return FixedBatches(call_tf) if xla else call_tf
     if backend == "jax":
