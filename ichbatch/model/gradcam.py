@@ -25,7 +25,7 @@ side of a lesion, and the average of the two sides lands on the lesion itself.
 The maps run on a copy of the network with its batch normalisations folded into the convolutions
 (folding.py): the same function, without a normalisation's forward and backward passes per layer.
 Under TensorFlow in float32 the features-and-gradients call is compiled by XLA: on a 2-core AVX2 CPU
-a flagged study's maps took 0.44 s against 0.64 s as a plain graph (README: Performance). JAX always
+a flagged study's maps took 0.61 of the wall time of a plain graph (README: Performance). JAX always
 compiles with XLA.
 """
 
