@@ -313,11 +313,6 @@ class StudyPath:
         finally:
             finishing.close()
 
-    def _finish_safely(self, choice: SeriesChoice, rule: str, decoded: list[Decoded], probs: np.ndarray,
-                       features: np.ndarray, scoring_seconds: float) -> tuple[StudyResult, StudyImages]:
-        """One study finished on its own (a group of one)."""
-        return self._finish_group([(choice, rule, decoded, probs, features, scoring_seconds)])[0]
-
     def _finish_group(self, studies: list[Scored]) -> list[tuple[StudyResult, StudyImages]]:
         """Studies finished together: each assessed on its own, then the heat maps of all their key
         slices in one call per label. One study's failure must not stop the batch, nor fail the others:
@@ -461,24 +456,25 @@ class StudyPath:
         """Each plan's key slices with the heat map of its flagged label (none when nothing is flagged),
         to be drawn where the reports are written: one explainer call per label for all the plans, or
         per plan where a joint call fails (that plan's exception in its place when its own call fails)."""
-        heats: list[list[np.ndarray | None] | Exception] = [[None] * len(p.places) if p else [] for p in plans]
-        by_label: dict[str, list[int]] = {}
+        heats: list[list[np.ndarray | None]] = [[None] * len(p.places) if p else [] for p in plans]
+        failed: dict[int, Exception] = {}
+        by_label: dict[str, list[tuple[int, _KeyPlan]]] = {}
         for n, plan in enumerate(plans):
             if plan is not None and plan.places and plan.label:
-                by_label.setdefault(plan.label, []).append(n)
+                by_label.setdefault(plan.label, []).append((n, plan))
         for label, members in by_label.items():
-            together = [plans[n] for n in members]
-            if len(members) > 1 and self._joint_heat_maps(label, together, [heats[n] for n in members]):  # type: ignore[arg-type,misc]
+            together, into = [plan for _, plan in members], [heats[n] for n, _ in members]
+            if len(members) > 1 and self._joint_heat_maps(label, together, into):
                 continue
-            for n in members:  # each alone, so that a failure is its own study's
+            for n, plan in members:  # each alone, so that a failure is its own study's
                 try:
-                    self._heat_maps(label, [plans[n]], [heats[n]])  # type: ignore[list-item]
+                    self._heat_maps(label, [plan], [heats[n]])
                 except Exception as exc:
                     log.exception("a study's heat maps failed")
-                    heats[n] = exc
-        return [h if isinstance(h, Exception) else
-                tuple(KeySlice(d.ident, d.ref, heat, plan.label) for d, heat in zip(plan.slices, h)) if plan else ()
-                for plan, h in zip(plans, heats)]
+                    failed[n] = exc
+        return [failed[n] if n in failed else () if plan is None else
+                tuple(KeySlice(d.ident, d.ref, heat, plan.label) for d, heat in zip(plan.slices, heats[n]))
+                for n, plan in enumerate(plans)]
 
     def _joint_heat_maps(self, label: str, plans: list[_KeyPlan], into: list[list[np.ndarray | None]]) -> bool:
         try:

@@ -419,7 +419,7 @@ def test_studies_finished_together_get_the_heat_maps_they_get_alone_in_one_call_
         scored = [(*study, 0.25) for study in path._score(select(discover([tmp_path / "in"]), engine.settings.rules))]
     finally:
         engine.close()
-    alone = [path._finish_safely(*study) for study in scored]
+    alone = [path._finish_group([study])[0] for study in scored]
     maps, sizes = engine.explainer.maps, []
 
     def counted(images, index):  # type: ignore[no-untyped-def]

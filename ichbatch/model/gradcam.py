@@ -201,18 +201,18 @@ def _compile_feats_and_grads(lower, upper, xla: bool = False):  # type: ignore[n
             return feats, tape.gradient(score, feats)
 
         graph = tf.function(both, reduce_retracing=True)
-        compiled = {"xla": tf.function(both, reduce_retracing=True, jit_compile=True)} if xla else {}
+        compiled = tf.function(both, reduce_retracing=True, jit_compile=True) if xla else None
 
         def call_tf(x, w):  # type: ignore[no-untyped-def]
+            nonlocal compiled
             x, w = tf.convert_to_tensor(x), tf.convert_to_tensor(w)
-            fn = compiled.get("xla")
-            if fn is not None:
+            if compiled is not None:
                 try:
-                    return [t.numpy() for t in fn(x, w)]
+                    return [t.numpy() for t in compiled(x, w)]
                 except Exception:  # a model with an op XLA cannot compile: its maps as a plain graph
                     log.warning("XLA could not compile the heat maps' call; it runs as a TensorFlow graph",
                                 exc_info=True)
-                    compiled.pop("xla", None)
+                    compiled = None
             return [t.numpy() for t in graph(x, w)]
 
         return FixedBatches(call_tf) if xla else call_tf
