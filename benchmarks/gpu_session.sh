@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements (and a GPU training) as one script for a lent machine that has JAX but no
 # TensorFlow and no package index: Keras, pydicom and the decoders travel as wheels in .whl/
-# (README: Performance, "GPU figures", says how they were fetched).
+# (README: Performance, "On a GPU", says how they were fetched; reportlab's pillow and charset-normalizer
+# are on that machine already, and the wheels and the checkout must stay under 64 MiB together).
 #
 #   bash benchmarks/gpu_session.sh bench            # network rate, heat-map cost, decoding per process, bare vs end to end at TTA 4
 #   bash benchmarks/gpu_session.sh train MINUTES N  # N anatomy-v3 studies, fitting for at most MINUTES
@@ -19,6 +20,9 @@ if [ -d .whl ]; then
     export PYTHONPATH=/tmp/site:$PWD
 fi
 export KERAS_BACKEND=jax XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
+# JAX keeps what it compiled on disk, so the steps (each its own process) compile a shape once: the
+# heat maps' padded batch sizes and the network's batches cost seconds each on a lease of minutes.
+export JAX_COMPILATION_CACHE_DIR=/tmp/jax-cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>&1 | tee "$OUT/bench.log"
 python3 -c "import jax, keras, numpy; print('jax', jax.__version__, jax.devices(), 'keras', keras.__version__, 'numpy', numpy.__version__)" 2>&1 | tee -a "$OUT/bench.log"
 
