@@ -1,7 +1,7 @@
 """Work that a hostile file can break, run in worker processes with a memory cap and a time limit.
 
 A decoder handed a crafted file can allocate without bound, crash in C, or never return. In a worker
-process each of those is one item's failure: the memory cap (RLIMIT_AS) turns a huge allocation into a
+process each of those is one item's failure: the memory cap (RLIMIT_DATA) turns a huge allocation into a
 MemoryError, a worker that runs past the time limit is killed, and a worker that dies is replaced.
 A worker decodes its items one after the other, in the order given, and holds at most two messages: the
 one it is on and the next, already sent, so that it never waits for the parent between items. A message
@@ -38,6 +38,8 @@ from functools import lru_cache
 from multiprocessing.connection import Connection
 from typing import Any, Generic, TypeVar
 
+from threadpoolctl import threadpool_limits
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -63,7 +65,11 @@ def _env_int(name: str, default: int) -> int:
 class WorkerLimits:
     """Per worker process and item. 0 turns a limit off."""
 
-    memory_mb: int = 2048  # address space: the libraries take about 500 MB of it, a 512 x 512 slice little
+    # Writable private memory (RLIMIT_DATA): the libraries take about 270 MB of it, a 512 x 512 slice
+    # little. Not address space (RLIMIT_AS): what a process reserves grows with the machine's cores
+    # (a heap arena of 64 MB and a stack for each thread a library starts), and on a 16-core GPU machine
+    # the report writers reached 2 GB of it before drawing a slice.
+    memory_mb: int = 2048
     seconds: int = 120  # a CT slice decodes in well under a second
     keep_freed_mb: int = 64  # free heap kept for the next item (keep_freed_memory); 0: the C library's own way
 
@@ -193,10 +199,13 @@ def _worker_main(conn: Connection, fn: Callable[[Any], Any], limits: WorkerLimit
     cv2 = sys.modules.get("cv2")  # imported with fn, before this ran: OpenCV's own pool has a thread per core,
     if cv2 is not None:  # in every worker, which oversubscribes a many-core machine (16 workers x 16 threads)
         cv2.setNumThreads(1)
+    # numpy came with fn too, so the variables above are read too late for its BLAS: threadpoolctl sets
+    # the pools it finds loaded (OpenBLAS, MKL, OpenMP) to one thread, through each library's own call.
+    threadpool_limits(1)
     if limits.memory_mb:  # before any library allocates
-        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        _, hard = resource.getrlimit(resource.RLIMIT_DATA)
         cap = limits.memory_mb << 20
-        resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+        resource.setrlimit(resource.RLIMIT_DATA, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     sent = 0  # replies so far: the n-th goes to slot n % 2
     while True:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np  # loaded with the task, before the worker sets its thread limits, as a decoder's numpy is
+
 
 def square_or_die(n: int) -> int:
     """n squared; -1 kills the worker process as a segfaulting decoder would."""
@@ -19,6 +21,27 @@ def allocate_gb(gb: float) -> str:
     except MemoryError:
         return "MemoryError"
     return f"allocated {len(block) >> 30} GiB"
+
+
+def reserve_then_allocate(gb: float) -> str:
+    """Reserve gb GiB of address space that is never written, as the libraries of a many-core machine
+    do (a 64 MB heap arena and a stack for each thread they start), then allocate and fill 256 MiB."""
+    import mmap
+
+    try:
+        reserved = mmap.mmap(-1, int(gb * (1 << 30)), flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+        block = bytearray(b"x" * (256 << 20))
+    except (MemoryError, OSError) as exc:
+        return type(exc).__name__
+    return f"reserved {len(reserved) >> 30} GiB, wrote {len(block) >> 20} MiB"
+
+
+def blas_threads(_: object) -> int:
+    """The threads numpy's BLAS would use in this process."""
+    from threadpoolctl import threadpool_info
+
+    np.ones((64, 64)) @ np.ones((64, 64))
+    return max(pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas")
 
 
 def sleep_for(seconds: float) -> str:
@@ -53,16 +76,26 @@ def arrays(spec: tuple[int, str]) -> dict[str, object]:
 
 def write_files_or_die(job):  # type: ignore[no-untyped-def]
     """A report writer that dies, as a crash in a PDF library would, on the study named in
-    $ICHBATCH_TEST_WRITER_DIES_ON; writes the others' files as a run does, and says where and under
-    what address-space cap."""
+    $ICHBATCH_TEST_WRITER_DIES_ON, and one whose PDF needs more memory than its cap on the study named in
+    $ICHBATCH_TEST_WRITER_OOM_ON; writes the others' files as a run does, and says where and under what
+    memory cap."""
     from dataclasses import replace
 
     from ichbatch.report.outputs import write_files_job
 
     if job.result.study.study_uid == os.environ.get("ICHBATCH_TEST_WRITER_DIES_ON"):
         os._exit(139)
+    if job.result.study.study_uid == os.environ.get("ICHBATCH_TEST_WRITER_OOM_ON"):
+        from ichbatch.report import outputs
+
+        real = outputs.render_pdf
+        outputs.render_pdf = lambda *args: bytes(bytearray(8 << 30))  # beyond the cap: a real MemoryError
+        try:
+            return write_files_job(job)
+        finally:
+            outputs.render_pdf = real
     import resource
 
     files = write_files_job(job)
-    cap, _ = resource.getrlimit(resource.RLIMIT_AS)
+    cap, _ = resource.getrlimit(resource.RLIMIT_DATA)
     return replace(files, result=replace(files.result, message=f"written by {os.getpid()} within {cap}"))

@@ -125,6 +125,21 @@ def test_memory_cap_and_time_limit_hold_inside_the_workers():
         assert time.monotonic() - start < 30
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_DATA counts mappings as Linux does")
+@pytest.mark.timeout(300)
+def test_the_memory_cap_counts_memory_written_not_address_space_reserved():
+    """On a 16-core GPU machine the report writers' reserved address space reached a 2 GB cap before they
+    drew a slice, so every study failed. The cap is on writable memory: 3 GiB reserved and never written
+    leave room to write; 4 GiB written still do not fit. And each worker's BLAS runs one thread."""
+    with IsolatedPool(pool_tasks.reserve_then_allocate, pool_tasks.crashed, 1,
+                      WorkerLimits(memory_mb=1024, seconds=0)) as pool:
+        assert list(pool.map([3.0], depth=1)) == ["reserved 3 GiB, wrote 256 MiB"]
+    with IsolatedPool(pool_tasks.allocate_gb, pool_tasks.crashed, 1, WorkerLimits(memory_mb=1024, seconds=0)) as pool:
+        assert list(pool.map([4.0], depth=1)) == ["MemoryError"]
+    with IsolatedPool(pool_tasks.blas_threads, pool_tasks.crashed, 2, WorkerLimits()) as pool:
+        assert list(pool.map([0, 1], depth=2)) == [1, 1]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt and minor-fault counts as glibc has them")
 @pytest.mark.timeout(300)
 def test_a_decoder_process_serves_the_next_slice_from_the_memory_the_last_one_freed(tmp_path, monkeypatch):

@@ -448,7 +448,7 @@ def test_studies_finished_together_get_the_heat_maps_they_get_alone_in_one_call_
         np.testing.assert_allclose(again[n][1].to_draw[0].heat, alone[n][1].to_draw[0].heat, atol=1e-5)
 
 
-def test_report_files_are_written_in_writer_processes_and_a_dead_writer_fails_only_its_study(
+def test_report_files_are_written_in_writer_processes_and_a_dead_or_starved_writer_fails_only_its_study(
         tmp_path, tiny_bundle, monkeypatch):
     """PDF, JSON and thumbnails are written in processes of their own (rendering a PDF would hold the
     model's interpreter lock), under the decoders' memory cap (they read the key slices again),
@@ -465,6 +465,7 @@ def test_report_files_are_written_in_writer_processes_and_a_dead_writer_fails_on
     uids = sorted({pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID for p in (tmp_path / "in").rglob("*.dcm")})
     monkeypatch.setattr(outputs, "write_files_job", pool_tasks.write_files_or_die)
     monkeypatch.setenv("ICHBATCH_TEST_WRITER_DIES_ON", uids[1])
+    monkeypatch.setenv("ICHBATCH_TEST_WRITER_OOM_ON", uids[2])
     monkeypatch.setenv("ICHBATCH_DECODE_MEMORY_MB", "3000")  # the writers read DICOM again: the decoders' cap
     seen: list[str] = []
     settings = OutputSettings(csv=tmp_path / "r.csv", reports=tmp_path / "reports", writers=2)
@@ -476,8 +477,11 @@ def test_report_files_are_written_in_writer_processes_and_a_dead_writer_fails_on
     dead = rows.loc[uids[1]]
     assert dead["status"] == "failed" and dead["report_pdf"] == ""
     assert "report not written: the report writer process exited (139) on this study" in dead["message"]
+    starved = rows.loc[uids[2]]
+    assert starved["status"] == "failed" and starved["report_pdf"] == ""
+    assert "report not written: it needed more memory than a report writer may use (3000 MB" in starved["message"]
     writers = set()
-    for uid in (uids[0], *uids[2:]):
+    for uid in (uids[0], uids[3]):
         row = rows.loc[uid]
         assert row["status"] == "ok", row["message"]
         pid, cap = row["message"].removeprefix("written by ").split(" within ")
@@ -486,4 +490,4 @@ def test_report_files_are_written_in_writer_processes_and_a_dead_writer_fails_on
         text = "".join(page.extract_text() for page in pypdf.PdfReader(row["report_pdf"]).pages)
         assert "not for diagnosis" in text.lower()
     assert os.getpid() not in writers
-    assert len(list((tmp_path / "reports").glob("*.pdf"))) == 3
+    assert len(list((tmp_path / "reports").glob("*.pdf"))) == 2

@@ -176,7 +176,15 @@ class FilesJob:
 
 
 def write_files_job(job: FilesJob) -> StudyFiles:
-    return write_study_files(job.result, job.images, job.settings)
+    """In a writer process, under the workers' memory cap: a study whose files need more than that is
+    that study's failure, as a slice too big to decode is, not an error that ends the run."""
+    try:
+        return write_study_files(job.result, job.images, job.settings)
+    except MemoryError:
+        log.error("a study's report needed more memory than a report writer may use")
+        cap = WorkerLimits.from_env().memory_mb
+        return files_not_written(job, f"it needed more memory than a report writer may use ({cap} MB, "
+                                      "ICHBATCH_DECODE_MEMORY_MB)")
 
 
 def files_not_written(job: FilesJob, reason: str) -> StudyFiles:
