@@ -30,7 +30,6 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from ichbatch.config import PHANTOM_KINDS  # noqa: E402  (light: no TensorFlow)
-from ichbatch.model.gradcam import FixedBatches  # noqa: E402  (imports Keras only when used)
 from ichbatch.study import FINISH_AHEAD  # noqa: E402
 
 
@@ -163,7 +162,7 @@ def main() -> None:
         t = time.perf_counter()  # and start the decoder processes once, as a run does for all its studies
         first = process_studies(choices, engine, writer)
         first_rate = first.n_slices / (time.perf_counter() - t)
-        compiled_first = compile_map_sizes(engine.explainer.inner)
+        compiled_first = compile_map_sizes(engine.explainer.inner, size)
         timed.seconds, timed.calls = 0.0, 0
         engine.predictor._run = timed_run  # the bare passes below call it too: counted apart
         bare, e2e, e2e_seconds, e2e_model = [], [], 0.0, 0.0
@@ -219,28 +218,26 @@ def main() -> None:
           f"{1000 * scoring_cpu / n_scored:.2f} ms per slice; decoder pool's driver thread "
           f"{1000 * clock.pool_cpu / n_scored:.2f} ms per slice; finishing thread {1000 * clock.finish_cpu / clock.studies:.1f} "
           f"ms per study ({1000 * clock.finish_cpu / n_scored:.2f} ms per slice)")
-    fixed = getattr(engine.explainer.inner, "_grad_fns", {}).get("fn")
-    if compiled_first is not None and isinstance(fixed, FixedBatches):
+    fixed = engine.explainer.inner.padded
+    if compiled_first is not None and fixed is not None:
         print(f"heat-map batch sizes compiled before timing: {sorted(compiled_first)}; during the timed passes: "
               f"{sorted(fixed.sizes - compiled_first) or 'none'}")
     print(f"ratio end-to-end / bare: {e / b:.2f}")
 
 
-def compile_map_sizes(explainer) -> set[int] | None:  # type: ignore[no-untyped-def]
-    """Compile the heat maps' call (XLA: TensorFlow's jit_compile in float32, jax.jit) for every padded
-    batch size a group of up to FINISH_AHEAD studies can reach, so the timed passes measure the steady
-    state: a run pays each compilation once, for all its studies. None where the maps are not compiled
-    per size; else the sizes compiled."""
+def compile_map_sizes(explainer, size: int) -> set[int] | None:  # type: ignore[no-untyped-def]
+    """Compile the heat maps' call (jax.jit; TensorFlow's jit_compile in float32) for every padded batch
+    size a group of up to FINISH_AHEAD studies can reach, so the timed passes measure the steady state: a
+    run pays each compilation once, for all its studies. None where the maps are not compiled per size;
+    else the sizes compiled."""
     import numpy as np
 
-    fixed = getattr(explainer, "_grad_fns", {}).get("fn")
-    if not isinstance(fixed, FixedBatches) or not fixed.step:
+    fixed = explainer.padded
+    if fixed is None or not fixed.step:
         return None
-    shape = tuple(int(d) for d in explainer.lower.inputs[0].shape[1:])
-    weights = np.zeros(int(explainer.upper.outputs[0].shape[-1]), np.float32)
-    weights[0] = 1.0
+    views = 1 + len(explainer.augment)  # maps() sends each image once per view, in one call
     for k in range(1, FINISH_AHEAD + 1):  # the first call's size is one study's key slices and views
-        fixed(np.zeros((fixed.step * k, *shape), np.float32), weights)
+        explainer.maps(np.zeros((fixed.step * k // views, size, size, 3), np.float32), 0)
     return set(fixed.sizes)
 
 

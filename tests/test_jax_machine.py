@@ -63,7 +63,9 @@ def test_training_runs_on_jax_without_tensorflow_as_on_a_lent_gpu(tmp_path):
 def test_heat_maps_on_jax_pad_a_smaller_or_larger_batch_to_few_shapes_with_the_same_maps(tmp_path):
     """jax.jit compiles once per input shape, as XLA does under TensorFlow: on JAX too a call with fewer
     key slices than the first is padded to the first one's batch (the maps of a group of studies
-    finished together, to a few multiples of it), and each image's map is the one it gets alone."""
+    finished together, to a few multiples of it), and each image's map is the one it gets alone. The
+    same for CAM maps (no gradients): on the GPU lease of 2026-11-27 their unpadded calls compiled anew
+    for each size of group inside a timed pass."""
     pytest.importorskip("jax")
     script = (
         "import json, numpy as np\n"
@@ -73,12 +75,17 @@ def test_heat_maps_on_jax_pad_a_smaller_or_larger_batch_to_few_shapes_with_the_s
         "e = CamExplainer(model, 'pool1_pool', ('hflip',), 'hirescam')\n"
         "x = np.random.default_rng(6).random((4, 64, 64, 3)).astype(np.float32)\n"
         "full, one, four = e.maps(x[:3], 2), e.maps(x[1:2], 2), e.maps(x, 2)\n"
-        "fn = e._grad_fns['fn']\n"
+        "fn = e.padded\n"
+        "c = CamExplainer(model, None, ('hflip',))  # the last block, before the pooled head: CAM, no gradients\n"
+        "cfull, cone, cfour = c.maps(x[:3], 2), c.maps(x[1:2], 2), c.maps(x, 2)\n"
         "print(json.dumps({'one': float(abs(one[0] - full[1]).max()), 'four': float(abs(four[:3] - full).max()),\n"
-        "                  'peak': float(full.max()), 'step': fn.step, 'sizes': sorted(fn.sizes)}))\n")
+        "                  'peak': float(full.max()), 'step': fn.step, 'sizes': sorted(fn.sizes), 'mode': c.mode,\n"
+        "                  'cam': float(max(abs(cone[0] - cfull[1]).max(), abs(cfour[:3] - cfull).max())),\n"
+        "                  'cam_sizes': sorted(c.padded.sizes)}))\n")
     done = subprocess.run([sys.executable, "-c", script], env=jax_without_tensorflow(tmp_path),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["peak"] == pytest.approx(1.0) and got["one"] < 1e-4 and got["four"] < 1e-4
     assert got["step"] == 6 and got["sizes"] == [6, 12]
+    assert got["mode"] == "cam" and got["cam"] < 1e-4 and got["cam_sizes"] == [6, 12]

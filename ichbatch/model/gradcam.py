@@ -94,7 +94,11 @@ class CamExplainer:
                 target = net.get_layer(self.layer).output
                 lower = keras.Model(net.inputs[0], target)
                 upper = keras.Model(target, net.outputs[0])
-                self._parts = (lower, upper, forward(lower))
+                features = forward(lower)
+                if keras.backend.backend() == "jax":  # jax.jit compiles per batch size: a few sizes only
+                    call = features
+                    features = FixedBatches(lambda x: [call(x)])
+                self._parts = (lower, upper, features)
                 if self.mode == "gradcam":  # made once, here under the lock: studies may be finished side by side
                     self._grad_fns["fn"] = _compile_feats_and_grads(lower, upper, self.xla)
                 self.model = net  # the explainer no longer needs the unfolded original
@@ -107,6 +111,15 @@ class CamExplainer:
     @property
     def upper(self):  # type: ignore[no-untyped-def]
         return self._split()[1]
+
+    @property
+    def padded(self) -> FixedBatches | None:
+        """The compiled call whose batches are padded to a few sizes, once a first map has made it (under
+        JAX, and TensorFlow with XLA); None otherwise."""
+        if self._parts is None:
+            return None
+        fn = self._grad_fns.get("fn") if self.mode == "gradcam" else self._parts[2]
+        return fn if isinstance(fn, FixedBatches) else None
 
     def describe(self) -> str:
         """What the maps are, for report captions: e.g. 'HiResCAM at pool1_pool, averaged over hflip, vflip'."""
@@ -127,7 +140,9 @@ class CamExplainer:
 
     def _maps(self, images: np.ndarray, output_index: int) -> np.ndarray:
         if self.mode == "cam":
-            feats = np.asarray(self._split()[2](images), np.float32)
+            features = self._split()[2]
+            feats = np.asarray(features(images)[0] if isinstance(features, FixedBatches) else features(images),
+                               np.float32)
             raw = feats @ self.kernel[:, output_index]
         else:
             raw = cam_raw(self.lower, self.upper, images, output_index, self.method, self._grad_fns)
@@ -249,7 +264,7 @@ class FixedBatches:
         self.sizes: set[int] = set()  # the batch sizes it was called with: one compilation each
         self._lock = threading.Lock()  # studies may be finished side by side
 
-    def __call__(self, x: np.ndarray, w: np.ndarray) -> list[np.ndarray]:
+    def __call__(self, x: np.ndarray, *rest: np.ndarray) -> list[np.ndarray]:
         with self._lock:
             self.step = self.step or len(x)
         n = len(x)
@@ -259,7 +274,7 @@ class FixedBatches:
         self.sizes.add(padded)
         # Each image's features and gradients are its own (inference: no batch statistics), so the
         # padding's rows are dropped and change nothing.
-        return [np.asarray(t)[:n] for t in self.fn(x, w)]
+        return [np.asarray(t)[:n] for t in self.fn(x, *rest)]
 
 
 def _few_sizes(m: int) -> int:
