@@ -199,7 +199,7 @@ def main() -> None:
     print(f"bare model:  {b:8.1f} slices/s ({b * args.tta:.1f} images/s)")
     print(f"end to end:  {e:8.1f} slices/s (median of {args.repeats}: {', '.join(f'{x:.1f}' for x in e2e)}; "
           f"the first pass, which also starts the decoder processes: {first_rate:.1f})")
-    if timed.calls:  # one call makes the maps of every such study in a group of studies finished together
+    if timed.calls and mapped:  # one call makes the maps of every such study in a group finished together
         n_mapped = mapped * args.repeats
         print(f"heat maps: {timed.seconds / n_mapped:.2f} s per study with maps, "
               f"{100 * timed.seconds / e2e_seconds:.0f}% of the end-to-end time; {timed.calls} calls for "

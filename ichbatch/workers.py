@@ -33,12 +33,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from multiprocessing.connection import Connection
 from typing import Any, Generic, TypeVar
-
-from threadpoolctl import threadpool_limits
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -65,10 +64,10 @@ def _env_int(name: str, default: int) -> int:
 class WorkerLimits:
     """Per worker process and item. 0 turns a limit off."""
 
-    # Writable private memory (RLIMIT_DATA): the libraries take about 270 MB of it, a 512 x 512 slice
-    # little. Not address space (RLIMIT_AS): what a process reserves grows with the machine's cores
-    # (a heap arena of 64 MB and a stack for each thread a library starts), and on a 16-core GPU machine
-    # the report writers reached 2 GB of it before drawing a slice.
+    # Writable private memory (RLIMIT_DATA): the libraries take 100-300 MB of it, a 512 x 512 slice
+    # little. Not address space (RLIMIT_AS), which grows with each thread a library starts (a 64 MB heap
+    # arena and a stack, reserved, not written): on a 16-core machine OpenCV's threads alone took a
+    # worker from 0.4 to 1.5 GB of address space, and 0.13 to 0.28 GB written.
     memory_mb: int = 2048
     seconds: int = 120  # a CT slice decodes in well under a second
     keep_freed_mb: int = 64  # free heap kept for the next item (keep_freed_memory); 0: the C library's own way
@@ -191,17 +190,39 @@ def _attach_slots(fd: Any, size: int) -> SharedSlots:
     return SharedSlots(fd.detach(), size)
 
 
+# What a worker's libraries read when they load, before any of the worker's own code runs (its task's
+# module, numpy with it, is imported while the process unpickles its arguments): one thread each, since
+# the pool is the parallelism. Set later, they came too late. On a 16-core H200 machine numpy's
+# OpenBLAS then started a thread per core as it loaded, and a worker held 2.7 GB of written memory
+# before its first item, above the 2 GB cap: every report writer failed (benchmarks/worker_memory.py).
+ONE_THREAD = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                                     "OPENCV_FOR_THREADS_NUM", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")}
+_environment = threading.Lock()
+
+
+@contextmanager
+def _one_thread_per_library() -> Iterator[None]:
+    """The environment a spawned child inherits is the parent's at its start (multiprocessing has no
+    per-process environment), so ONE_THREAD is set for the start alone and the parent's own is put back."""
+    with _environment:
+        saved = {name: os.environ.get(name) for name in ONE_THREAD}
+        os.environ.update(ONE_THREAD)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
 def _worker_main(conn: Connection, fn: Callable[[Any], Any], limits: WorkerLimits,
                  slots: SharedSlots | None = None) -> None:
     keep_freed_memory(limits.keep_freed_mb)
-    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[name] = "1"  # one thread per process; the pool is the parallelism
     cv2 = sys.modules.get("cv2")  # imported with fn, before this ran: OpenCV's own pool has a thread per core,
     if cv2 is not None:  # in every worker, which oversubscribes a many-core machine (16 workers x 16 threads)
         cv2.setNumThreads(1)
-    # numpy came with fn too, so the variables above are read too late for its BLAS: threadpoolctl sets
-    # the pools it finds loaded (OpenBLAS, MKL, OpenMP) to one thread, through each library's own call.
-    threadpool_limits(1)
     if limits.memory_mb:  # before any library allocates
         _, hard = resource.getrlimit(resource.RLIMIT_DATA)
         cap = limits.memory_mb << 20
@@ -235,7 +256,8 @@ class _Worker:
         self.slots = SharedSlots.make() if shared else None
         self.process = ctx.Process(target=_worker_main, args=(child, fn, limits, self.slots), daemon=True,
                                    name="ichbatch-decode")
-        self.process.start()
+        with _one_thread_per_library():
+            self.process.start()
         child.close()
         self.jobs: deque[list[tuple[int, Any]]] = deque()  # messages sent and not answered; the first is in work
         self.seconds = limits.seconds

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import time
 
-import numpy as np  # loaded with the task, before the worker sets its thread limits, as a decoder's numpy is
+import numpy as np  # loaded with the task, before the worker's own code runs, as a decoder's numpy is
+
+# What the libraries loaded with a task saw: the environment when this module was imported.
+LOADED_WITH = {name: os.environ.get(name) for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
 
 
 def square_or_die(n: int) -> int:
@@ -36,12 +39,12 @@ def reserve_then_allocate(gb: float) -> str:
     return f"reserved {len(reserved) >> 30} GiB, wrote {len(block) >> 20} MiB"
 
 
-def blas_threads(_: object) -> int:
-    """The threads numpy's BLAS would use in this process."""
+def blas_threads(_: object) -> tuple[int, dict[str, str | None]]:
+    """The threads numpy's BLAS uses in this process, and the environment its module loaded with."""
     from threadpoolctl import threadpool_info
 
     np.ones((64, 64)) @ np.ones((64, 64))
-    return max(pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas")
+    return max(pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"), LOADED_WITH
 
 
 def sleep_for(seconds: float) -> str:

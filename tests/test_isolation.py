@@ -127,17 +127,23 @@ def test_memory_cap_and_time_limit_hold_inside_the_workers():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_DATA counts mappings as Linux does")
 @pytest.mark.timeout(300)
-def test_the_memory_cap_counts_memory_written_not_address_space_reserved():
-    """On a 16-core GPU machine the report writers' reserved address space reached a 2 GB cap before they
-    drew a slice, so every study failed. The cap is on writable memory: 3 GiB reserved and never written
-    leave room to write; 4 GiB written still do not fit. And each worker's BLAS runs one thread."""
+def test_the_memory_cap_counts_memory_written_and_libraries_load_with_one_thread(monkeypatch):
+    """On a 16-core H200 machine every report writer failed: numpy, loaded with the task, had started a
+    BLAS thread per core (2.7 GB written, 3 GB of address space) before the worker's code set one thread.
+    The variables are now in the worker's environment from its start, and the parent's own are put back.
+    The cap is on writable memory: 3 GiB of address space reserved and never written (threads' heap
+    arenas and stacks) leave room to write; 4 GiB written still do not fit."""
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     with IsolatedPool(pool_tasks.reserve_then_allocate, pool_tasks.crashed, 1,
                       WorkerLimits(memory_mb=1024, seconds=0)) as pool:
         assert list(pool.map([3.0], depth=1)) == ["reserved 3 GiB, wrote 256 MiB"]
     with IsolatedPool(pool_tasks.allocate_gb, pool_tasks.crashed, 1, WorkerLimits(memory_mb=1024, seconds=0)) as pool:
         assert list(pool.map([4.0], depth=1)) == ["MemoryError"]
     with IsolatedPool(pool_tasks.blas_threads, pool_tasks.crashed, 2, WorkerLimits()) as pool:
-        assert list(pool.map([0, 1], depth=2)) == [1, 1]
+        one = (1, {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
+        assert list(pool.map([0, 1], depth=2)) == [one, one]
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "2" and "OMP_NUM_THREADS" not in os.environ
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt and minor-fault counts as glibc has them")
