@@ -4,7 +4,8 @@
 # (README: Performance, "On a GPU", says how they were fetched; reportlab's pillow and charset-normalizer
 # are on that machine already, and the wheels and the checkout must stay under 64 MiB together).
 #
-#   bash benchmarks/gpu_session.sh bench            # network rate, heat-map cost, decoding per process, bare vs end to end at TTA 4
+#   bash benchmarks/gpu_session.sh bench            # workers' memory, bare vs end to end at TTA 4 (with reports, then
+#                                                   # without), finishing cost, heat maps, network rate, decoding
 #   bash benchmarks/gpu_session.sh train MINUTES N  # N anatomy-v3 studies, fitting for at most MINUTES
 #   DEADLINE=570 bash benchmarks/gpu_session.sh both MINUTES N   # train, then the bench steps that still fit
 #
@@ -35,17 +36,21 @@ step() {  # step NEEDED_SECONDS command...: run it if that much time is left, un
 }
 bench() {
     workers=$(( $(nproc) - 1 ))
-    # The study path, bare against end to end, is the figure the last lease left open: first.
-    step 110 python3 benchmarks/throughput.py --model ich-resnet50-untrained --batch-size 256 --precision float16 \
-        --tta 4 --studies 24 --slices 32 --uncompressed --workers "$workers" --repeats 2
-    # The same with reports (key slices drawn and PDFs written in the report writer processes, as a run
-    # does), where reportlab came along in .whl/ (pure Python; it needs pillow and charset-normalizer).
+    # What a decoder and a report writer hold on a many-core machine (the 2026-11-27 evening lease found
+    # the writers over their memory cap: numpy's BLAS had a thread per core). A few seconds.
+    step 20 python3 benchmarks/worker_memory.py
+    # The study path as a run does it, with each study's reports drawn and written in the report writer
+    # processes (never measured on a GPU: the writers failed on that lease), where reportlab came along
+    # in .whl/ (pure Python; that machine has pillow and charset-normalizer); then without reports.
+    # 64 studies: at 2,400 slices/s a pass of 24 was a third of a second, mostly filling and draining.
     if python3 -c "import reportlab, PIL" 2>/dev/null; then
-        step 120 python3 benchmarks/throughput.py --model ich-resnet50-untrained --batch-size 256 --precision float16 \
-            --tta 4 --studies 24 --slices 32 --uncompressed --workers "$workers" --repeats 2 --reports
+        step 150 python3 benchmarks/throughput.py --model ich-resnet50-untrained --batch-size 256 --precision float16 \
+            --tta 4 --studies 64 --slices 32 --uncompressed --workers "$workers" --repeats 2 --reports
     else
         echo "skipped: throughput with reports (reportlab or pillow not installed)" | tee -a "$OUT/bench.log"
     fi
+    step 120 python3 benchmarks/throughput.py --model ich-resnet50-untrained --batch-size 256 --precision float16 \
+        --tta 4 --studies 64 --slices 32 --uncompressed --workers "$workers" --repeats 2
     # Finishing a study (aggregation, domain check, heat maps): wall, and the host CPU that shares the
     # model's interpreter lock, per study, finished alone and in groups of eight (one heat-map call).
     step 120 python3 benchmarks/finish_cost.py --model ich-resnet50-untrained --studies 8 --slices 32 --workers "$workers" --groups 1 8
