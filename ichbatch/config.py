@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 LABELS: tuple[str, ...] = (
     "any",
@@ -60,3 +62,8 @@ class SelectionRules:
 
 
 DEFAULT_RULES = SelectionRules()
+
+
+def cache_dir() -> Path:
+    """Where what a run can make once and reuse is kept (ONNX exports, JAX's compiled programs)."""
+    return Path(os.environ.get("ICHBATCH_CACHE") or Path.home() / ".cache" / "ichbatch")

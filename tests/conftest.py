@@ -68,7 +68,8 @@ def jax_without_tensorflow(folder: Path) -> dict[str, str]:
         "            raise ModuleNotFoundError(f'No module named {name!r}')\n"
         "sys.meta_path.insert(0, NoTensorFlow())\n")
     paths = [str(site), str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
-    return {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(paths)}
+    return {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(paths),
+            "ICHBATCH_CACHE": str(folder / "cache")}  # compiled programs are kept: not in the home folder
 
 
 def realdata(*parts: str) -> Path:

@@ -89,3 +89,31 @@ def test_heat_maps_on_jax_pad_a_smaller_or_larger_batch_to_few_shapes_with_the_s
     assert got["peak"] == pytest.approx(1.0) and got["one"] < 1e-4 and got["four"] < 1e-4
     assert got["step"] == 6 and got["sizes"] == [6, 12]
     assert got["mode"] == "cam" and got["cam"] < 1e-4 and got["cam_sizes"] == [6, 12]
+
+
+def test_a_second_process_on_jax_takes_the_compiled_heat_maps_from_the_cache(tmp_path):
+    """Each process compiles the model and the heat maps' batch sizes (on a GPU lease the first pass,
+    which compiled them, ran at 19 slices/s, the next at 2,360): JAX's persistent cache keeps them under
+    $ICHBATCH_CACHE/jax, so a second process compiles nothing new. A JAX cache folder the user chose is
+    left as the user set it."""
+    pytest.importorskip("jax")
+    script = ("import numpy as np\n"
+              "from ichbatch.model.backend import import_backend\n"
+              "import_backend()\n"
+              "from ichbatch.model.resnet import build_resnet50\n"
+              "from ichbatch.model.gradcam import CamExplainer\n"
+              "e = CamExplainer(build_resnet50(64, 6, seed=6), 'pool1_pool', (), 'hirescam')\n"
+              "e.maps(np.random.default_rng(0).random((2, 64, 64, 3)).astype(np.float32), 1)\n")
+    # Every compilation is kept, however short, so that the check does not hang on this machine's speed.
+    env = {**jax_without_tensorflow(tmp_path), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    kept = tmp_path / "cache" / "jax"
+    entries = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        entries.append(sorted(p.name for p in kept.iterdir()))
+    assert len(entries[0]) >= 2 and entries[1] == entries[0]
+    own = {**env, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "own"), "ICHBATCH_CACHE": str(tmp_path / "other")}
+    done = subprocess.run([sys.executable, "-c", script], env=own, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert any((tmp_path / "own").iterdir()) and not (tmp_path / "other" / "jax").exists()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import cache_dir
 from ..errors import BundleError
 from .bundle import CARD, DOMAIN_FILE, Bundle, load_bundle, sha256, update_card
 from .inputs import IMAGENET_MEAN, IMAGENET_STD
@@ -27,10 +27,6 @@ from .onnx_import import import_onnx
 
 
 log = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ICHBATCH_CACHE") or Path.home() / ".cache" / "ichbatch")
 
 
 def cache_folder(bundle: Bundle) -> Path:
