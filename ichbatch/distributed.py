@@ -37,8 +37,9 @@ from .study import RunSettings, StudySink, base_result
 
 log = logging.getLogger(__name__)
 # Passed to every worker, so a remote cluster runs with the driver's backend, runtime and limits.
-FORWARDED_ENV = ("KERAS_BACKEND", "ICHBATCH_RUNTIME", "ICHBATCH_CACHE", "ICHBATCH_JAX_CACHE", "ICHBATCH_DECODE_MEMORY_MB",
-                 "ICHBATCH_DECODE_TIMEOUT_S", "ICHBATCH_DECODE_KEEP_FREED_MB", "TF_CPP_MIN_LOG_LEVEL")
+FORWARDED_ENV = ("KERAS_BACKEND", "ICHBATCH_RUNTIME", "ICHBATCH_CACHE", "ICHBATCH_JAX_CACHE",
+                 "ICHBATCH_DECODE_MEMORY_MB", "ICHBATCH_DECODE_TIMEOUT_S", "ICHBATCH_DECODE_KEEP_FREED_MB",
+                 "TF_CPP_MIN_LOG_LEVEL")
 LOG_EVERY_S = 30.0
 
 

@@ -66,8 +66,8 @@ class WorkerLimits:
 
     # Writable private memory (RLIMIT_DATA): the libraries take 100-300 MB of it, a 512 x 512 slice
     # little. Not address space (RLIMIT_AS), which grows with each thread a library starts (a 64 MB heap
-    # arena and a stack, reserved, not written): on a 16-core machine OpenCV's threads alone took a
-    # worker from 0.4 to 1.5 GB of address space, and 0.13 to 0.28 GB written.
+    # arena and a stack, reserved, not written): on a 16-core machine 15 OpenCV threads and a few arrays
+    # took a worker from 0.37 to 1.49 GB of address space, and from 0.13 to 0.28 GB written.
     memory_mb: int = 2048
     seconds: int = 120  # a CT slice decodes in well under a second
     keep_freed_mb: int = 64  # free heap kept for the next item (keep_freed_memory); 0: the C library's own way

@@ -31,10 +31,9 @@ def import_backend() -> str:
 def _keep_compilations(jax) -> None:  # type: ignore[no-untyped-def]
     """jax.jit compiles the model and the heat maps' few batch sizes anew in every process: on a GPU lease
     the first pass, which compiled them (and started the workers), went at 19 slices/s, the next at
-    2,360. JAX's persistent cache keeps the
-    programs under $ICHBATCH_CACHE/jax for the next run (or watch after a restart), at most 2 GB, the
-    least recently used dropped first. Not where the user chose JAX's own cache folder, nor with
-    ICHBATCH_JAX_CACHE=0."""
+    2,360. JAX's persistent cache keeps the programs under $ICHBATCH_CACHE/jax for the next run (or
+    watch after a restart), at most 2 GB, the least recently used dropped first. Not where the user
+    chose JAX's own cache folder, nor with ICHBATCH_JAX_CACHE=0."""
     if jax.config.jax_compilation_cache_dir or os.environ.get("ICHBATCH_JAX_CACHE") == "0":
         return
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax"))
