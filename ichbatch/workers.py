@@ -79,7 +79,7 @@ class WorkerLimits:
                    _env_int("ICHBATCH_DECODE_KEEP_FREED_MB", cls.keep_freed_mb))
 
     def describe(self) -> str:
-        memory = f"{self.memory_mb} MB (ICHBATCH_DECODE_MEMORY_MB)" if self.memory_mb else "no memory limit"
+        memory = f"{self.memory_mb} MB written (ICHBATCH_DECODE_MEMORY_MB)" if self.memory_mb else "no memory limit"
         limit = f"{self.seconds} s (ICHBATCH_DECODE_TIMEOUT_S)" if self.seconds else "no time limit"
         return f"{memory}, {limit}"
 

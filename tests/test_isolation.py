@@ -140,6 +140,9 @@ def test_the_memory_cap_counts_memory_written_and_libraries_load_with_one_thread
         assert list(pool.map([3.0], depth=1)) == ["reserved 3 GiB, wrote 256 MiB"]
     with IsolatedPool(pool_tasks.allocate_gb, pool_tasks.crashed, 1, WorkerLimits(memory_mb=1024, seconds=0)) as pool:
         assert list(pool.map([4.0], depth=1)) == ["MemoryError"]
+    with IsolatedPool(pool_tasks.square_or_die, pool_tasks.crashed, 1, WorkerLimits(memory_mb=1024, seconds=0)) as pool:
+        crashed, = pool.map([-1], depth=1)  # a crash's reason names the cap as what it counts
+        assert crashed.endswith("(limits: 1024 MB written (ICHBATCH_DECODE_MEMORY_MB), no time limit)"), crashed
     with IsolatedPool(pool_tasks.blas_threads, pool_tasks.crashed, 2, WorkerLimits()) as pool:
         one = (1, {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
         assert list(pool.map([0, 1], depth=2)) == [one, one]
