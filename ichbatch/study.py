@@ -487,9 +487,9 @@ class StudyPath:
     def _heat_maps(self, label: str, plans: list[_KeyPlan], into: list[list[np.ndarray | None]]) -> None:
         """The label's maps on the plans' key slices, in one call; each scaled by its slice's smoothed score."""
         card = self.engine.bundle.card
-        k = card.context
-        stacks = np.stack([context.stack(plan.good, place, k, self._spacing(plan.choice))
-                           for plan in plans for place in plan.places])
+        k, spacings = card.context, [self._spacing(plan.choice) for plan in plans]  # once a study, not a slice
+        stacks = np.stack([context.stack(plan.good, place, k, spacing)
+                           for plan, spacing in zip(plans, spacings) for place in plan.places])
         shapes = iter(self.engine.explainer.maps(model_input(stacks, card.input_spec), card.output_index(label)))
         column = card.outputs.index(label)
         for plan, heats in zip(plans, into):

@@ -28,7 +28,6 @@ import queue
 import resource
 import selectors
 import signal
-import sys
 import threading
 import time
 from collections import deque
@@ -220,9 +219,6 @@ def _one_thread_per_library() -> Iterator[None]:
 def _worker_main(conn: Connection, fn: Callable[[Any], Any], limits: WorkerLimits,
                  slots: SharedSlots | None = None) -> None:
     keep_freed_memory(limits.keep_freed_mb)
-    cv2 = sys.modules.get("cv2")  # imported with fn, before this ran: OpenCV's own pool has a thread per core,
-    if cv2 is not None:  # in every worker, which oversubscribes a many-core machine (16 workers x 16 threads)
-        cv2.setNumThreads(1)
     if limits.memory_mb:  # before any library allocates
         _, hard = resource.getrlimit(resource.RLIMIT_DATA)
         cap = limits.memory_mb << 20

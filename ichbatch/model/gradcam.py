@@ -81,6 +81,7 @@ class CamExplainer:
         self.fold = fold
         self.xla = xla if xla is not None else str(getattr(model, "compute_dtype", "float32")) == "float32"
         self._grad_fns: dict[str, object] = {}  # the compiled features-and-gradients call, once made
+        self._padded: FixedBatches | None = None  # the compiled call padded to a few batch sizes, if any
         # Keras' ResNets pad explicitly ("conv1_pad") and then use 'valid' strided convolutions.
         self.corner_aligned = any(layer.name == "conv1_pad" for layer in model.layers)
 
@@ -95,12 +96,15 @@ class CamExplainer:
                 lower = keras.Model(net.inputs[0], target)
                 upper = keras.Model(target, net.outputs[0])
                 features = forward(lower)
-                if keras.backend.backend() == "jax":  # jax.jit compiles per batch size: a few sizes only
-                    call = features
-                    features = FixedBatches(lambda x: [call(x)])
-                self._parts = (lower, upper, features)
                 if self.mode == "gradcam":  # made once, here under the lock: studies may be finished side by side
-                    self._grad_fns["fn"] = _compile_feats_and_grads(lower, upper, self.xla)
+                    fn = self._grad_fns["fn"] = _compile_feats_and_grads(lower, upper, self.xla)
+                    self._padded = fn if isinstance(fn, FixedBatches) else None
+                elif keras.backend.backend() == "jax":  # jax.jit compiles per batch size: a few sizes only
+                    padded = self._padded = FixedBatches(lambda x, whole=features: [whole(x)])
+
+                    def features(x):  # type: ignore[no-untyped-def]
+                        return padded(x)[0]
+                self._parts = (lower, upper, features)
                 self.model = net  # the explainer no longer needs the unfolded original
             return self._parts
 
@@ -116,10 +120,7 @@ class CamExplainer:
     def padded(self) -> FixedBatches | None:
         """The compiled call whose batches are padded to a few sizes, once a first map has made it (under
         JAX, and TensorFlow with XLA); None otherwise."""
-        if self._parts is None:
-            return None
-        fn = self._grad_fns.get("fn") if self.mode == "gradcam" else self._parts[2]
-        return fn if isinstance(fn, FixedBatches) else None
+        return self._padded
 
     def describe(self) -> str:
         """What the maps are, for report captions: e.g. 'HiResCAM at pool1_pool, averaged over hflip, vflip'."""
@@ -140,9 +141,7 @@ class CamExplainer:
 
     def _maps(self, images: np.ndarray, output_index: int) -> np.ndarray:
         if self.mode == "cam":
-            features = self._split()[2]
-            feats = np.asarray(features(images)[0] if isinstance(features, FixedBatches) else features(images),
-                               np.float32)
+            feats = np.asarray(self._split()[2](images), np.float32)
             raw = feats @ self.kernel[:, output_index]
         else:
             raw = cam_raw(self.lower, self.upper, images, output_index, self.method, self._grad_fns)
