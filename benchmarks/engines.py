@@ -83,7 +83,7 @@ def _stage_costs(studies: Path, args: argparse.Namespace) -> StageCosts:
                 decoded = decode_study(choice, size)  # what a Ray decoding task runs
                 costs.decode_s += time.perf_counter() - t
                 t = time.perf_counter()
-                result, images, _ = scorer.score(choice, decoded)
+                result, images, _ = scorer.score_decoded([choice], [decoded])
                 costs.score_s += time.perf_counter() - t
                 t = time.perf_counter()
                 files = write_study_files(result, images, outputs)
@@ -105,6 +105,8 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=24)
     parser.add_argument("--tta", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--studies-per-call", type=int, default=0,
+                        help="also run the Ray engine with this many studies per model call")
     args = parser.parse_args()
 
     from ichbatch.synth import synth_studies
@@ -119,27 +121,31 @@ def main() -> None:
         subprocess.run([str(RAY), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
                         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
                        check=True, capture_output=True)
-        times: dict[str, list[float]] = {"local": [], "ray": []}
+        engines = ["local", "ray"] + ([f"ray x{args.studies_per_call}"] if args.studies_per_call else [])
+        times: dict[str, list[float]] = {engine: [] for engine in engines}
         outs = {}
         for k in range(args.repeats):
-            for engine in (("local", "ray") if k % 2 == 0 else ("ray", "local")):
-                out = tmp / f"{engine}{k}" / "results.csv"
-                extra = ("--engine", "ray", "--address", f"127.0.0.1:{port}") if engine == "ray" else ()
+            for n, engine in enumerate(engines if k % 2 == 0 else engines[::-1]):
+                out = tmp / f"run{k}_{n}" / "results.csv"
+                extra = ("--engine", "ray", "--address", f"127.0.0.1:{port}") if engine != "local" else ()
+                if engine.startswith("ray x"):
+                    extra += ("--studies-per-call", str(args.studies_per_call))
                 times[engine].append(_run(studies, out, args, *extra))
                 outs[engine] = out
-        same = _probabilities(outs["local"]) == _probabilities(outs["ray"])
+        same = all(_probabilities(outs["local"]) == _probabilities(outs[engine]) for engine in engines)
         costs = _stage_costs(studies, args)
     finally:
         subprocess.run([str(RAY), "stop", "--force"], capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     slices = args.studies * args.slices
-    local, ray = min(times["local"]), min(times["ray"])
+    best = {engine: min(seconds) for engine, seconds in times.items()}
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; model {args.model}, "
           f"{args.studies} studies x {args.slices} slices, TTA {args.tta}, PDF reports on; best of {args.repeats}")
-    print(f"wall s (model load included): local {local:.1f}   ray {ray:.1f}   "
-          f"slices/s local {slices / local:.1f}   ray {slices / ray:.1f}   ratio ray/local {local / ray:.2f}   "
-          f"same probabilities: {same}")
+    for engine, seconds in best.items():
+        print(f"{engine:>8}: {seconds:.1f} s wall (model load included), {slices / seconds:.1f} slices/s, "
+              f"ratio to local {best['local'] / seconds:.2f}")
+    print(f"same probabilities in every engine: {same}")
     print(f"per-stage costs: header read {1000 * costs.header_s:.2f} ms/file (driver), decode "
           f"{1000 * costs.decode_s:.1f} ms/slice (one core), score (model x TTA {args.tta}, aggregation, heat maps; "
           f"every core) {1000 * costs.score_s:.1f} ms/slice, files {1000 * costs.files_s:.0f} ms/study (one core), "

@@ -2,8 +2,9 @@
 
     driver: discover -> group -> select (pipeline.plan, headers only), --resume checks
     CPU tasks: decode and reduce each study's slices (decode.decode_slice, as in the local worker pool)
-    actor pool: one model per GPU (or per two CPUs without GPUs); each scores whole studies through
-                StudyPath (batched inference, aggregation, heat maps), exactly as the local engine does
+    actor pool: one model per GPU (or per two CPUs without GPUs); each call scores a group of whole
+                studies through StudyPath (batched inference across them, aggregation, heat maps made
+                together), exactly as the local engine does
     CPU tasks: each study's files (its key slices drawn, then PDF, JSON, thumbnail, DICOM objects:
                report.outputs.write_study_files)
     driver: the same OutputWriter commits each study to the results store, in input order; its key
@@ -22,7 +23,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from .logs import outcome, study_tag
 from .model.bundle import ModelCard, read_card, resolve
 from .pipeline import ResumeCheck, RunSummary, plan
 from .report.outputs import OutputSettings, OutputWriter, StudyFiles, write_study_files
-from .study import RunSettings, StudySink, base_result
+from .study import FINISH_AHEAD, RunSettings, StudySink, base_result
 
 log = logging.getLogger(__name__)
 # Passed to every worker, so a remote cluster runs with the driver's backend, runtime and limits.
@@ -49,7 +50,8 @@ class RaySettings:
     cpus: int | None = None  # for a cluster started here [default: every core]
     actors: int = 0  # model replicas; 0: one per GPU, else one per two CPUs (at least one)
     attempts: int = 3  # tries per study when workers die under it; then it is recorded as failed
-    in_flight: int = 0  # studies between the driver and the workers; 0: four per actor (bounds driver memory)
+    in_flight: int = 0  # studies between the driver and the workers; 0: two calls' worth per actor (bounds memory)
+    group: int = 0  # studies per actor call; 0: FINISH_AHEAD (8) on GPUs, 1 without them
 
 
 class StudyScorer:
@@ -67,37 +69,70 @@ class StudyScorer:
         """(process id, TTA views, heat-map method): the driver records failures with the same fields."""
         return os.getpid(), self.engine.tta, self.engine.explainer.describe()
 
-    def score(self, choice: SeriesChoice, decoded: list[Any]) -> tuple[StudyResult, StudyImages, list[FileIssue]]:
-        """Called with num_returns=3: the images (thumbnails, key slices with their heat maps, undrawn) go
-        straight from here to the task that writes the files, which draws the key slices."""
+    def score(self, choices: list[SeriesChoice], decoded: list[Any]) -> tuple[Any, ...]:
+        """A group of studies through one StudyPath, each with the reference to its decoding task's slices
+        ([] for a study that does not run). Called with num_returns = 3 per study: (result, images, file
+        issues) for each, in order, so that each study's images go straight from here to the task that
+        writes its files (which draws the key slices). The references come inside a list, so Ray does not
+        resolve them before the call: a decoding task that failed for good fails its own study, not the
+        group."""
+        import ray
+
+        slices: list[list[Any] | str] = []
+        for ref in decoded:
+            try:
+                slices.append(ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref)
+            except ray.exceptions.RayError as exc:
+                slices.append(f"failed on a Ray worker while decoding: {_cause(exc)}")
+        return self.score_decoded(choices, slices)
+
+    def score_decoded(self, choices: list[SeriesChoice], decoded: list[list[Any] | str]) -> tuple[Any, ...]:
+        """score() once the slices are here: each study's decoded slices, or why it has none. The studies'
+        slices share the model's batches and their heat maps are made in joint calls, as when the local
+        engine's studies queue behind a fast GPU."""
         from .study import StudyPath
 
-        kept = _Kept()
+        runs = [n for n, d in enumerate(decoded) if not isinstance(d, str)]
+        kept = _Kept([choices[n] for n in runs])
+        given = [decoded[n] for n in runs]
 
-        def given(jobs: Iterable[Any], _ahead: int) -> Any:
-            slices = iter(decoded)
-            for _ in jobs:  # the same jobs, in the same order, that the decode task ran
-                yield next(slices)
+        def decode(jobs: Iterable[Any], _ahead: int) -> Any:
+            slices = [iter(d) for d in given]
+            for job in jobs:  # the same jobs, in the same order, that the decode tasks ran, study by study
+                yield replace(next(slices[job.study]), study=job.study)
 
-        StudyPath(self.engine, kept, decode=given).process(choice)
-        assert kept.result is not None
-        return kept.result, kept.images, kept.issues
+        path = StudyPath(self.engine, kept, decode=decode)
+        for _ in path.process_many([choices[n] for n in runs]):
+            pass
+        out: list[Any] = []
+        done = iter(zip(kept.results, kept.issues))
+        for choice, d in zip(choices, decoded):
+            if isinstance(d, str):
+                failed = base_result(choice, self.engine.bundle.card, self.engine.tta,
+                                     self.engine.explainer.describe(), Status.FAILED, d)
+                out += [failed, StudyImages(), []]
+            else:
+                (result, images), issues = next(done)
+                out += [result, images, issues]
+        return tuple(out)
 
 
 class _Kept:
-    """A sink that keeps what the study path produced, for the driver's writer."""
+    """A sink that keeps what the study path produced, study by study, for the driver's writer."""
 
-    def __init__(self) -> None:
-        self.result: StudyResult | None = None
-        self.images = StudyImages()
-        self.issues: list[FileIssue] = []
+    def __init__(self, choices: list[SeriesChoice]) -> None:
+        self.results: list[tuple[StudyResult, StudyImages]] = []
+        self.issues: list[list[FileIssue]] = [[] for _ in choices]
+        # A file belongs to one study; its issues go back with that study, whenever it was decoded.
+        self._study_of = {ref.path: n for n, choice in enumerate(choices) for ref in choice.slices}
 
     def write(self, result: StudyResult, images: StudyImages) -> StudyResult:
-        self.result, self.images = result, images
+        self.results.append((result, images))
         return result
 
     def record_file_issue(self, issue: FileIssue) -> None:
-        self.issues.append(issue)
+        n = self._study_of.get(issue.path, min(len(self.results), len(self.issues) - 1))
+        self.issues[n].append(issue)
 
 
 def decode_study(choice: SeriesChoice, size: int) -> list[Any]:
@@ -148,21 +183,38 @@ class _Driver:
 
     def run(self, inputs: Iterable[str | Path], resume: ResumeCheck | None, start: float) -> RunSummary:
         ray = self.ray
-        actors, tta, heatmap = self._start_actors()
+        actors, tta, heatmap, gpus = self._start_actors()
         retries = self.cluster.attempts - 1
         decode = ray.remote(num_cpus=1, max_retries=retries)(decode_study)
         files = ray.remote(num_cpus=1, max_retries=retries)(write_files)
-        in_flight = self.cluster.in_flight or 4 * len(actors)
+        group = self.cluster.group or (FINISH_AHEAD if gpus else 1)
+        in_flight = self.cluster.in_flight or max(4, 2 * group) * len(actors)
         window: deque[tuple[SeriesChoice, Any, Any]] = deque()
-        for n, choice in enumerate(plan(inputs, self.settings, self.card.key, self.summary, self.sink,
-                                        self._planned, resume)):
-            decoded = decode.remote(choice, self.card.input_size) if self._runs(choice) else []
-            result, images, issues = actors[n % len(actors)].score.options(num_returns=3).remote(choice, decoded)
-            written = files.remote(result, images, self.sink.settings) if isinstance(self.sink, OutputWriter) \
-                else [result, images]  # another sink writes on the driver
-            window.append((choice, issues, written))
+        waiting: list[tuple[SeriesChoice, Any]] = []  # decoding, until their group is full
+        calls = 0
+
+        def call() -> None:
+            nonlocal calls
+            choices = [choice for choice, _ in waiting]
+            refs = actors[calls % len(actors)].score.options(num_returns=3 * len(waiting)).remote(
+                choices, [decoded for _, decoded in waiting])
+            calls += 1
+            for n, choice in enumerate(choices):
+                result, images, issues = refs[3 * n:3 * n + 3]
+                written = files.remote(result, images, self.sink.settings) if isinstance(self.sink, OutputWriter) \
+                    else [result, images]  # another sink writes on the driver
+                window.append((choice, issues, written))
+            waiting.clear()
+
+        log.info("Ray: %d studies per model call", group)
+        for choice in plan(inputs, self.settings, self.card.key, self.summary, self.sink, self._planned, resume):
+            waiting.append((choice, decode.remote(choice, self.card.input_size) if self._runs(choice) else []))
+            if len(waiting) >= group:
+                call()
             while len(window) >= in_flight:
                 self._finish(*window.popleft(), tta, heatmap, start)
+        if waiting:
+            call()
         while window:
             self._finish(*window.popleft(), tta, heatmap, start)
         self.summary.seconds = time.perf_counter() - start
@@ -172,7 +224,8 @@ class _Driver:
         """Whether the study's slices go to the model (else the actor records why not, without decoding)."""
         return choice.series is not None and not self.card.eligibility.problem(choice)
 
-    def _start_actors(self) -> tuple[list[Any], int, str]:
+    def _start_actors(self) -> tuple[list[Any], int, str, int]:
+        """The model replicas, with the TTA views and heat-map method they use, and the cluster's GPUs."""
         ray = self.ray
         gpus = int(ray.cluster_resources().get("GPU", 0))
         cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -188,7 +241,7 @@ class _Driver:
             raise _cluster_error(exc, "the Ray workers could not load the model") from exc
         log.info("Ray: %d model replica(s) (%d GPU(s), %d CPU(s) in the cluster)", count, gpus, cpus)
         _, tta, heatmap = described[0]
-        return actors, tta, heatmap
+        return actors, tta, heatmap, gpus
 
     def _finish(self, choice: SeriesChoice, issues_ref: Any, written: Any, tta: int, heatmap: str,
                 start: float) -> None:

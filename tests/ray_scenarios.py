@@ -24,6 +24,7 @@ import pydicom
 import pytest
 from pypdf import PdfReader
 
+from ichbatch.report.store import files_csv_path
 from ichbatch.synth import synth_studies
 
 from .conftest import LOOPBACK_ENV, free_port
@@ -124,19 +125,36 @@ def rows(csv_path: Path) -> list[dict[str, str]]:
         return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
 
 
+def file_rows(csv_path: Path) -> list[dict[str, str]]:
+    """The files CSV beside the results (files not used, and why), in a fixed order."""
+    with files_csv_path(csv_path).open(newline="") as f:
+        return sorted(csv.DictReader(f), key=lambda row: row["path"])
+
+
 @pytest.fixture(scope="module")
-def local_rows(studies, tiny_bundle, tmp_path_factory) -> list[dict[str, str]]:
+def local_run(studies, tiny_bundle, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("local") / "results.csv"
     finished(ichbatch_run(studies, out, tiny_bundle))
-    return rows(out)
+    return out
 
 
+@pytest.fixture(scope="module")
+def local_rows(local_run) -> list[dict[str, str]]:
+    return rows(local_run)
+
+
+# One study per model call (the default without GPUs), and groups of 4 and 2: the slices of a group's
+# studies share the model's batches, and each study's file issues must still come back with it.
+@pytest.mark.parametrize("per_call", [None, 4])
 def test_ray_engine_writes_the_local_engines_csv_row_for_row_and_the_reports(cluster, studies, tiny_bundle,
-                                                                               local_rows, tmp_path):
+                                                                               local_run, local_rows, tmp_path,
+                                                                               per_call):
     out = tmp_path / "results.csv"
-    finished(ichbatch_run(studies, out, tiny_bundle, "--engine", "ray", "--address", cluster))
+    grouped = ("--studies-per-call", str(per_call)) if per_call else ()
+    stderr = finished(ichbatch_run(studies, out, tiny_bundle, "--engine", "ray", "--address", cluster, *grouped))
     got = rows(out)
     assert got == local_rows
+    assert file_rows(out) == file_rows(local_run) and len(file_rows(out)) >= 1, stderr[-2000:]
     statuses = sorted(row["status"] for row in got)
     assert statuses == ["failed"] + ["ok"] * (N_STUDIES - 1)
     failed = next(row for row in got if row["status"] == "failed")
@@ -165,8 +183,9 @@ def busy_scorer() -> int | None:
 
 def test_a_worker_killed_mid_run_leaves_every_study_with_exactly_one_row(cluster, studies, tiny_bundle, local_rows,
                                                                           tmp_path):
+    """In groups of three studies a call: the killed replica's whole group is redone."""
     out = tmp_path / "results.csv"
-    proc = ichbatch_run(studies, out, tiny_bundle, "--engine", "ray", "--address", cluster)
+    proc = ichbatch_run(studies, out, tiny_bundle, "--engine", "ray", "--address", cluster, "--studies-per-call", "3")
     killed = None
     deadline = time.monotonic() + 300
     while killed is None and proc.poll() is None and time.monotonic() < deadline:
