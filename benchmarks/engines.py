@@ -2,12 +2,16 @@
 the README's cluster estimate is built from.
 
     pip install -c constraints.txt -e ".[cpu,onnx,ray]"
-    unshare -n sh -c 'ip link set lo up && python benchmarks/engines.py [--studies 12] [--repeats 2]'
+    unshare -n sh -c 'ip link set lo up && python benchmarks/engines.py [--studies 12] [--repeats 2]
+                      [--studies-per-call 4] [--header-files 4000] [--headers-only]'
 
 (`unshare -n` as root: a network namespace whose only interface is loopback, so the Ray cluster can
 reach 127.0.0.1 and nothing else.) A one-node Ray cluster is started once (`ray start --head`, node IP
 127.0.0.1, every core, no dashboard), then `ichbatch run` with --engine local and --engine ray over the
 same generated studies, alternated, PDF reports on. Each run's wall time includes loading the model.
+
+Header reads: the same files' headers read on the driver (a process) and in the Ray engine's tasks,
+alternated: wall time and the driver's CPU time per file, which bounds what one driver can plan.
 
 Per-stage costs, measured in this process (decoding, files and header reads on one core; the model on
 every core): reading headers (the driver's discovery, s per file), decoding (s per slice), scoring a
@@ -24,6 +28,7 @@ import os
 import platform
 import secrets
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -98,6 +103,34 @@ def _stage_costs(studies: Path, args: argparse.Namespace) -> StageCosts:
     return costs
 
 
+def _header_costs(folder: Path, port: int, repeats: int) -> tuple[int, dict[str, tuple[float, float]]]:
+    """Files read, and per way of reading their headers (on the driver, or in the Ray engine's tasks) the
+    median wall time and driver CPU time (every thread of this process, Ray's own included) per file."""
+    import ray
+
+    from ichbatch.discover import discover
+    from ichbatch.distributed import header_reader
+
+    ways = ["driver", "ray tasks"]
+    wall: dict[str, list[float]] = {way: [] for way in ways}
+    cpu: dict[str, list[float]] = {way: [] for way in ways}
+    files = 0
+    ray.init(address=f"127.0.0.1:{port}", log_to_driver=False, configure_logging=False,
+             _node_ip_address="127.0.0.1")
+    try:
+        reader = header_reader(ray, 2)
+        for k in range(repeats):
+            for way in ways if k % 2 == 0 else ways[::-1]:
+                t, c = time.perf_counter(), time.process_time()
+                found = discover([folder], examiner=reader if way == "ray tasks" else None)
+                wall[way].append(time.perf_counter() - t)
+                cpu[way].append(time.process_time() - c)
+                files = len(found.instances) + len(found.issues)
+    finally:
+        ray.shutdown()
+    return files, {way: (statistics.median(wall[way]) / files, statistics.median(cpu[way]) / files) for way in ways}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ich-resnet50-demo")
@@ -107,6 +140,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--studies-per-call", type=int, default=0,
                         help="also run the Ray engine with this many studies per model call")
+    parser.add_argument("--header-files", type=int, default=4000,
+                        help="files whose headers are read on the driver and in Ray tasks, alternated (0: none)")
+    parser.add_argument("--headers-only", action="store_true", help="only the header reads")
     args = parser.parse_args()
 
     from ichbatch.synth import synth_studies
@@ -117,10 +153,19 @@ def main() -> None:
     port = 20000 + secrets.randbelow(20000)
     try:
         studies = tmp / "studies"
-        synth_studies(studies, args.studies, seed=11, n_slices=args.slices)
+        if not args.headers_only:
+            synth_studies(studies, args.studies, seed=11, n_slices=args.slices)
         subprocess.run([str(RAY), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
                         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
                        check=True, capture_output=True)
+        headers = None
+        if args.header_files:
+            many = tmp / "headers"
+            synth_studies(many, max(1, args.header_files // 40), seed=12, n_slices=40, size=64)
+            headers = _header_costs(many, port, max(3, args.repeats))
+            _print_headers(*headers)
+        if args.headers_only:
+            return
         engines = ["local", "ray"] + ([f"ray x{args.studies_per_call}"] if args.studies_per_call else [])
         times: dict[str, list[float]] = {engine: [] for engine in engines}
         outs = {}
@@ -146,10 +191,19 @@ def main() -> None:
         print(f"{engine:>8}: {seconds:.1f} s wall (model load included), {slices / seconds:.1f} slices/s, "
               f"ratio to local {best['local'] / seconds:.2f}")
     print(f"same probabilities in every engine: {same}")
+    if headers:
+        _print_headers(*headers)
     print(f"per-stage costs: header read {1000 * costs.header_s:.2f} ms/file (driver), decode "
           f"{1000 * costs.decode_s:.1f} ms/slice (one core), score (model x TTA {args.tta}, aggregation, heat maps; "
           f"every core) {1000 * costs.score_s:.1f} ms/slice, files {1000 * costs.files_s:.0f} ms/study (one core), "
           f"commit {1000 * costs.commit_s:.1f} ms/study (driver)")
+
+
+def _print_headers(files: int, costs: dict[str, tuple[float, float]]) -> None:
+    line = ", ".join(f"{way}: {1000 * wall:.3f} ms wall and {1000 * cpu:.3f} ms of the driver's CPU"
+                     for way, (wall, cpu) in costs.items())
+    print(f"header reads of {files} files, median per file: {line}; driver CPU ratio "
+          f"{costs['driver'][1] / costs['ray tasks'][1]:.1f}", flush=True)
 
 
 if __name__ == "__main__":

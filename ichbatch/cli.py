@@ -201,7 +201,7 @@ def study_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--studies-per-call", type=click.IntRange(1, 256), default=None, metavar="N",
               help="With --engine ray: studies a model replica scores in one call, their slices sharing the model's "
                    "batches and their heat maps made together; a replica lost mid-call redoes the group [default: 8 "
-                   "with GPUs, 1 without].")
+                   "with GPUs, 4 without].")
 @study_options
 def run(inputs: tuple[Path, ...], out: Path, reports: Path | None, no_reports: bool, report_writers: int | None,
         resume: bool, slices_csv: Path | None, engine: str, address: str | None, studies_per_call: int | None,

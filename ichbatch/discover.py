@@ -65,15 +65,22 @@ def _once(path: Path, seen: set[tuple[int, int]]) -> Iterator[Path]:
         yield path
 
 
+# Who reads the headers: (files, roots) -> what examine() makes of each, in order. By default this
+# process, one file after the other; the Ray engine spreads them over its cluster's CPUs.
+Examiner = Callable[[Iterable[Path], list[Path]], Iterable["InstanceRef | FileIssue"]]
+
+
 def discover(
     roots: Iterable[str | os.PathLike[str]],
     progress: Callable[[int], None] | None = None,
+    examiner: Examiner | None = None,
 ) -> Discovery:
     """Header-read every file under the roots."""
     found = Discovery()
     paths = [Path(r) for r in roots]
-    for n, path in enumerate(iter_files(paths), 1):
-        seen = examine(path, paths)
+    files = iter_files(paths)
+    seen_all = examiner(files, paths) if examiner else (examine(path, paths) for path in files)
+    for n, seen in enumerate(seen_all, 1):
         if isinstance(seen, FileIssue):
             found.issues.append(seen)
         else:

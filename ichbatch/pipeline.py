@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .config import SelectionRules
-from .discover import Discovery, discover
+from .discover import Discovery, Examiner, discover
 from .logs import outcome, study_tag
 from .domain import SeriesChoice, Status, StudyResult
 from .series import choose_series, group_studies
@@ -102,13 +102,14 @@ def process_folder(
 
 def plan(inputs: Iterable[str | Path], settings: RunSettings, model_key: str, summary: RunSummary,
          sink: StudySink | None = None, progress: Callable[[str, int, int], None] | None = None,
-         resume: ResumeCheck | None = None) -> Iterator[SeriesChoice]:
+         resume: ResumeCheck | None = None, examiner: Examiner | None = None) -> Iterator[SeriesChoice]:
     """discover -> group -> select, lazily: the chosen series of each study still to run, in a stable order.
 
     Every engine runs what this yields. Unreadable files go to the sink; --resume's skips and the
-    number of file issues are counted in the summary.
+    number of file issues are counted in the summary. `examiner` reads the headers elsewhere (Ray tasks).
     """
-    discovery = discover(inputs, progress=(lambda n: progress("reading headers", n, 0)) if progress else None)
+    discovery = discover(inputs, progress=(lambda n: progress("reading headers", n, 0)) if progress else None,
+                         examiner=examiner)
     summary.file_issues = len(discovery.issues)
     log.info("%d DICOM instances and %d other files found", len(discovery.instances), len(discovery.issues))
     if sink is not None:

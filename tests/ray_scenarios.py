@@ -105,6 +105,9 @@ def studies(tmp_path_factory) -> Path:
         ds = pydicom.dcmread(path)
         ds.PixelData = ds.PixelData[:64]
         ds.save_as(path)
+    # Files that are not instances, found by the header-reading tasks: skipped and failed in the files CSV.
+    (root / "notes.txt").write_text("not DICOM")
+    (root / "cut.dcm").write_bytes(next(root.glob("study_*/*")).read_bytes()[:300])
     return root
 
 
@@ -143,18 +146,22 @@ def local_rows(local_run) -> list[dict[str, str]]:
     return rows(local_run)
 
 
-# One study per model call (the default without GPUs), and groups of 4 and 2: the slices of a group's
-# studies share the model's batches, and each study's file issues must still come back with it.
-@pytest.mark.parametrize("per_call", [None, 4])
+# Groups of 4 and 2 (the default without GPUs is 4 a model call), and one study a call: the slices of a
+# group's studies share the model's batches, and each study's file issues must still come back with it.
+@pytest.mark.parametrize("per_call", [None, 1])
 def test_ray_engine_writes_the_local_engines_csv_row_for_row_and_the_reports(cluster, studies, tiny_bundle,
                                                                                local_run, local_rows, tmp_path,
                                                                                per_call):
     out = tmp_path / "results.csv"
     grouped = ("--studies-per-call", str(per_call)) if per_call else ()
-    stderr = finished(ichbatch_run(studies, out, tiny_bundle, "--engine", "ray", "--address", cluster, *grouped))
+    stderr = finished(ichbatch_run(studies, out, tiny_bundle, "--engine", "ray", "--address", cluster, "-v", *grouped))
+    files = sum(1 for path in studies.rglob("*") if path.is_file())
+    assert f"the headers of {files} files read in 1 task(s)" in stderr, stderr[-3000:]  # not on the driver
+    assert f"{per_call or 4} studies per model call" in stderr
     got = rows(out)
     assert got == local_rows
-    assert file_rows(out) == file_rows(local_run) and len(file_rows(out)) >= 1, stderr[-2000:]
+    assert file_rows(out) == file_rows(local_run), stderr[-2000:]
+    assert {row["status"] for row in file_rows(out)} == {"skipped", "failed"}  # the two files, the broken slices
     statuses = sorted(row["status"] for row in got)
     assert statuses == ["failed"] + ["ok"] * (N_STUDIES - 1)
     failed = next(row for row in got if row["status"] == "failed")
@@ -197,3 +204,36 @@ def test_a_worker_killed_mid_run_leaves_every_study_with_exactly_one_row(cluster
     got = rows(out)
     assert len(got) == N_STUDIES and len({row["study_uid"] for row in got}) == N_STUDIES
     assert got == local_rows  # the study under the killed worker was redone, with the same result
+
+
+def test_a_header_task_whose_worker_dies_fails_only_the_file_that_killed_it(cluster, studies):
+    """Headers are read in Ray tasks of many files. One file that kills its worker (here on purpose)
+    fails that task for good; its files are then read one a task, and only that file is recorded."""
+    import ray
+
+    from ichbatch.discover import examine, iter_files
+    from ichbatch.distributed import header_reader
+    from ichbatch.domain import FileIssue
+
+    def examine_or_die(paths, roots):  # defined here, so Ray ships it by value to its workers
+        import os as worker_os
+
+        from ichbatch.discover import examine as worker_examine
+
+        if any(path.name == "cut.dcm" for path in paths):
+            worker_os._exit(3)
+        return [worker_examine(path, roots) for path in paths]
+
+    ray.init(address=cluster, log_to_driver=False, configure_logging=False,
+             _node_ip_address="127.0.0.1")
+    try:
+        files = list(iter_files([studies]))
+        seen = list(header_reader(ray, 0, examine_or_die)(iter(files), [studies]))
+    finally:
+        ray.shutdown()
+    assert len(seen) == len(files) > 2
+    lost = [s for s in seen if isinstance(s, FileIssue) and "could not be read on a Ray worker" in s.message]
+    assert [issue.path for issue in lost] == [str(studies / "cut.dcm")]
+    for path, got in zip(files, seen):
+        if path.name != "cut.dcm":
+            assert got == examine(path, [studies])
