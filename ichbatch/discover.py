@@ -6,6 +6,8 @@ costs one small read per file.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
@@ -20,8 +22,13 @@ from .domain import FileIssue, FrameGeometry, InstanceRef, Status, StudyMeta, Ve
 from .errors import DicomReadError, NotDicomError
 from .images import image_instance, is_image_file
 from .limits import HEAD_BYTES, as_read, check_inflated_size
+from .workers import IN_FLIGHT, IsolatedPool, WorkerLimits
 
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
+# Files read in the run's own process before header-reading processes start (pooled_examiner), and
+# files per message to one of them.
+POOL_FROM = 1000
+HEADER_CHUNK = 32
 # Names that file managers and PACS viewers leave behind: recorded as skipped without reading.
 KNOWN_JUNK = frozenset({"thumbs.db", ".ds_store", "desktop.ini"})
 
@@ -88,6 +95,35 @@ def discover(
         if progress:
             progress(n)
     return found
+
+
+def pooled_examiner(workers: int, limits: WorkerLimits | None = None, pool_from: int = POOL_FROM) -> Examiner:
+    """Headers read in `workers` processes (isolated as the decoders are), for a run with many files:
+    on the run's own process an archive of 4 million files took over an hour before its first study
+    (1.1-1.5 ms a file), which a GPU would then finish in less. The first `pool_from` files are read
+    here, so a small run never waits for processes to start. Results come in the walk's order; a file that
+    kills its worker, or runs past the time limit, is recorded as failed alone."""
+
+    def examine_all(files: Iterable[Path], roots: list[Path]) -> Iterator[InstanceRef | FileIssue]:
+        files = iter(files)
+        for path in itertools.islice(files, pool_from):
+            yield examine(path, roots)
+        if workers < 2:
+            yield from (examine(path, roots) for path in files)
+            return
+        with IsolatedPool(functools.partial(_examine_under, tuple(roots)), _unread, workers, limits,
+                          chunk=HEADER_CHUNK, shared_memory=False, role=("header reader", "file")) as pool:
+            yield from pool.map(files, 2 * IN_FLIGHT * HEADER_CHUNK * workers)
+
+    return examine_all
+
+
+def _examine_under(roots: tuple[Path, ...], path: Path) -> InstanceRef | FileIssue:
+    return examine(path, roots)
+
+
+def _unread(path: Path, reason: str) -> FileIssue:
+    return FileIssue(str(path), Status.FAILED, f"{path}: its header could not be read: {reason}")
 
 
 def examine(path: Path, roots: Iterable[Path] = ()) -> InstanceRef | FileIssue:

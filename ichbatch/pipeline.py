@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .config import SelectionRules
-from .discover import Discovery, Examiner, discover
+from .discover import Discovery, Examiner, discover, pooled_examiner
 from .logs import outcome, study_tag
 from .domain import SeriesChoice, Status, StudyResult
 from .series import choose_series, group_studies
@@ -91,8 +91,9 @@ def process_folder(
     engine = engine or Engine(settings)
     summary = RunSummary()
     try:
-        process_studies(plan(inputs, settings, engine.model_key, summary, sink, progress, resume), engine, sink,
-                        on_result, summary)
+        headers = pooled_examiner(settings.workers, settings.decode_limits)
+        process_studies(plan(inputs, settings, engine.model_key, summary, sink, progress, resume, headers), engine,
+                        sink, on_result, summary)
     finally:
         if own_engine:
             engine.close()

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
+from pathlib import Path
 
 from pydicom.uid import generate_uid
 
-from ichbatch.discover import discover
+from ichbatch.discover import discover, examine, iter_files, pooled_examiner
 from ichbatch.domain import Status
 from ichbatch.series import group_studies
 
@@ -88,3 +91,47 @@ def test_dicomdir_is_skipped(tmp_path, phantom_hu):
     found = discover([tmp_path])
     assert not found.instances
     assert "DICOMDIR" in found.issues[0].message and found.issues[0].status == Status.SKIPPED
+
+
+def _spawned_children() -> list[int]:
+    """This process's children started by multiprocessing's spawn (not its resource tracker)."""
+    pids = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            if "spawn_main" in cmdline and "resource_tracker" not in cmdline:
+                pids.append(int(pid))
+    return pids
+
+
+def test_headers_read_in_worker_processes_are_those_read_here_even_when_a_reader_is_killed(tmp_path, phantom_hu):
+    """A local run reads the headers of a large archive in processes (pooled_examiner): the same results
+    in the walk's order, junk included; a reader killed mid-run loses no file (its files are read again)."""
+    write_series(tmp_path / "a", phantom_hu[:2], study_uid=generate_uid(), series_uid=generate_uid())
+    template = next((tmp_path / "a").iterdir()).read_bytes()
+    for n in range(600):
+        (tmp_path / "b" / f"{n // 100}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "b" / f"{n // 100}" / f"{n:04d}.dcm").write_bytes(template)
+    (tmp_path / "b" / "3" / "notes.txt").write_text("export log\n")
+    (tmp_path / "b" / "4" / "empty.dcm").write_bytes(b"")
+    (tmp_path / "b" / "5" / "truncated.dcm").write_bytes(template[:300])
+    os.mkfifo(tmp_path / "b" / "2" / "pipe")
+    files = list(iter_files([tmp_path]))
+    expected = [examine(path, [tmp_path]) for path in files]
+
+    stream = pooled_examiner(2, pool_from=50)(iter(files), [tmp_path])
+    got = [next(stream) for _ in range(150)]  # the readers have started and hold messages of files
+    readers = _spawned_children()
+    assert len(readers) == 2, readers
+    os.kill(readers[0], signal.SIGKILL)
+    got += list(stream)
+    assert got == expected
+    assert {os.path.basename(i.path) for i in got if hasattr(i, "message")} == {"notes.txt", "empty.dcm",
+                                                                                "truncated.dcm", "pipe"}
+    deadline = time.monotonic() + 10
+    while _spawned_children() and time.monotonic() < deadline:  # the readers stop with the stream
+        time.sleep(0.1)
+    assert not _spawned_children()
+
+    found = discover([tmp_path], examiner=pooled_examiner(2, pool_from=0))
+    assert found.instances == [seen for seen in expected if not hasattr(seen, "message")]
