@@ -41,6 +41,30 @@ class Discovery:
     issues: list[FileIssue] = field(default_factory=list)
 
 
+class _Shared:
+    """One object for each value that files repeat (a study's identifiers, a series' UID, its orientation,
+    image type and description...). The index of every header that grouping needs holds one record a
+    file: 2.25 kB each as read, 9 GB for an archive of 4 million files; most of a record is its
+    neighbours'. Kept for one discovery only."""
+
+    def __init__(self) -> None:
+        self._seen: dict[object, object] = {}
+
+    def instance(self, ref: InstanceRef) -> InstanceRef:
+        """The record with its repeated values swapped for the shared ones. The record is new (just read or
+        unpickled) and nobody else holds it yet, so its frozen fields are set in place: dataclasses.replace
+        made the run process's CPU per file half again as large where processes read the headers."""
+        for name in SHARED_FIELDS:
+            value = getattr(ref, name)
+            object.__setattr__(ref, name, self._seen.setdefault(value, value))
+        return ref
+
+
+# InstanceRef fields whose values a study's or series' files repeat.
+SHARED_FIELDS = ("study", "series_uid", "sop_class_uid", "modality", "image_type", "orientation", "photometric",
+                 "kernel", "series_description", "contrast_agent", "body_part")
+
+
 def iter_files(roots: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
     """Every regular file under the roots, each once; follows symlinks but never loops."""
     seen_dirs: set[tuple[int, int]] = set()
@@ -87,11 +111,12 @@ def discover(
     paths = [Path(r) for r in roots]
     files = iter_files(paths)
     seen_all = examiner(files, paths) if examiner else (examine(path, paths) for path in files)
+    shared = _Shared()
     for n, seen in enumerate(seen_all, 1):
         if isinstance(seen, FileIssue):
             found.issues.append(seen)
         else:
-            found.instances.append(seen)
+            found.instances.append(shared.instance(seen))
         if progress:
             progress(n)
     return found

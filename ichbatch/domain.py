@@ -23,7 +23,7 @@ class Status(str, Enum):
     FAILED = "failed"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StudyMeta:
     """Identifiers copied from the header; PHI, so never logged by default."""
 
@@ -35,7 +35,7 @@ class StudyMeta:
     study_description: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FrameGeometry:
     """Per-frame position and rescale of an Enhanced (multi-frame) CT object."""
 
@@ -45,7 +45,7 @@ class FrameGeometry:
     intercept: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class InstanceRef:
     """One DICOM file, from a header-only read: everything needed to group and select."""
 

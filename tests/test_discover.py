@@ -135,3 +135,18 @@ def test_headers_read_in_worker_processes_are_those_read_here_even_when_a_reader
 
     found = discover([tmp_path], examiner=pooled_examiner(2, pool_from=0))
     assert found.instances == [seen for seen in expected if not hasattr(seen, "message")]
+
+
+def test_the_header_index_shares_what_files_repeat(tmp_path, phantom_hu):
+    """One record per file is held until its study runs (4 million in a large archive): what a study's
+    or series' files repeat is held once, and a record keeps no per-instance dictionary."""
+    study, series = generate_uid(), generate_uid()
+    write_series(tmp_path / "a", phantom_hu[:3], study_uid=study, series_uid=series)
+    write_series(tmp_path / "b", phantom_hu[:2], study_uid=generate_uid(), series_uid=generate_uid())
+    first, *rest = [ref for ref in discover([tmp_path]).instances if ref.series_uid == series]
+    assert len(rest) == 2
+    for ref in rest:
+        assert ref.study is first.study and ref.series_uid is first.series_uid
+        assert ref.orientation is first.orientation and ref.image_type is first.image_type
+        assert ref.position != first.position and ref.path != first.path
+    assert not hasattr(first, "__dict__") and not hasattr(first.study, "__dict__")
