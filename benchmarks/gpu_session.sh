@@ -62,6 +62,7 @@ bench() {
     step 40 python3 benchmarks/decode_rate.py --size 224  # sizes the decoder pool
     step 200 python3 benchmarks/throughput.py --model ich-resnet50-demo --batch-size 256 --tta 4 \
         --studies 48 --slices 32 --workers "$workers" --repeats 3
+    step 60 python3 benchmarks/header_reads.py --files 4000 --repeats 3  # what a run's start costs on many cores
 }
 train() {  # -v: the generation's progress with times. On 2026-11-27 an H200 lease's 512 studies and
     # first epoch did not end within 9 minutes, and nothing said which of them took the time.
