@@ -107,7 +107,7 @@ def plan(inputs: Iterable[str | Path], settings: RunSettings, model_key: str, su
     """discover -> group -> select, lazily: the chosen series of each study still to run, in a stable order.
 
     Every engine runs what this yields. Unreadable files go to the sink; --resume's skips and the
-    number of file issues are counted in the summary. `examiner` reads the headers elsewhere (Ray tasks).
+    number of file issues are counted in the summary. `examiner` reads the headers elsewhere (processes, Ray tasks).
     """
     discovery = discover(inputs, progress=(lambda n: progress("reading headers", n, 0)) if progress else None,
                          examiner=examiner)
