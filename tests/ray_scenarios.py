@@ -237,3 +237,41 @@ def test_a_header_task_whose_worker_dies_fails_only_the_file_that_killed_it(clus
     for path, got in zip(files, seen):
         if path.name != "cut.dcm":
             assert got == examine(path, [studies])
+
+
+def test_a_study_whose_decoding_kills_its_worker_fails_alone_in_its_group(cluster, studies, tiny_bundle, tmp_path,
+                                                                          monkeypatch):
+    """The driver in this process, with a decoding task that kills its worker on one study (on purpose)
+    and no retries: that study is recorded as failed with the reason, and the other studies of its
+    model call are scored."""
+    import ray
+
+    import ichbatch.distributed as distributed
+    from ichbatch.report.outputs import OutputSettings, OutputWriter
+    from ichbatch.study import RunSettings
+
+    original = distributed.decode_study
+    doomed = str(pydicom.dcmread(sorted(studies.glob("study_*/*"))[0], stop_before_pixels=True).StudyInstanceUID)
+
+    def decode_or_die(choice, size):  # defined here, so Ray ships it by value; `original` goes by name
+        import os as worker_os
+
+        if choice.study.study_uid == doomed:
+            worker_os._exit(3)
+        return original(choice, size)
+
+    monkeypatch.setattr(distributed, "decode_study", decode_or_die)
+    out = tmp_path / "results.csv"
+    try:
+        with OutputWriter(OutputSettings(csv=out, reports=tmp_path / "reports")) as writer:
+            one_call = distributed.RaySettings(address=cluster, attempts=1, group=N_STUDIES)
+            summary = distributed.process_folder_ray([studies], RunSettings(model=str(tiny_bundle), tta=1), one_call,
+                                                     sink=writer)
+    finally:
+        ray.shutdown()
+    got = {row["study_uid"]: row for row in rows(out)}
+    assert len(got) == N_STUDIES and summary.studies == N_STUDIES
+    assert got[doomed]["status"] == "failed"
+    assert got[doomed]["message"].startswith("failed on a Ray worker while decoding"), got[doomed]["message"]
+    others = sorted(row["status"] for uid, row in got.items() if uid != doomed)
+    assert others == ["failed"] + ["ok"] * (N_STUDIES - 2)  # the study with broken pixel data, as before

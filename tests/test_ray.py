@@ -27,7 +27,7 @@ from .conftest import in_loopback_namespace
 def test_ray_scenarios_in_a_loopback_only_network(tmp_path):
     if importlib.util.find_spec("ray") is None:
         pytest.skip("needs Ray: pip install 'ichbatch[ray]'")
-    assert "4 passed" in in_loopback_namespace(Path(__file__).with_name("ray_scenarios.py"), tmp_path)
+    assert "5 passed" in in_loopback_namespace(Path(__file__).with_name("ray_scenarios.py"), tmp_path)
 
 
 def test_an_address_without_the_ray_engine_is_a_usage_error(tmp_path, tiny_bundle):
