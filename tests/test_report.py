@@ -167,12 +167,43 @@ def test_the_index_kept_study_by_study_equals_the_index_rendered_whole_and_count
         writer.write(replace(_result("1.2.3.1"), status=Status.FAILED, message="run again: failed"), _images())
         writer.write(replace(_result("1.2.3.6"), status=Status.SKIPPED, message="run again: skipped"), _images())
         assert writer.store.counts() == {"ok": 5, "failed": 1, "skipped": 1} and writer.store.count() == 7
+        writer.flush()  # the pages held back (written at most every index_seconds)
         kept = shown()
         writer.index.render_all()  # from the store alone
         assert shown() == kept and "run again: failed" in kept["page-00001.html"]
         assert "7 studies (5 ok, 0 not assessed, 1 skipped, 1 failed)" in kept["results.html"]
     with OutputWriter(OutputSettings(csv=csv, writers=0)) as writer:  # counted afresh from the store
         assert writer.store.counts() == {"ok": 5, "failed": 1, "skipped": 1} and writer.store.count("ok") == 5
+
+
+def test_the_index_is_written_at_most_every_few_seconds_and_a_killed_run_leaves_it_whole(tmp_path):
+    """Pages written after every study, with their fsyncs, were 60 % of a commit: they are written at
+    most every index_seconds and at the end. A run killed between leaves the store saying the index is
+    behind, and the next writer renders it whole."""
+    csv, landing = tmp_path / "results.csv", tmp_path / "results.html"
+    settings = OutputSettings(csv=csv, reports=tmp_path / "reports", index_page_size=2, writers=0,
+                              index_seconds=3600)
+    writer = OutputWriter(settings)
+    for k in range(5):
+        writer.write(_result(f"1.2.3.{k}"), _images())
+    assert "1 studies" in landing.read_text()  # the first study's pages at once, the rest held back
+    assert not (tmp_path / "results_pages" / "page-00003.html").exists()
+    assert writer.store.is_behind("index")
+    writer.flush()
+    assert "5 studies" in landing.read_text() and "1.2.3.4" in (tmp_path / "results_pages" / "page-00003.html").read_text()
+    assert not writer.store.is_behind("index")
+    writer.write(_result("1.2.3.5"), _images())
+    writer.write(_result("1.2.3.6"), _images())
+    # Killed here: no flush, no close. The lock and the database go with the process.
+    writer.lock.release()
+    writer.store.db.close()
+    assert "5 studies" in landing.read_text()
+    with OutputWriter(settings) as again:
+        assert again.store.is_behind("index")
+    assert "7 studies" in landing.read_text()
+    assert "1.2.3.6" in (tmp_path / "results_pages" / "page-00004.html").read_text()
+    with OutputWriter(settings) as again:
+        assert not again.store.is_behind("index")
 
 
 def test_html_index_lists_every_study_with_thumbnail_and_link(tmp_path):

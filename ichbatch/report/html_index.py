@@ -3,13 +3,16 @@ PDF link, read from the results store.
 
 Bounded time per study: studies sit on fixed pages in order of first arrival (`<csv stem>_pages/`), so
 a finished study rewrites only its own page, the page before it when it opens a new one (its 'next'
-link), and the small landing page. Self-contained: opens from disk, no server, no scripts.
+link), and the small landing page. Those writes are made at most every `seconds` (and when the run
+ends or a watcher is idle): written after every study, with their fsyncs, they were 60 % of a
+study's commit. Self-contained: opens from disk, no server, no scripts.
 """
 
 from __future__ import annotations
 
 import html
 import os
+import time
 from pathlib import Path
 
 import cv2
@@ -22,6 +25,8 @@ from .files import atomic_write_bytes, safe_stem
 from .store import ResultsStore, StoredStudy
 
 THUMB_PX = 128
+INDEX_SECONDS = 2.0  # the index shows a committed study within this long (and at the end of a run)
+VIEW = "index"  # its entry in the store's record of views that may be behind
 STYLE = """body{font-family:sans-serif;margin:1em} .banner{background:#b00020;color:#fff;padding:.5em;font-weight:bold}
 table{border-collapse:collapse} td,th{border:1px solid #ccc;padding:4px;font-size:13px} .flag{color:#b00020;font-weight:bold}"""
 
@@ -48,8 +53,12 @@ def write_thumbnail(result: StudyResult, images: StudyImages, folder: Path) -> P
 
 
 class HtmlIndex:
-    def __init__(self, store: ResultsStore, csv_path: Path, page_size: int = 250) -> None:
+    def __init__(self, store: ResultsStore, csv_path: Path, page_size: int = 250,
+                 seconds: float = INDEX_SECONDS) -> None:
         self.store = store
+        self.seconds = seconds
+        self._pending: set[int] = set()  # pages with a study not yet shown
+        self._written = float("-inf")  # when pages were last written (monotonic)
         self.csv_path = Path(csv_path)
         self.landing = self.csv_path.with_suffix(".html")
         self.folder = self.csv_path.with_name(self.csv_path.stem + "_pages")
@@ -64,24 +73,47 @@ class HtmlIndex:
     def pages(self) -> int:
         return max(1, -(-self.store.count() // self.page_size))
 
+    def will_change(self) -> None:
+        """Before a study is committed: the store records that the index may be behind, once per round of
+        held-back pages, so that a run killed before they are written has them rendered on the next open."""
+        if not self._pending:
+            self.store.set_behind(VIEW, True)
+
     def update(self, study_uid: str) -> None:
-        """After one study: its page (and the previous one when it opened a page), and the landing page."""
+        """After one study: its page (and the previous one when it opened a page) and the landing page
+        are due; written now if `seconds` have passed since the last writing."""
         stored = self.store.study(study_uid)
         if stored is None:
             return
         number = (stored.seq - 1) // self.page_size + 1
-        last = self.pages()
         self._page_rows(number)[stored.seq] = _row(stored, self.page_path(number).parent)
-        self._write_page(number, last)
+        if not self._pending:
+            self.store.set_behind(VIEW, True)  # a caller that did not say will_change first
+        self._pending.add(number)
         if number > 1 and (stored.seq - 1) % self.page_size == 0:
-            self._write_page(number - 1, last)
+            self._pending.add(number - 1)
+        if time.monotonic() - self._written >= self.seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the pages whose studies are not yet shown, and the landing page."""
+        if not self._pending:
+            return
+        last = self.pages()
+        for number in sorted(self._pending):
+            self._write_page(number, last)
         self._write_landing(last)
+        self._pending.clear()
+        self._written = time.monotonic()
+        self.store.set_behind(VIEW, False)
 
     def ensure(self) -> None:
-        """Pages are kept current study by study; only a missing index (a CSV from before the store, or
-        pages deleted by hand) is rendered whole, once."""
-        if not self.landing.exists() or not self.page_path(self.pages()).exists():
+        """Pages are kept current as studies come; only a missing index (a CSV from before the store, or
+        pages deleted by hand) or one a killed run left behind is rendered whole, once."""
+        self.flush()
+        if not self.landing.exists() or not self.page_path(self.pages()).exists() or self.store.is_behind(VIEW):
             self.render_all()
+            self.store.set_behind(VIEW, False)
 
     def render_all(self) -> None:
         last = self.pages()

@@ -23,7 +23,7 @@ from ..decode import draw_key_images
 from ..errors import DecodeError, DiskFullError, OutputError
 from .csv_report import COLUMNS, cell, row, slice_rows
 from .files import OutputLock, atomic_write_bytes, remove_stale_temp_files
-from .html_index import HtmlIndex, write_thumbnail
+from .html_index import INDEX_SECONDS, HtmlIndex, write_thumbnail
 from .json_report import write_json
 from .pdf_report import pdf_name, render_pdf
 from .store import ResultsStore
@@ -46,6 +46,7 @@ class OutputSettings:
     pseudonym_key: bytes | None = None
     rebuild_seconds: float = 30.0  # how often a replaced row may rewrite the whole CSV
     index_page_size: int = 250
+    index_seconds: float = INDEX_SECONDS  # the HTML index's pages are written at most this often (and at the end)
     delivery: DeliverySettings | None = None  # where the DICOM outputs are sent (needs dicom_out)
     writers: int = field(default_factory=default_writers)  # processes for write_many; 0: on the calling thread
 
@@ -71,7 +72,7 @@ class OutputWriter:
         except BaseException:
             self.lock.release()
             raise
-        self.index = HtmlIndex(self.store, settings.csv, settings.index_page_size)
+        self.index = HtmlIndex(self.store, settings.csv, settings.index_page_size, settings.index_seconds)
         self.deliveries = Deliveries(settings.deliveries_db, settings.delivery) if settings.delivery else None
         self._writers: IsolatedPool[FilesJob, StudyFiles] | None = None  # started by the first write_many
 
@@ -139,11 +140,17 @@ class OutputWriter:
         if self.deliveries is not None and files.dicom:  # queued before any send: a PACS that is down loses nothing
             self.deliveries.enqueue(result.study.study_uid, list(files.dicom))
             self.deliver()
+        self.index.will_change()
         self.store.put_study(row(result, self.settings.pseudonym_key), instances_digest=result.instances_digest,
                              model=f"{result.model} {result.model_version}", outputs=list(files.outputs),
                              run_id=self.run_id, slices=slice_rows(result))
         self.index.update(result.study.study_uid)
         return result
+
+    def flush(self) -> None:
+        """Bring the CSV views and the HTML index up to date (an idle watcher; close does it too)."""
+        self.store.flush()
+        self.index.flush()
 
     def deliver(self) -> tuple[int, int]:
         """Send the queued DICOM outputs that are due; (sent, not sent). Never raises for the network."""

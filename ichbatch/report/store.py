@@ -249,6 +249,18 @@ class ResultsStore:
     def file_issue_count(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM files").fetchone()[0])
 
+    # -- views kept elsewhere (the HTML index) --------------------------------------------------
+    def set_behind(self, view: str, behind: bool) -> None:
+        """Record, durably, that a view may not show every committed study (set before the commits it
+        holds back, cleared once it shows them): a run killed in between leaves it set."""
+        with self.transaction():
+            self.db.execute("INSERT INTO mirrors(name, size, dirty) VALUES(?,0,?) ON CONFLICT(name) DO "
+                            "UPDATE SET dirty=excluded.dirty", (view, int(behind)))
+
+    def is_behind(self, view: str) -> bool:
+        row = self.db.execute("SELECT dirty FROM mirrors WHERE name=?", (view,)).fetchone()
+        return bool(row and row[0])
+
     # -- CSV views -------------------------------------------------------------------------------
     def rows(self, table: str) -> Iterator[dict[str, str]]:
         query = {"studies": "SELECT row FROM studies ORDER BY seq", "files": "SELECT row FROM files ORDER BY seq"}

@@ -138,7 +138,7 @@ class Watcher:
                 self.scan()
                 self._last_scan = time.time()
             if not self.process_ready():
-                self._flush_outputs()  # idle: bring a replaced row into the CSV now
+                self._flush_outputs()  # idle: bring a replaced row into the CSV, the index up to date
                 self.writer.deliver()  # and resend what a PACS refused earlier, when due
         except OutputError as exc:
             if self._trouble_since is None:
@@ -166,7 +166,7 @@ class Watcher:
 
     def _flush_outputs(self) -> None:
         try:
-            self.writer.store.flush()
+            self.writer.flush()
         except OutputError as exc:
             log.error("results CSV not rewritten (%s); will retry", exc)
 
