@@ -198,12 +198,11 @@ def test_the_index_is_written_at_most_every_few_seconds_and_a_killed_run_leaves_
     writer.lock.release()
     writer.store.db.close()
     assert "5 studies" in landing.read_text()
-    with OutputWriter(settings) as again:
-        assert again.store.is_behind("index")
-    assert "7 studies" in landing.read_text()
-    assert "1.2.3.6" in (tmp_path / "results_pages" / "page-00004.html").read_text()
-    with OutputWriter(settings) as again:
-        assert not again.store.is_behind("index")
+    with OutputWriter(settings) as again:  # renders the index whole as it opens: which pages were held is not known
+        assert "7 studies" in landing.read_text() and not again.store.is_behind("index")
+        assert "1.2.3.6" in (tmp_path / "results_pages" / "page-00004.html").read_text()
+        again.write(replace(_result("1.2.3.0"), status=Status.FAILED, message="run again"), _images())
+    assert "run again" in (tmp_path / "results_pages" / "page-00001.html").read_text()
 
 
 def test_html_index_lists_every_study_with_thumbnail_and_link(tmp_path):

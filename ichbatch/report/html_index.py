@@ -58,14 +58,18 @@ class HtmlIndex:
         self.store = store
         self.seconds = seconds
         self._pending: set[int] = set()  # pages with a study not yet shown
+        self._behind = False  # whether the store already records that this index is behind
+        # The rendered rows of the pages written last (the newest one or two), by seq: rendering a page's
+        # rows from the store after every study cost a few ms of the run's interpreter lock, each time.
+        self._rows: dict[int, dict[int, str]] = {}
         self._written = float("-inf")  # when pages were last written (monotonic)
         self.csv_path = Path(csv_path)
         self.landing = self.csv_path.with_suffix(".html")
         self.folder = self.csv_path.with_name(self.csv_path.stem + "_pages")
         self.page_size = page_size
-        # The rendered rows of the pages written last (the newest one or two), by seq: rendering a page's
-        # rows from the store after every study cost a few ms of the run's interpreter lock, each time.
-        self._rows: dict[int, dict[int, str]] = {}
+        if store.is_behind(VIEW):  # a run killed while it held pages back: which ones is not known
+            self.render_all()
+            store.set_behind(VIEW, False)
 
     def page_path(self, number: int) -> Path:
         return self.folder / f"page-{number:05d}.html"
@@ -76,8 +80,7 @@ class HtmlIndex:
     def will_change(self) -> None:
         """Before a study is committed: the store records that the index may be behind, once per round of
         held-back pages, so that a run killed before they are written has them rendered on the next open."""
-        if not self._pending:
-            self.store.set_behind(VIEW, True)
+        self._mark(True)
 
     def update(self, study_uid: str) -> None:
         """After one study: its page (and the previous one when it opened a page) and the landing page
@@ -87,8 +90,7 @@ class HtmlIndex:
             return
         number = (stored.seq - 1) // self.page_size + 1
         self._page_rows(number)[stored.seq] = _row(stored, self.page_path(number).parent)
-        if not self._pending:
-            self.store.set_behind(VIEW, True)  # a caller that did not say will_change first
+        self._mark(True)  # for a caller that did not say will_change first
         self._pending.add(number)
         if number > 1 and (stored.seq - 1) % self.page_size == 0:
             self._pending.add(number - 1)
@@ -105,15 +107,22 @@ class HtmlIndex:
         self._write_landing(last)
         self._pending.clear()
         self._written = time.monotonic()
-        self.store.set_behind(VIEW, False)
+        self._mark(False)
+
+    def _mark(self, behind: bool) -> None:
+        if behind != self._behind:
+            self.store.set_behind(VIEW, behind)
+            self._behind = behind
 
     def ensure(self) -> None:
-        """Pages are kept current as studies come; only a missing index (a CSV from before the store, or
-        pages deleted by hand) or one a killed run left behind is rendered whole, once."""
+        """Pages are kept current as studies come (and one a killed run left behind is rendered whole when
+        the next writer opens); only a missing index (a CSV from before the store, or pages deleted by
+        hand) is rendered whole here, once."""
         self.flush()
         if not self.landing.exists() or not self.page_path(self.pages()).exists() or self.store.is_behind(VIEW):
             self.render_all()
             self.store.set_behind(VIEW, False)
+            self._behind = False
 
     def render_all(self) -> None:
         last = self.pages()
