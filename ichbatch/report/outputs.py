@@ -72,7 +72,12 @@ class OutputWriter:
         except BaseException:
             self.lock.release()
             raise
-        self.index = HtmlIndex(self.store, settings.csv, settings.index_page_size, settings.index_seconds)
+        try:  # renders the index whole where a killed run left it behind
+            self.index = HtmlIndex(self.store, settings.csv, settings.index_page_size, settings.index_seconds)
+        except BaseException:
+            self.store.db.close()  # the store as it is: its CSV views are brought up to date next time
+            self.lock.release()
+            raise
         self.deliveries = Deliveries(settings.deliveries_db, settings.delivery) if settings.delivery else None
         self._writers: IsolatedPool[FilesJob, StudyFiles] | None = None  # started by the first write_many
 
