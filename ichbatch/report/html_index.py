@@ -118,11 +118,9 @@ class HtmlIndex:
         """Pages are kept current as studies come (and one a killed run left behind is rendered whole when
         the next writer opens); only a missing index (a CSV from before the store, or pages deleted by
         hand) is rendered whole here, once."""
-        self.flush()
-        if not self.landing.exists() or not self.page_path(self.pages()).exists() or self.store.is_behind(VIEW):
+        self.flush()  # clears the store's flag too: only this writer sets it after the open
+        if not self.landing.exists() or not self.page_path(self.pages()).exists():
             self.render_all()
-            self.store.set_behind(VIEW, False)
-            self._behind = False
 
     def render_all(self) -> None:
         last = self.pages()
