@@ -39,18 +39,23 @@ bench() {
     # What a decoder and a report writer hold on a many-core machine (the 2026-11-27 evening lease found
     # the writers over their memory cap: numpy's BLAS had a thread per core). A few seconds.
     step 20 python3 benchmarks/worker_memory.py
-    # The study path as a run does it, with each study's reports drawn and written in the report writer
-    # processes (never measured on a GPU: the writers failed on that lease), where reportlab came along
-    # in .whl/ (pure Python; that machine has pillow and charset-normalizer); then without reports.
-    # 64 studies: at 2,400 slices/s a pass of 24 was a third of a second, mostly filling and draining.
+    # The study path: without reports first (the target), then with each study's reports drawn
+    # and written in the report writer processes, where reportlab came along in .whl/ (that machine has
+    # pillow and charset-normalizer). 64 studies: at 2,400 slices/s a pass of 24 was a third of a second,
+    # mostly filling and draining. The second run reuses the first's studies (--keep): on the
+    # 2026-11-28 lease one such run took 345 s, and the next did not fit.
+    common=(--model ich-resnet50-untrained --batch-size 256 --precision float16 --tta 4 --studies 64 --slices 32
+            --uncompressed --workers "$workers" --repeats 2 --keep /tmp/studies-64)
+    step 300 python3 benchmarks/throughput.py "${common[@]}"
     if python3 -c "import reportlab, PIL" 2>/dev/null; then
-        step 150 python3 benchmarks/throughput.py --model ich-resnet50-untrained --batch-size 256 --precision float16 \
-            --tta 4 --studies 64 --slices 32 --uncompressed --workers "$workers" --repeats 2 --reports
+        step 100 python3 benchmarks/throughput.py "${common[@]}" --reports
     else
         echo "skipped: throughput with reports (reportlab or pillow not installed)" | tee -a "$OUT/bench.log"
     fi
-    step 120 python3 benchmarks/throughput.py --model ich-resnet50-untrained --batch-size 256 --precision float16 \
-        --tta 4 --studies 64 --slices 32 --uncompressed --workers "$workers" --repeats 2
+    step 40 python3 benchmarks/decode_rate.py --size 224  # sizes the decoder pool
+    step 200 python3 benchmarks/throughput.py --model ich-resnet50-demo --batch-size 256 --tta 4 \
+        --studies 48 --slices 32 --workers "$workers" --repeats 3
+    # Measured on two earlier leases: last, where the lease has time left.
     # Finishing a study (aggregation, domain check, heat maps): wall, and the host CPU that shares the
     # model's interpreter lock, per study, finished alone and in groups of eight (one heat-map call).
     step 120 python3 benchmarks/finish_cost.py --model ich-resnet50-untrained --studies 8 --slices 32 --workers "$workers" --groups 1 8
@@ -59,9 +64,6 @@ bench() {
     step 45 python3 benchmarks/network_rate.py --model ich-resnet50-untrained --batch-size 1024 \
         --precision float16 bfloat16 --seconds 4
     step 30 python3 benchmarks/network_rate.py --model ich-resnet50-demo --batch-size 1024 --precision bfloat16 --seconds 4
-    step 40 python3 benchmarks/decode_rate.py --size 224  # sizes the decoder pool
-    step 200 python3 benchmarks/throughput.py --model ich-resnet50-demo --batch-size 256 --tta 4 \
-        --studies 48 --slices 32 --workers "$workers" --repeats 3
     step 60 python3 benchmarks/header_reads.py --files 4000 --repeats 3  # what a run's start costs on many cores
 }
 train() {  # -v: the generation's progress with times. On 2026-11-27 an H200 lease's 512 studies and

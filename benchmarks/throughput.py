@@ -55,9 +55,13 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--reports", action="store_true",
                         help="end to end also writes each study's reports and CSV row, as `ichbatch run` does")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="generate the studies into this folder and keep them; a later run with the same "
+                             "studies, slices, codecs and phantoms reuses them (a GPU lease is short)")
     parser.add_argument("--workers", type=int, default=0,
                         help="decoder processes (default: the run's own default, one per core up to 8)")
     args = parser.parse_args()
+    setup = Phases()
 
     import keras
     import numpy as np
@@ -67,7 +71,6 @@ def main() -> None:
     from ichbatch.pipeline import Engine, RunSettings, process_studies, select
     from ichbatch.study import StudyPath
     from ichbatch.discover import discover
-    from ichbatch.synth import TRANSFER_SYNTAXES, Encoding, can_encode
     from ichbatch.report.outputs import OutputSettings, OutputWriter
 
     class TimedMaps:  # the explainer, timed: heat maps are the one cost that depends on what is flagged
@@ -142,27 +145,24 @@ def main() -> None:
 
     StudyPath._finish_group = timed_finish  # type: ignore[method-assign]
     size = engine.bundle.card.input_size
-    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as out:
+    setup.done("imports, model loaded")
+    with tempfile.TemporaryDirectory() as scratch, tempfile.TemporaryDirectory() as out:
         # One writer for every pass, as one run has: its processes start in the untimed first pass.
         writer = OutputWriter(OutputSettings(csv=Path(out) / "r.csv", reports=Path(out) / "reports")) \
             if args.reports else None
-        stored = []
-        jobs = []
-        for i in range(args.studies):  # every codec equally often: a random draw of a few studies is not a mix
-            ts = TRANSFER_SYNTAXES[i % len(TRANSFER_SYNTAXES)]
-            encoding = Encoding() if args.uncompressed or not can_encode(ts) else Encoding(transfer_syntax=ts)
-            stored.append(encoding.transfer_syntax.name)
-            jobs.append((Path(tmp) / f"s{i}", 99 + i, args.slices, encoding, args.phantoms))
-        # Generating is not what is measured; spawned, since the model's backend already runs threads.
-        with ProcessPoolExecutor(os.cpu_count() or 1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            list(pool.map(_generate, jobs))
+        tmp = args.keep or Path(scratch)
+        stored = _studies(tmp, args)
+        setup.done("studies generated (or found in --keep)")
         choices = select(discover([tmp]), settings.rules)
         batch = np.random.default_rng(0).integers(-1000, 100, (args.batch_size, size, size)).astype(np.int16)
         engine.predictor.predict(batch)  # compile once before timing either path
+        setup.done("model compiled")
         t = time.perf_counter()  # and start the decoder processes once, as a run does for all its studies
         first = process_studies(choices, engine, writer)
         first_rate = first.n_slices / (time.perf_counter() - t)
+        setup.done("first pass")
         compiled_first = compile_map_sizes(engine.explainer.inner, size)
+        setup.done("heat-map sizes compiled")
         timed.seconds, timed.calls = 0.0, 0
         engine.predictor._run = timed_run  # the bare passes below call it too: counted apart
         bare, e2e, e2e_seconds, e2e_model = [], [], 0.0, 0.0
@@ -187,6 +187,7 @@ def main() -> None:
             e2e.append(summary.n_slices / (time.perf_counter() - t))
         if writer is not None:
             writer.close()
+    setup.done("timed passes")
     b, e = float(np.median(bare)), float(np.median(e2e))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"backend {keras.backend.backend()} on {default_device()}")
@@ -223,6 +224,52 @@ def main() -> None:
         print(f"heat-map batch sizes compiled before timing: {sorted(compiled_first)}; during the timed passes: "
               f"{sorted(fixed.sizes - compiled_first) or 'none'}")
     print(f"ratio end-to-end / bare: {e / b:.2f}")
+    print(f"where this run's {setup.total():.0f} s went: {setup}")
+
+
+class Phases:
+    """Seconds of each phase of the benchmark itself: on a lease of minutes, what to cut next time."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.seen: list[tuple[str, float]] = []
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seen.append((name, now - self.last))
+        self.last = now
+        print(f"  ({name}: {self.seen[-1][1]:.1f} s)", flush=True)
+
+    def total(self) -> float:
+        return self.last - self.start
+
+    def __str__(self) -> str:
+        return "; ".join(f"{name} {seconds:.1f} s" for name, seconds in self.seen)
+
+
+def _studies(folder: Path, args: argparse.Namespace) -> list[str]:
+    """The studies' folders under `folder`, generated unless an earlier run with the same arguments left
+    them (a marker names those arguments); the transfer syntax each is stored in."""
+    from ichbatch.synth import TRANSFER_SYNTAXES, Encoding, can_encode
+
+    stored, jobs = [], []
+    for i in range(args.studies):  # every codec equally often: a random draw of a few studies is not a mix
+        ts = TRANSFER_SYNTAXES[i % len(TRANSFER_SYNTAXES)]
+        encoding = Encoding() if args.uncompressed or not can_encode(ts) else Encoding(transfer_syntax=ts)
+        stored.append(encoding.transfer_syntax.name)
+        jobs.append((folder / f"s{i}", 99 + i, args.slices, encoding, args.phantoms))
+    marker = folder / "generated.txt"
+    made = f"{args.studies} studies, {args.slices} slices, {args.phantoms}, {stored}"
+    if marker.is_file() and marker.read_text() == made:
+        return stored
+    if folder.is_dir() and any(folder.iterdir()):
+        raise SystemExit(f"{folder} holds other files or studies made with other arguments: give an empty folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    # Generating is not what is measured; spawned, since the model's backend already runs threads.
+    with ProcessPoolExecutor(os.cpu_count() or 1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_generate, jobs))
+    marker.write_text(made)
+    return stored
 
 
 def compile_map_sizes(explainer, size: int) -> set[int] | None:  # type: ignore[no-untyped-def]
