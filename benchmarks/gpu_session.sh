@@ -4,8 +4,9 @@
 # (README: Performance, "On a GPU", says how they were fetched; reportlab's pillow and charset-normalizer
 # are on that machine already, and the wheels and the checkout must stay under 64 MiB together).
 #
-#   bash benchmarks/gpu_session.sh bench            # workers' memory, bare vs end to end at TTA 4 (with reports, then
-#                                                   # without), finishing cost, heat maps, network rate, decoding
+#   bash benchmarks/gpu_session.sh bench            # workers' memory, bare vs end to end at TTA 4 (without reports,
+#                                                   # then with), decoding, the demo model, finishing cost,
+#                                                   # heat maps, network rate, header reads
 #   bash benchmarks/gpu_session.sh train MINUTES N  # N anatomy-v3 studies, fitting for at most MINUTES
 #   DEADLINE=570 bash benchmarks/gpu_session.sh both MINUTES N   # train, then the bench steps that still fit
 #
