@@ -328,6 +328,15 @@ class IsolatedPool(Generic[T, R]):
         self.crashes = 0
 
     def map(self, items: Iterable[T], depth: int) -> Iterator[R]:
+        for group in self._map(items, depth, grouped=False):
+            yield from group
+
+    def map_ready(self, items: Iterable[T], depth: int) -> Iterator[list[R]]:
+        """map, in groups: each time, every result in order that is ready, at least one (waited for).
+        For a caller whose work per result is cheaper done for many at once (the store's commits)."""
+        return self._map(items, depth, grouped=True)
+
+    def _map(self, items: Iterable[T], depth: int, grouped: bool) -> Iterator[list[R]]:
         self._halt()  # an earlier map left unfinished stops handing out its items
         if not self._workers:
             self._workers = [self._worker() for _ in range(self.size)]
@@ -354,15 +363,24 @@ class IsolatedPool(Generic[T, R]):
                 if exhausted and first == self._seq:
                     return
                 while first not in done:
-                    for seq, ok, value in driver.results.get():
-                        if not ok:
-                            raise value
-                        done[seq] = value
-                yield done.pop(first)
-                first += 1
+                    self._take(driver.results.get(), done)
+                while grouped and not driver.results.empty():  # what else has come, without waiting
+                    self._take(driver.results.get_nowait(), done)
+                group = [done.pop(first)]
+                while grouped and first + len(group) in done:
+                    group.append(done.pop(first + len(group)))
+                first += len(group)
+                yield group
         finally:
             if self._driver is driver:  # not when a later map has taken over the workers
                 self._halt()
+
+    @staticmethod
+    def _take(replies: list[tuple[int, bool, Any]], done: dict[int, Any]) -> None:
+        for seq, ok, value in replies:
+            if not ok:
+                raise value
+            done[seq] = value
 
     def _halt(self) -> None:
         if self._driver is not None:

@@ -292,3 +292,18 @@ def test_late_slices_join_the_study_until_its_result_is_final_then_are_kept_asid
         assert final.ledger.studies()[0].version == 2
     finally:
         final.close()
+
+
+@pytest.mark.timeout(300)
+def test_map_ready_hands_over_every_result_that_is_ready_in_order_and_each_once():
+    """Results that came while the first was awaited arrive with it, as one group; none is held back to
+    fill a group, and a dead worker's item still fails alone."""
+    with IsolatedPool(pool_tasks.sleep_for, pool_tasks.crashed, 3, WorkerLimits(0, 0)) as pool:
+        groups = list(pool.map_ready([3.0, 0.05, 0.05, 0.05, 0.05, 0.05], depth=6))
+        assert [r for g in groups for r in g] == ["woke"] * 6
+        assert len(groups[0]) >= 3  # the short sleeps ended while the long one was awaited
+    with IsolatedPool(pool_tasks.square_or_die, pool_tasks.crashed, 2, WorkerLimits(0, 0)) as pool:
+        groups = list(pool.map_ready([1, 2, -1, 3, 4], depth=2))
+        out = [r for g in groups for r in g]
+        assert out[:2] == [1, 4] and out[3:] == [9, 16] and out[2].startswith("crashed:")
+        assert all(groups)
