@@ -252,8 +252,9 @@ class GroupThreads(Generic[T, R]):
 
 class StudySink(Protocol):
     """Where a study's outputs go (report.outputs.OutputWriter); tests and libraries may bring their own.
-    A sink may also have write_many(stream of (result, images)) -> results in order, to write many
-    studies at once; StudyPath uses it where present."""
+    A sink may also have write_groups(stream of lists of (result, images)) -> results in order, to write
+    the studies finished at the same time together, or write_many(stream of (result, images)) -> results
+    in order, to write many studies at once; StudyPath uses the first of them present."""
 
     def write(self, result: StudyResult, images: StudyImages) -> StudyResult: ...
 
@@ -276,18 +277,31 @@ class StudyPath:
         return next(iter(self.process_many([choice])))
 
     def process_many(self, choices: Iterable[SeriesChoice]) -> Iterator[StudyResult]:
-        """Each study's result once its outputs are written, in input order. A sink with write_many
-        (OutputWriter) writes a stream of studies itself, its files in processes of their own."""
-        finished = self._finished(choices)
-        if self.sink is None:
-            yield from (result for result, _ in finished)
-            return
-        write_many = getattr(self.sink, "write_many", None)
+        """Each study's result once its outputs are written, in input order. A sink with write_groups
+        (OutputWriter) writes the studies finished at the same time together, their files in processes of
+        their own; one with write_many, a stream of studies."""
+        groups = self._finished_groups(choices)
         sink = self.sink
+        if sink is None:
+            yield from (result for group in groups for result, _ in group)
+            return
+        write_groups = getattr(sink, "write_groups", None)
+        if write_groups:
+            yield from write_groups(groups)
+            return
+        finished = (study for group in groups for study in group)
+        write_many = getattr(sink, "write_many", None)
         yield from write_many(finished) if write_many else (sink.write(*study) for study in finished)
 
     def _finished(self, choices: Iterable[SeriesChoice]) -> Iterator[tuple[StudyResult, StudyImages]]:
-        """Each study's result and images, in input order.
+        """Each study's result and images, in input order (see _finished_groups)."""
+        for group in self._finished_groups(choices):
+            yield from group
+
+    def _finished_groups(self, choices: Iterable[SeriesChoice]) -> Iterator[list[tuple[StudyResult, StudyImages]]]:
+        """Each study's result and images, in input order, in groups: the studies whose finishing was
+        done when the first of them was taken (at least one, waited for), so that they can be committed
+        together.
 
         Studies are finished (aggregation, domain check, heat maps) on threads of their own while the
         next studies' slices go through the model: on a GPU the model would otherwise wait for that
@@ -306,10 +320,10 @@ class StudyPath:
                 now = time.perf_counter()
                 pending.append(finishing.submit((*scored, now - last)))
                 last = now
-                while pending and (pending[0].done() or len(pending) > FINISH_AHEAD):
-                    yield pending.popleft().result()
+                if pending[0].done() or len(pending) > FINISH_AHEAD:
+                    yield _done(pending)
             while pending:
-                yield pending.popleft().result()
+                yield _done(pending)
         finally:
             finishing.close()
 
@@ -524,6 +538,14 @@ def base_result(choice: SeriesChoice, card: ModelCard, tta: int, heatmap: str, s
 def _source(choice: SeriesChoice) -> str:
     """A plain image's relative path; '' for DICOM."""
     return choice.series.instances[0].source if choice.series and choice.series.instances else ""
+
+
+def _done(pending: deque[Future[T]]) -> list[T]:
+    """The first pending result (waited for) and every one after it that is done, in order."""
+    group = [pending.popleft().result()]
+    while pending and pending[0].done():
+        group.append(pending.popleft().result())
+    return group
 
 
 def heat_label(result: StudyResult) -> str:

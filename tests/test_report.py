@@ -220,3 +220,47 @@ def test_html_index_lists_every_study_with_thumbnail_and_link(tmp_path):
     assert 'href="page-00002.html">next' in page1 and "previous" in page2  # the page before got its link
     assert (reports / "study_1.2.3.5.png").read_bytes()[:4] == b"\x89PNG"
     assert "<script>" not in page1
+
+
+def test_studies_ready_together_are_committed_in_one_transaction_and_one_csv_write(tmp_path, monkeypatch):
+    """A group's commit waits for the disk once, not once a study; the CSV and the store hold the same
+    rows, in order, as one commit a study gives, a study processed again keeps its place, and a group
+    that cannot be committed leaves nothing of it behind."""
+    import os
+
+    from ichbatch.report.outputs import StudyFiles
+
+    syncs = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (syncs.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
+    uids = [f"1.2.3.{k}" for k in range(1, 9)]
+    csvs = {}
+    for way in ("alone", "together"):
+        csvs[way] = tmp_path / way / "results.csv"
+        with OutputWriter(OutputSettings(csv=csvs[way], writers=0, index_seconds=3600)) as writer:
+            written = [StudyFiles(_result(uid), ()) for uid in uids]
+            before = len(syncs)
+            got = [writer.commit(f) for f in written] if way == "alone" else writer.commit_many(written)
+            assert [r.study.study_uid for r in got] == uids
+            csv_syncs = syncs[before:].count(str(csvs[way]))
+            assert csv_syncs == (len(uids) if way == "alone" else 1)  # the CSV's fsync: once a study, once a group
+            assert writer.store.counts() == {"ok": 8}
+    alone, together = (pd.read_csv(csvs[w], dtype=str, keep_default_na=False) for w in ("alone", "together"))
+    assert list(together["study_uid"]) == uids
+    pd.testing.assert_frame_equal(alone.drop(columns=["run_id"], errors="ignore"),
+                                  together.drop(columns=["run_id"], errors="ignore"))
+
+    with OutputWriter(OutputSettings(csv=csvs["together"], writers=0)) as writer:
+        again = replace(_result(uids[2]), status=Status.FAILED, message="again")
+        writer.commit_many([StudyFiles(_result("1.2.3.99"), ()), StudyFiles(again, ())])
+        broken = replace(_result("1.2.3.100"), study=StudyMeta("1.2.3.100"))
+        rows = [StudyFiles(_result("1.2.3.101"), ()), StudyFiles(broken, ())]
+        monkeypatch.setattr("ichbatch.report.outputs.slice_rows",
+                            lambda r: 1 / 0 if r.study.study_uid == "1.2.3.100" else [])
+        with pytest.raises(ZeroDivisionError):
+            writer.commit_many(rows)
+        assert writer.store.study("1.2.3.101") is None  # all or none
+        assert writer.store.counts() == {"ok": 8, "failed": 1}
+    df = pd.read_csv(csvs["together"], dtype=str, keep_default_na=False)
+    assert list(df["study_uid"]) == uids + ["1.2.3.99"]  # replaced in place, the new one appended
+    assert df.set_index("study_uid").loc[uids[2], "status"] == "failed"

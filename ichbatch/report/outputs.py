@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from .files import OutputLock, atomic_write_bytes, remove_stale_temp_files
 from .html_index import INDEX_SECONDS, HtmlIndex, write_thumbnail
 from .json_report import write_json
 from .pdf_report import pdf_name, render_pdf
-from .store import ResultsStore
+from .store import ResultsStore, StudyEntry
 from ..workers import IsolatedPool, WorkerLimits
 
 log = logging.getLogger(__name__)
@@ -122,35 +122,51 @@ class OutputWriter:
         return self.commit(write_study_files(result, images, self.settings))
 
     def write_many(self, studies: Iterable[tuple[StudyResult, StudyImages]]) -> Iterator[StudyResult]:
-        """write() for a stream of studies, each yielded once committed, in order. Their files are
-        written in `settings.writers` processes, several studies at once: rendering a PDF holds the
-        interpreter lock for tens of ms, which beside a GPU stalls the threads that feed the model.
-        A writer process that dies fails its study's reports, with the reason, not the run."""
+        """write() for a stream of studies, each yielded once committed, in order."""
+        return self.write_groups([study] for study in studies)
+
+    def write_groups(self, groups: Iterable[Sequence[tuple[StudyResult, StudyImages]]]) -> Iterator[StudyResult]:
+        """write_many for studies that come in groups (those finished at the same time), each yielded once
+        committed, in order. Their files are written in `settings.writers` processes, several studies at
+        once: rendering a PDF holds the interpreter lock for tens of ms, which beside a GPU stalls the
+        threads that feed the model. A writer process that dies fails its study's reports, with the
+        reason, not the run. Studies whose files are written by then are committed together (commit_many);
+        without files to write, each group is."""
         settings = self.settings
         if not settings.writers or (settings.reports is None and settings.dicom_out is None):
-            for result, images in studies:  # nothing to write but the row: no processes for that
-                yield self.write(result, images)
+            for group in groups:  # nothing to write but the rows: no processes for that
+                yield from self.commit_many([write_study_files(result, images, settings) for result, images in group])
             return
         if self._writers is None:  # the decoders' limits: a writer reads the key slices' files again
             self._writers = IsolatedPool(write_files_job, files_not_written, settings.writers, WorkerLimits.from_env(),
                                          role=("report writer", "study"))
-        jobs = (FilesJob(result, images, settings) for result, images in studies)
-        for files in self._writers.map(jobs, depth=2 * settings.writers):
-            yield self.commit(files)
+        jobs = (FilesJob(result, images, settings) for group in groups for result, images in group)
+        for ready in self._writers.map_ready(jobs, depth=2 * settings.writers):
+            yield from self.commit_many(ready)
 
     def commit(self, files: StudyFiles) -> StudyResult:
-        """A study whose files are written (here or by a Ray task): queue its DICOM results for sending,
-        then record it in the store, which shows the CSV row, then its page of the index."""
-        result = files.result
-        if self.deliveries is not None and files.dicom:  # queued before any send: a PACS that is down loses nothing
-            self.deliveries.enqueue(result.study.study_uid, list(files.dicom))
-            self.deliver()
+        """A study whose files are written (here or by a Ray task): see commit_many."""
+        return self.commit_many([files])[0]
+
+    def commit_many(self, written: Sequence[StudyFiles]) -> list[StudyResult]:
+        """Studies whose files are written: queue their DICOM results for sending, then record them in the
+        store in one transaction, which shows their CSV rows, then their pages of the index."""
+        results = [files.result for files in written]
+        if self.deliveries is not None:  # queued before any send: a PACS that is down loses nothing
+            queued = [(files.result.study.study_uid, list(files.dicom)) for files in written if files.dicom]
+            for study_uid, paths in queued:
+                self.deliveries.enqueue(study_uid, paths)
+            if queued:
+                self.deliver()
         self.index.will_change()
-        self.store.put_study(row(result, self.settings.pseudonym_key), instances_digest=result.instances_digest,
-                             model=f"{result.model} {result.model_version}", outputs=list(files.outputs),
-                             run_id=self.run_id, slices=slice_rows(result))
-        self.index.update(result.study.study_uid)
-        return result
+        self.store.put_studies([
+            StudyEntry(row(result, self.settings.pseudonym_key), result.instances_digest,
+                       f"{result.model} {result.model_version}", tuple(files.outputs), self.run_id,
+                       tuple(slice_rows(result)))
+            for result, files in zip(results, written)])
+        for result in results:
+            self.index.update(result.study.study_uid)
+        return results
 
     def flush(self) -> None:
         """Bring the CSV views and the HTML index up to date (an idle watcher; close does it too)."""
