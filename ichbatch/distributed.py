@@ -270,11 +270,11 @@ class _Driver:
             if len(waiting) >= group:
                 call()
             while len(window) >= in_flight:
-                self._finish(*window.popleft(), tta, heatmap, start)
+                self._finish(window, tta, heatmap, start)
         if waiting:
             call()
         while window:
-            self._finish(*window.popleft(), tta, heatmap, start)
+            self._finish(window, tta, heatmap, start)
         self.summary.seconds = time.perf_counter() - start
         return self.summary
 
@@ -301,12 +301,43 @@ class _Driver:
         _, tta, heatmap = described[0]
         return actors, tta, heatmap, gpus
 
-    def _finish(self, choice: SeriesChoice, issues_ref: Any, written: Any, tta: int, heatmap: str,
-                start: float) -> None:
+    def _finish(self, window: deque[tuple[SeriesChoice, Any, Any]], tta: int, heatmap: str, start: float) -> None:
+        """The oldest study in the window (waited for) and every one after it that is done, committed
+        together: a commit waits for the disk once a group, not once a study (README: Performance)."""
+        entries = [window.popleft()]
+        while window and self._ready(window[0]):
+            entries.append(window.popleft())
+        outcomes = [self._outcome(*entry, tta, heatmap) for entry in entries]
+        if self.sink is not None:
+            for issues, _ in outcomes:
+                for issue in issues:
+                    self.sink.record_file_issue(issue)
+        if isinstance(self.sink, OutputWriter):
+            results = self.sink.commit_many([got for _, got in outcomes])
+        else:
+            sink = self.sink
+            results = [sink.write(*got) if sink is not None else got[0] for _, got in outcomes]
+        for result in results:
+            self.summary.counts[result.status.value] += 1
+            self.summary.n_slices += result.n_slices
+            log.info("%s: %s, %d slices", study_tag(result.study.study_uid), outcome(result), result.n_slices)
+            if self.on_result:
+                self.on_result(result)
+            self._report(start)
+
+    def _ready(self, entry: tuple[SeriesChoice, Any, Any]) -> bool:
+        _, issues_ref, written = entry
+        refs = [issues_ref, *(written if isinstance(written, list) else [written])]
+        ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+        return len(ready) == len(refs)
+
+    def _outcome(self, choice: SeriesChoice, issues_ref: Any, written: Any, tta: int,
+                 heatmap: str) -> tuple[list[FileIssue], Any]:
+        """A study's file issues and its written files (or result and images, for another sink); a study
+        lost or failed on the cluster as a failed result with the reason."""
         ray = self.ray
         try:
-            issues = ray.get(issues_ref)
-            got = ray.get(written)
+            return ray.get(issues_ref), ray.get(written)
         except ray.exceptions.RayError as exc:
             if isinstance(getattr(exc, "cause", None), DiskFullError):
                 raise exc.cause from exc  # not the study's fault: stop, as the local engine does
@@ -314,22 +345,10 @@ class _Driver:
                 reason = f"failed on a Ray worker: {_cause(exc)}"
             else:  # workers or objects lost more often than `attempts` allows
                 reason = f"lost on the Ray cluster after {self.cluster.attempts} attempt(s): {_cause(exc)}"
-            issues, got = [], StudyFiles(base_result(choice, self.card, tta, heatmap, Status.FAILED, reason), ())
+            got: Any = StudyFiles(base_result(choice, self.card, tta, heatmap, Status.FAILED, reason), ())
             if not isinstance(self.sink, OutputWriter):
                 got = [got.result, StudyImages()]
-        if self.sink is not None:
-            for issue in issues:
-                self.sink.record_file_issue(issue)
-        if isinstance(self.sink, OutputWriter):
-            result = self.sink.commit(got)
-        else:
-            result = self.sink.write(*got) if self.sink is not None else got[0]
-        self.summary.counts[result.status.value] += 1
-        self.summary.n_slices += result.n_slices
-        log.info("%s: %s, %d slices", study_tag(result.study.study_uid), outcome(result), result.n_slices)
-        if self.on_result:
-            self.on_result(result)
-        self._report(start)
+            return [], got
 
     def _planned(self, stage: str, done: int, total: int) -> None:
         if stage == "studies":
