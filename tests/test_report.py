@@ -145,6 +145,37 @@ def test_pdf_key_image_area_is_not_blank(tmp_path):
         assert gray and all(np.abs(im - brain).mean() < 2 for im in gray)
 
 
+@pytest.mark.skipif(shutil.which("pdfimages") is None, reason="poppler-utils (pdfimages) not installed")
+def test_each_key_picture_is_embedded_once_as_its_own_jpeg(tmp_path):
+    """reportlab names an embedded image by a hash; the key slices' JPEGs are named by their bytes (not
+    decoded again to hash their pixels). Distinct pictures must stay distinct images, and the top key
+    slice's brain window, shown on both pages, must be stored once."""
+    rng = np.random.default_rng(3)
+    keys = []
+    for k in (5, 4, 3):
+        brain = cv2.GaussianBlur(rng.integers(0, 256, (64, 64), dtype=np.uint8), (5, 5), 0)
+        overlay = np.dstack([brain, 255 - brain, brain // 2])
+        keys.append(KeyImage(SLICES[k], brain, overlay, 255 - brain, brain // 3, "any"))
+    images = StudyImages(thumbnails=_images().thumbnails, key_images=tuple(keys))
+    (tmp_path / "r.pdf").write_bytes(render_pdf(_result(), images))
+    listing = subprocess.run(["pdfimages", "-list", str(tmp_path / "r.pdf")], capture_output=True, text=True,
+                             check=True).stdout.splitlines()[2:]
+    objects: dict[str, set[int]] = {}
+    for line in listing:
+        cols = line.split()
+        if cols[8] == "jpeg":
+            objects.setdefault(cols[10], set()).add(int(cols[0]))  # object id -> pages it is shown on
+    # Page 1: three brain windows and three overlays; page 2: the top slice's brain, subdural and bone
+    # windows. Each its own image, the top brain window stored once for both pages.
+    assert len(objects) == 8, listing
+    assert sorted(len(pages) for pages in objects.values()) == [1] * 7 + [2], listing
+    subprocess.run(["pdfimages", "-png", "-f", "1", "-l", "1", str(tmp_path / "r.pdf"), str(tmp_path / "img")],
+                   check=True)
+    shown = [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in sorted(tmp_path.glob("img-*.png"))]
+    for key in keys:  # each key slice's own pixels, not another's
+        assert any(im.shape == key.brain.shape and np.abs(im.astype(float) - key.brain).mean() < 3 for im in shown)
+
+
 def _read_pgm(path) -> np.ndarray:
     data = path.read_bytes()
     parts = data.split(maxsplit=4)
