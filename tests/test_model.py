@@ -369,15 +369,26 @@ def test_xla_compiled_heat_maps_equal_the_graph_ones_and_compile_once_for_smalle
     x = np.random.default_rng(6).random((4, TINY_SIZE, TINY_SIZE, 3)).astype(np.float32)
     full = compiled.maps(x[:3], 2)
     assert full.shape == (3, TINY_SIZE, TINY_SIZE) and full.max() == pytest.approx(1.0)
-    np.testing.assert_allclose(full, plain.maps(x[:3], 2), atol=1e-4)
+    # XLA and the graph pick their own float32 kernels. On AVX2 CPUs the maps (scaled to 0-1) agreed within
+    # 1e-4; on an AVX-512 one (2026-12-08) within 1e-6 on average, but up to 0.02 on 0.7 % of the pixels of
+    # one image, where the rounding decides whether a unit of this random network is just above zero (its
+    # ReLU passes the gradient) or not. Deterministic either way, and the peak is the same pixel.
+    _same_maps(full, plain.maps(x[:3], 2))
     one = compiled.maps(x[1:2], 2)  # 2 views, padded to the first call's 6
     np.testing.assert_allclose(one, full[1:2], atol=1e-5)
-    np.testing.assert_allclose(compiled.maps(x, 4), plain.maps(x, 4), atol=1e-4)  # 8 views -> 12
+    _same_maps(compiled.maps(x, 4), plain.maps(x, 4))  # 8 views -> 12
     nine = np.concatenate([x, x, x[:1]])  # 18 views: three times the first call's, not padded to 24
     np.testing.assert_allclose(compiled.maps(nine, 1)[8], compiled.maps(x[:1], 1)[0], atol=1e-5)
     calls = compiled._grad_fns["fn"]  # JAX compiles per shape too, so the padding is on both backends
     assert calls.step == 6 and calls.sizes == {6, 12, 18}
     assert "XLA could not compile" not in caplog.text  # the ResNet50 compiles: no fallback to the graph
+
+
+def _same_maps(got: np.ndarray, expected: np.ndarray) -> None:
+    diff = np.abs(got - expected)
+    assert diff.mean() < 1e-4 and (diff > 1e-3).mean() < 0.02 and diff.max() < 0.05, (diff.mean(), diff.max())
+    flat = got.reshape(len(got), -1)
+    assert np.array_equal(flat.argmax(1), expected.reshape(len(expected), -1).argmax(1))
 
 
 def test_heat_maps_of_a_model_xla_cannot_compile_fall_back_to_the_graph_with_a_warning(caplog):
