@@ -4,8 +4,9 @@
 The store commit comes last among the files, so a row never points at a report that was not written;
 the key slices are read again and drawn here, where they are used (a run without reports never reads
 them again); the PDF is rendered once and used for the file and the DICOM copy. `run` and `watch` both write
-through OutputWriter; each file is written atomically. A stream of studies (write_many) has its files
-written in processes of their own, several studies at once, and committed here in order.
+through OutputWriter; each file is written atomically. A stream of studies (write_many, write_groups) has
+its files written in processes of their own, several studies at once, and committed here in order, the
+studies that are ready together in one transaction (commit_many).
 """
 
 from __future__ import annotations
