@@ -186,11 +186,6 @@ class ResultsStore:
         return Transaction(self.db)
 
     # -- studies ---------------------------------------------------------------------------------
-    def put_study(self, row: dict[str, str], *, instances_digest: str, model: str, outputs: Sequence[str],
-                  run_id: str, slices: Sequence[dict[str, str]] = ()) -> None:
-        """Commit one study (row, outputs, slices) in one transaction, then show it in the CSV."""
-        self.put_studies([StudyEntry(row, instances_digest, model, tuple(outputs), run_id, tuple(slices))])
-
     def put_studies(self, entries: Sequence[StudyEntry]) -> None:
         """Commit studies together: one transaction, then their new rows appended to the CSV in one write.
         Each commit waits for the disk (the transaction's sync, the CSV's fsync, the CSV's recorded size),
@@ -209,12 +204,7 @@ class ResultsStore:
             else:
                 new_rows.append(e.row)
             by_status[e.row["status"]] += 1
-        if len(new_rows) < len(entries):  # a study processed again: its old row is in the CSV
-            self.studies.mark_dirty()
-            if self._maybe_rebuild(self.studies):
-                return  # the rebuilt CSV holds the new rows too
-        if new_rows:
-            self.studies.append(new_rows)
+        self._show(self.studies, new_rows, replaced=len(new_rows) < len(entries))
 
     def _put(self, e: StudyEntry) -> str | None:
         """One study's rows, inside the caller's transaction; the status it replaced, None when new."""
@@ -271,7 +261,7 @@ class ResultsStore:
                 return
             seq = old[0] if old else self._next_seq("files")
             self.db.execute("INSERT OR REPLACE INTO files VALUES(?,?,?)", (path, seq, json.dumps(row)))
-        self._show(self.files, row, replaced=old is not None)
+        self._show(self.files, [] if old else [row], replaced=old is not None)
 
     def forget_file_issue(self, path: str) -> None:
         """A file that is usable now (it was still being copied, or was replaced) is no longer an issue."""
@@ -308,12 +298,15 @@ class ResultsStore:
             if not mirror.in_sync() or _header(mirror.path) != list(mirror.columns):  # a newer schema: rewrite
                 mirror.rebuild()
 
-    def _show(self, mirror: CsvMirror, row: dict[str, str], replaced: bool) -> None:
+    def _show(self, mirror: CsvMirror, new_rows: Sequence[dict[str, str]], replaced: bool) -> None:
+        """Committed rows into the CSV: new ones appended; a replaced one makes the CSV due for a rebuild
+        from the store (which then holds the new rows too)."""
         if replaced:
             mirror.mark_dirty()
-            self._maybe_rebuild(mirror)
-        else:
-            mirror.append([row])
+            if self._maybe_rebuild(mirror):
+                return
+        if new_rows:
+            mirror.append(new_rows)
 
     def _maybe_rebuild(self, mirror: CsvMirror) -> bool:
         if time.monotonic() - mirror.last_rebuild >= self.rebuild_seconds:
